@@ -1,0 +1,1 @@
+"""The grader service: serves the teacher and returns logprobs of given completion tokens."""

@@ -1,0 +1,119 @@
+"""Async HTTP clients of the sampler and grader, with the project's one retry policy.
+
+Transport errors and 5xx are retried with exponential backoff until a total deadline; 4xx are
+never retried (the request itself is wrong). A failure raises SamplerError / GraderError with the
+status and the server's own message.
+"""
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+import httpx
+import torch
+from pydantic import BaseModel
+from safetensors.torch import save as save_safetensors
+
+from grader.schema import InfoResponse, LogprobsRequest, LogprobsResponse, Sequence
+from opd.errors import GraderError, SamplerError, ServiceError
+from sampler.schema import GenerateRequest, GenerateResponse, WeightsResponse
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    deadline_s: float = 120.0
+    first_backoff_s: float = 0.5
+    max_backoff_s: float = 10.0
+
+
+def _is_retryable(exc: Exception) -> bool:
+    if isinstance(exc, httpx.TransportError):
+        return True
+    return isinstance(exc, ServiceError) and exc.status is not None and exc.status >= 500
+
+
+def _server_message(response: httpx.Response) -> str:
+    try:
+        return response.json()["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        return response.text[:500]
+
+
+class _Client:
+    error_cls: type[ServiceError] = ServiceError
+
+    def __init__(self, base_url: str, timeout_s: float = 300.0, retry: RetryPolicy | None = None) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.retry = retry or RetryPolicy()
+        # connect fails fast so a dead server is retried quickly; reads may take minutes.
+        self._http = httpx.AsyncClient(base_url=self.base_url, timeout=httpx.Timeout(timeout_s, connect=5.0))
+
+    async def _request(self, method: str, path: str, **kwargs) -> httpx.Response:
+        deadline = time.monotonic() + self.retry.deadline_s
+        backoff = self.retry.first_backoff_s
+        while True:
+            try:
+                return await self._request_once(method, path, **kwargs)
+            except (httpx.TransportError, ServiceError) as exc:
+                if not _is_retryable(exc) or time.monotonic() + backoff > deadline:
+                    raise self._give_up(path, exc) from exc
+                logger.warning("%s %s failed (%s); retrying in %.1f s", self.error_cls.service, path, exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self.retry.max_backoff_s)
+
+    async def _request_once(self, method: str, path: str, **kwargs) -> httpx.Response:
+        response = await self._http.request(method, path, **kwargs)
+        if response.status_code >= 400:
+            raise self.error_cls(
+                f"{self.error_cls.service} {path} answered {response.status_code}: {_server_message(response)}",
+                status=response.status_code,
+            )
+        return response
+
+    def _give_up(self, path: str, exc: Exception) -> ServiceError:
+        if isinstance(exc, ServiceError):
+            return exc
+        return self.error_cls(f"{self.error_cls.service} at {self.base_url}{path} unreachable: {exc!r}")
+
+    async def _post_model(self, path: str, body: BaseModel, reply: type[BaseModel]) -> BaseModel:
+        response = await self._request("POST", path, json=body.model_dump(exclude_none=True))
+        return reply.model_validate_json(response.content)
+
+    async def info(self) -> InfoResponse:
+        return InfoResponse.model_validate_json((await self._request("GET", "/v1/info")).content)
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+
+class SamplerClient(_Client):
+    error_cls = SamplerError
+
+    async def generate(self, request: GenerateRequest) -> GenerateResponse:
+        reply = await self._post_model("/v1/generate", request, GenerateResponse)
+        assert isinstance(reply, GenerateResponse)
+        return reply
+
+    async def push_weights(self, tensors: dict[str, torch.Tensor], version: int) -> int:
+        """Stream `tensors` as one safetensors body; returns the sampler's new policy_version."""
+        payload = save_safetensors({name: t.detach().contiguous().cpu() for name, t in tensors.items()})
+        response = await self._request(
+            "POST", "/v1/weights", params={"version": version}, content=payload,
+            headers={"content-type": "application/octet-stream"},
+        )
+        return WeightsResponse.model_validate_json(response.content).policy_version
+
+
+class GraderClient(_Client):
+    error_cls = GraderError
+
+    async def logprobs(self, sequences: list[tuple[list[int], list[int]]], top_k: int = 0) -> LogprobsResponse:
+        request = LogprobsRequest(
+            sequences=[Sequence(prompt_ids=p, completion_ids=c) for p, c in sequences], top_k=top_k
+        )
+        reply = await self._post_model("/v1/logprobs", request, LogprobsResponse)
+        assert isinstance(reply, LogprobsResponse)
+        return reply

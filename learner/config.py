@@ -1,0 +1,185 @@
+"""The learner's config: one pydantic model per section, loaded from YAML, overridable from the CLI.
+
+    opd run examples/tiny.yml --train.steps 20 --sampling.temperature 0.7
+
+Every field has its default here and nowhere else; unknown keys are errors that name the key.
+The resolved config is written to `<run_dir>/config.yml` at start.
+"""
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from opd.errors import ConfigError
+
+Dtype = Literal["float32", "bfloat16", "float16"]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+
+class ModelSpec(Section):
+    path: str
+    """HF model id, local directory, or `tiny:student` / `tiny:teacher` (built locally)."""
+    dtype: Dtype = "float32"
+    """Weights dtype in the server that serves this model; the learner trains in float32."""
+
+
+class DataConfig(Section):
+    train_path: str
+    """JSONL: one object per line with `prompt` (text) or `messages` (chat), optional `answer`."""
+    eval_path: str | None = None
+    """JSONL in the same format; items with `answer` also get reward metrics."""
+    chat_template: bool = True
+    """Wrap `prompt` text as a user message and apply the tokenizer's chat template."""
+    max_prompt_tokens: int = Field(default=512, gt=0)
+    """Prompts longer than this are refused when the data is loaded (naming the line)."""
+    shuffle: bool = True
+
+
+class SamplingConfig(Section):
+    n: int = Field(default=1, ge=1)
+    """Completions sampled per prompt."""
+    temperature: float = Field(default=0.7, gt=0.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    max_tokens: int = Field(default=128, gt=0)
+
+
+class TrainConfig(Section):
+    steps: int = Field(default=100, gt=0)
+    batch_size: int = Field(default=4, gt=0)
+    """Prompts per step (per process under accelerate)."""
+    lr: float = Field(default=1e-5, gt=0.0)
+    weight_decay: float = Field(default=0.0, ge=0.0)
+    warmup_steps: int = Field(default=0, ge=0)
+    """Linear warmup of the learning rate, then constant."""
+    max_grad_norm: float = Field(default=1.0, gt=0.0)
+    ppo_steps: int = Field(default=1, ge=1)
+    """Clipped updates per batch of samples."""
+    clip_eps: float = Field(default=0.2, gt=0.0, lt=1.0)
+    kl_coef: float = Field(default=1.0, gt=0.0)
+    discount: float = Field(default=0.0, ge=0.0, le=1.0)
+    """0: each token's advantage is its own reverse-KL term; >0: discounted sum of later terms."""
+    logprob_temperature: float = Field(default=1.0, gt=0.0)
+    """Temperature of the learner's own (old and new) student logprobs."""
+    seed: int = 0
+    device: str = "cpu"
+
+
+class EvalConfig(Section):
+    eval_steps: int = Field(default=0, ge=0)
+    """Evaluate every this many steps (and before the first and after the last); 0: never."""
+    max_items: int | None = Field(default=None, gt=0)
+    n: int = Field(default=1, ge=1)
+    """Samples per eval prompt for the reverse-KL estimate (temperature 1)."""
+    max_tokens: int = Field(default=128, gt=0)
+
+
+class ServicesConfig(Section):
+    sampler_url: str | None = None
+    """Base URL of a running sampler; omit both URLs to start local servers (the embedded default)."""
+    grader_url: str | None = None
+    engine: Literal["torch"] = "torch"
+    """Engine of the locally started servers."""
+    device: str = "cpu"
+    """Device of the locally started servers."""
+    request_timeout_s: float = Field(default=300.0, gt=0.0)
+    """Per request; a generate of 256 tokens x 64 samples on a busy GPU can take minutes."""
+    retry_deadline_s: float = Field(default=120.0, ge=0.0)
+    """Total time to keep retrying transport errors and 5xx before failing the run."""
+    startup_timeout_s: float = Field(default=300.0, gt=0.0)
+
+    @model_validator(mode="after")
+    def _both_or_neither(self) -> "ServicesConfig":
+        if (self.sampler_url is None) != (self.grader_url is None):
+            raise ValueError("set both sampler_url and grader_url, or neither (to start local servers)")
+        return self
+
+
+class CheckpointConfig(Section):
+    save_steps: int = Field(default=0, ge=0)
+    """Save the student in HF format every this many steps (and at the end); 0: only at the end."""
+
+
+class LoggingConfig(Section):
+    progress: bool = True
+    """Live progress bar with reverse KL, tokens/s and step time."""
+
+
+class OpdConfig(Section):
+    student: ModelSpec
+    teacher: ModelSpec
+    data: DataConfig
+    run_dir: str = "runs/latest"
+    """Metrics, resolved config, checkpoints and server logs go here."""
+    sampling: SamplingConfig = SamplingConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    services: ServicesConfig = ServicesConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply `--a.b value` / `--a.b=value` pairs; values are parsed as YAML scalars."""
+    pairs = list(overrides)
+    while pairs:
+        flag = pairs.pop(0)
+        if not flag.startswith("--"):
+            raise ConfigError(f"expected --section.key, got {flag!r}")
+        key, sep, value = flag[2:].partition("=")
+        if not sep:
+            if not pairs:
+                raise ConfigError(f"--{key} needs a value")
+            value = pairs.pop(0)
+        node = raw
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--{key}: {part} is not a section")
+        node[leaf] = yaml.safe_load(value)
+    return raw
+
+
+def _format_errors(exc: ValidationError, source: str) -> str:
+    lines = [f"invalid config {source}:"]
+    for error in exc.errors():
+        key = ".".join(str(part) for part in error["loc"]) or "(top level)"
+        lines.append(f"  {key}: {error['msg']}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> OpdConfig:
+    """Parse YAML + overrides; relative data paths are resolved against the config's folder."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read config {path}: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config {path} must be a YAML mapping")
+    raw = apply_overrides(raw, overrides or [])
+    try:
+        config = OpdConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, str(path))) from exc
+    return _resolve_paths(config, path.parent)
+
+
+def _resolve_paths(config: OpdConfig, base: Path) -> OpdConfig:
+    def resolve(p: str | None) -> str | None:
+        return None if p is None or Path(p).is_absolute() else str(base / p)
+
+    data = config.data.model_copy(
+        update={"train_path": resolve(config.data.train_path), "eval_path": resolve(config.data.eval_path)}
+    )
+    return config.model_copy(update={"data": data})
+
+
+def dump_config(config: OpdConfig, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config.model_dump(), sort_keys=False))

@@ -1,0 +1,108 @@
+"""Prompts from JSONL, tokenized once by the learner with the student's tokenizer.
+
+Each line is an object with `prompt` (text) or `messages` (chat messages), and optionally
+`answer`. Token ids, not text, go to the sampler, so nothing is re-tokenized downstream.
+"""
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from transformers import PreTrainedTokenizerBase
+
+from opd.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class PromptItem:
+    prompt_ids: list[int]
+    answer: str | None = None
+
+    def get_reward(self, completion: str) -> float:
+        """1.0 when the completion, stripped, equals the answer; override for other tasks."""
+        if self.answer is None:
+            raise ValueError("get_reward needs an item with an answer")
+        return float(completion.strip() == self.answer.strip())
+
+
+def encode_prompt(row: dict, tokenizer: PreTrainedTokenizerBase, chat_template: bool) -> list[int]:
+    """Token ids of one JSONL row's prompt (chat-templated when asked or when it has messages)."""
+    if "messages" in row:
+        messages = row["messages"]
+    elif chat_template:
+        messages = [{"role": "user", "content": row["prompt"]}]
+    else:
+        return list(tokenizer(row["prompt"], add_special_tokens=False)["input_ids"])
+    encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+
+
+def _check_row(row: object, where: str) -> dict:
+    if not isinstance(row, dict) or ("prompt" in row) == ("messages" in row):
+        raise ConfigError(f"{where}: each line needs exactly one of 'prompt' or 'messages'")
+    if "answer" in row and not isinstance(row["answer"], str | int | float):
+        raise ConfigError(f"{where}: 'answer' must be a string or number")
+    return row
+
+
+def load_prompts(
+    path: str, tokenizer: PreTrainedTokenizerBase, chat_template: bool, max_prompt_tokens: int
+) -> list[PromptItem]:
+    """Read and tokenize every line; errors name the file and line."""
+    items = []
+    lines = Path(path).read_text().splitlines() if Path(path).is_file() else None
+    if lines is None:
+        raise ConfigError(f"data file {path} does not exist")
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            row = _check_row(json.loads(line), where)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{where}: not valid JSON ({exc.msg})") from exc
+        ids = encode_prompt(row, tokenizer, chat_template)
+        if len(ids) > max_prompt_tokens:
+            raise ConfigError(f"{where}: prompt has {len(ids)} tokens > data.max_prompt_tokens={max_prompt_tokens}")
+        answer = row.get("answer")
+        items.append(PromptItem(ids, None if answer is None else str(answer)))
+    if not items:
+        raise ConfigError(f"data file {path} has no prompts")
+    return items
+
+
+class PromptStream:
+    """Endless batches over the items: a fresh seeded shuffle each epoch, position kept for resume."""
+
+    def __init__(self, items: list, batch_size: int, seed: int, shuffle: bool = True) -> None:
+        self.items = items
+        self.batch_size = batch_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.epoch = 0
+        self.index = 0
+        self._order = self._epoch_order()
+
+    def _epoch_order(self) -> list[int]:
+        order = list(range(len(self.items)))
+        if self.shuffle:
+            random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
+        return order
+
+    def next_batch(self) -> list:
+        batch = []
+        while len(batch) < self.batch_size:
+            if self.index == len(self._order):
+                self.epoch, self.index = self.epoch + 1, 0
+                self._order = self._epoch_order()
+            batch.append(self.items[self._order[self.index]])
+            self.index += 1
+        return batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.index = state["epoch"], state["index"]
+        self._order = self._epoch_order()

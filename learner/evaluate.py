@@ -1,0 +1,50 @@
+"""Evaluation on held-out prompts: reverse KL to the teacher, and reward where items have answers.
+
+The KL estimate samples the student at temperature 1 (the unbiased Monte-Carlo estimator of
+KL(student || teacher) needs the student's own distribution) with a fixed seed, so two evals
+differ only through the weights. Rewards use greedy completions of the items with an `answer`.
+"""
+
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from learner.clients import GraderClient, SamplerClient
+from learner.config import EvalConfig
+from learner.data import PromptItem
+from learner.loss import reverse_kl_per_token
+from learner.rollout import grade, sample, score
+from sampler.schema import GenerateRequest
+
+EVAL_SEED_OFFSET = 7_777_777
+"""Keeps eval sampling seeds apart from training seeds."""
+
+
+async def evaluate(
+    sampler: SamplerClient, grader: GraderClient, student: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+    items: list[PromptItem], config: EvalConfig, pad_id: int, seed: int, temperature: float, device: str,
+) -> dict[str, float]:
+    prompts = [item.prompt_ids for item in items]
+    request = GenerateRequest(prompt_ids=prompts, n=config.n, temperature=1.0, max_tokens=config.max_tokens,
+                              seed=seed + EVAL_SEED_OFFSET)
+    rollouts = await sample(sampler, prompts, request, tokenizer.eos_token_id)
+    teacher = await grade(grader, rollouts)
+    batch = score(student, rollouts, teacher, pad_id, 1.0, 0.0, temperature, device)
+    metrics = {
+        "eval/reverse_kl_per_token": reverse_kl_per_token(batch.old_logprobs_BT, batch.teacher_logprobs_BT,
+                                                          batch.mask_BT).item(),
+        "eval/completion_length": rollouts.num_tokens / len(rollouts.completion_ids),
+    }
+    answered = [item for item in items if item.answer is not None]
+    if answered:
+        metrics["eval/reward"] = await mean_reward(sampler, tokenizer, answered, config.max_tokens)
+    return metrics
+
+
+async def mean_reward(
+    sampler: SamplerClient, tokenizer: PreTrainedTokenizerBase, items: list[PromptItem], max_tokens: int
+) -> float:
+    """Mean `item.get_reward(greedy completion text)` over items that have an answer."""
+    request = GenerateRequest(prompt_ids=[item.prompt_ids for item in items], n=1, temperature=0.0,
+                              max_tokens=max_tokens)
+    reply = await sampler.generate(request)
+    texts = [tokenizer.decode(r.completions[0].completion_ids, skip_special_tokens=True) for r in reply.results]
+    return sum(item.get_reward(text) for item, text in zip(items, texts, strict=True)) / len(items)

@@ -1,0 +1,111 @@
+"""The math of on-policy distillation: pure functions of tensors, no I/O, no hidden constants.
+
+Shape suffixes on names: B = samples in the batch, T = completion tokens (right-padded).
+Logprob tensors are named by their source:
+  sampler_logprobs_BT  logprob of each sampled token under the sampler's sampling distribution
+  old_logprobs_BT      the learner's student before this step's update (no grad)
+  new_logprobs_BT      the student being updated (with grad)
+  teacher_logprobs_BT  the teacher, from the grader
+
+The per-token advantage is the negative reverse-KL estimate on the student's own sample,
+`kl_coef * (teacher - old)`, so raising the student's probability of tokens the teacher likes
+more than the student does lowers KL(student || teacher). PPO's clipped surrogate then bounds how
+far `ppo_steps` updates move the policy from `old`.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+
+def completion_mask(completion_lengths_B: torch.Tensor, max_len: int) -> torch.Tensor:
+    """1.0 on the real completion tokens of each right-padded row, 0.0 on padding.
+
+    Every row keeps at least one token: a sample whose generation stopped at once still
+    contributes its first completion position (the learner turns an empty completion into a
+    lone EOS token, so that position holds a real token), and no row silently drops out of
+    the loss.
+    """
+    lengths_B = completion_lengths_B.clamp(min=1)
+    positions_T = torch.arange(max_len, device=completion_lengths_B.device)
+    return (positions_T[None, :] < lengths_B[:, None]).float()
+
+
+def masked_mean(values_BT: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:
+    """Mean over the tokens where mask is 1 (token-level, across the whole batch)."""
+    return (values_BT * mask_BT).sum() / mask_BT.sum().clamp(min=1.0)
+
+
+def advantages(
+    teacher_logprobs_BT: torch.Tensor,
+    old_logprobs_BT: torch.Tensor,
+    mask_BT: torch.Tensor,
+    kl_coef: float,
+    discount: float,
+) -> torch.Tensor:
+    """Per-token advantages `kl_coef * (teacher - old)`, optionally discounted.
+
+    With `discount > 0` each token's advantage becomes the discounted sum of its own and all later
+    per-token advantages of the same completion: A_t = sum_{k>=t} discount^(k-t) a_k. Padding
+    contributes nothing and gets advantage 0.
+    """
+    per_token_BT = kl_coef * (teacher_logprobs_BT - old_logprobs_BT) * mask_BT
+    if discount == 0.0:
+        return per_token_BT
+    discounted_BT = torch.zeros_like(per_token_BT)
+    running_B = torch.zeros_like(per_token_BT[:, 0])
+    for t in reversed(range(per_token_BT.shape[1])):
+        running_B = per_token_BT[:, t] + discount * running_B
+        discounted_BT[:, t] = running_B
+    return discounted_BT * mask_BT
+
+
+@dataclass(frozen=True)
+class PolicyLoss:
+    """The clipped surrogate loss of one PPO step and its diagnostics (scalars)."""
+
+    loss: torch.Tensor
+    clip_frac: torch.Tensor
+    approx_kl: torch.Tensor
+
+
+def clipped_policy_loss(
+    new_logprobs_BT: torch.Tensor,
+    old_logprobs_BT: torch.Tensor,
+    advantages_BT: torch.Tensor,
+    mask_BT: torch.Tensor,
+    clip_eps: float,
+) -> PolicyLoss:
+    """PPO's clipped surrogate: -mean_masked(min(r * A, clip(r, 1-eps, 1+eps) * A)).
+
+    clip_frac is the share of tokens whose ratio lies outside [1-eps, 1+eps]; approx_kl is the
+    k3 estimator of KL(old || new), mean_masked((r - 1) - log r), which is >= 0 per token.
+    """
+    log_ratio_BT = new_logprobs_BT - old_logprobs_BT
+    ratio_BT = torch.exp(log_ratio_BT)
+    unclipped_BT = ratio_BT * advantages_BT
+    clipped_BT = torch.clamp(ratio_BT, 1.0 - clip_eps, 1.0 + clip_eps) * advantages_BT
+    loss = -masked_mean(torch.minimum(unclipped_BT, clipped_BT), mask_BT)
+    with torch.no_grad():
+        outside_BT = ((ratio_BT - 1.0).abs() > clip_eps).float()
+        clip_frac = masked_mean(outside_BT, mask_BT)
+        approx_kl = masked_mean((ratio_BT - 1.0) - log_ratio_BT, mask_BT)
+    return PolicyLoss(loss=loss, clip_frac=clip_frac, approx_kl=approx_kl)
+
+
+def reverse_kl_per_token(
+    student_logprobs_BT: torch.Tensor, teacher_logprobs_BT: torch.Tensor, mask_BT: torch.Tensor
+) -> torch.Tensor:
+    """Monte-Carlo reverse KL(student || teacher) per token on the student's own samples."""
+    return masked_mean(student_logprobs_BT - teacher_logprobs_BT, mask_BT)
+
+
+def sampler_mismatch(
+    sampler_logprobs_BT: torch.Tensor, old_logprobs_BT: torch.Tensor, mask_BT: torch.Tensor
+) -> torch.Tensor:
+    """Mean absolute gap between the sampler's logprobs and the learner's old logprobs.
+
+    Nonzero when the sampler samples at temperature != 1 or top_p < 1 (it reports logprobs of
+    the distribution it sampled from), or when its numerics drift from the learner's.
+    """
+    return masked_mean((sampler_logprobs_BT - old_logprobs_BT).abs(), mask_BT)

@@ -1,0 +1,52 @@
+"""Metrics: one dict per step with namespaced keys, written through a small sink protocol."""
+
+import json
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Protocol
+
+
+class MetricsLogger(Protocol):
+    def log(self, metrics: dict[str, float], step: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class JsonlLogger:
+    """Appends `{"step": N, ...metrics}` lines to a file, flushed per step so a crash loses nothing."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(path, "a")  # noqa: SIM115 - held open for the run, closed in close()
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        self._file.write(json.dumps({"step": step, **metrics}) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class NullLogger:
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
+@contextmanager
+def timed(name: str, metrics: dict[str, float]) -> Iterator[None]:
+    """Adds the wall time of the block to metrics[f"time/{name}"] (seconds)."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        key = f"time/{name}"
+        metrics[key] = metrics.get(key, 0.0) + time.perf_counter() - start
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

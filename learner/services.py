@@ -1,0 +1,31 @@
+"""The embedded default: with no service URLs in the config, start a local sampler and grader.
+
+They run as child processes on free loopback ports, load their models in parallel, and are
+stopped when the run ends, also on error or Ctrl-C. Their logs go to `<run_dir>/logs/`.
+"""
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from learner.config import ModelSpec, OpdConfig
+from opd.launch import LocalServer, local_servers
+
+
+def server_args(spec: ModelSpec, device: str) -> list[str]:
+    return ["--model", spec.path, "--dtype", spec.dtype, "--device", device]
+
+
+@contextmanager
+def service_urls(config: OpdConfig, log_dir: Path) -> Iterator[tuple[str, str]]:
+    """Yield (sampler_url, grader_url): the configured ones, or those of local servers."""
+    services = config.services
+    if services.sampler_url is not None and services.grader_url is not None:
+        yield services.sampler_url, services.grader_url
+        return
+    servers = [
+        LocalServer("sampler", server_args(config.student, services.device), log_dir),
+        LocalServer("grader", server_args(config.teacher, services.device), log_dir),
+    ]
+    with local_servers(servers, services.startup_timeout_s) as (sampler_url, grader_url):
+        yield sampler_url, grader_url

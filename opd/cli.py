@@ -1,0 +1,97 @@
+"""The `opd` command line.
+
+    opd run CONFIG.yml [--section.key value ...]   the learner (starts local servers if no URLs)
+    opd sampler --model PATH [--port 8001]         the student server
+    opd grader --model PATH [--port 8002]          the teacher server
+
+Arguments are parsed before torch, transformers or uvicorn are imported, so `--help` and config
+errors answer at once.
+"""
+
+import argparse
+import logging
+import os
+import sys
+
+
+def setup_logging(level: str = "INFO") -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # One line per HTTP request would drown the progress bar.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+def _server_parser(sub: argparse._SubParsersAction, name: str, default_port: int) -> argparse.ArgumentParser:
+    parser = sub.add_parser(name, help=f"start the {name} server")
+    parser.add_argument("--model", required=True, help="HF model id, local dir, or tiny:NAME")
+    parser.add_argument("--engine", choices=["torch"], default="torch")
+    parser.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    parser.add_argument("--port", type=int, default=default_port)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    parser.add_argument("--device", default="cpu", help="torch engine device, e.g. cpu or cuda:0")
+    parser.add_argument("--max-model-len", type=int, default=None)
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="opd", description="on-policy distillation over HTTP")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the learner from a YAML config")
+    run.add_argument("config", help="YAML config file")
+    _server_parser(sub, "sampler", 8001)
+    grader = _server_parser(sub, "grader", 8002)
+    grader.add_argument("--max-batch-tokens", type=int, default=16384,
+                        help="padded tokens per teacher forward; bounds logits memory")
+    return parser
+
+
+def _require_model(path: str) -> None:
+    if not path.startswith("tiny:") and os.path.sep in path and not os.path.exists(path):
+        raise SystemExit(f"opd: model path {path} does not exist")
+
+
+def run_sampler(args: argparse.Namespace) -> None:
+    _require_model(args.model)
+    from opd.serving import serve
+    from sampler.app import create_app
+    from sampler.engines.torch import TorchSamplerEngine
+
+    engine = TorchSamplerEngine(args.model, args.dtype, args.device, args.max_model_len)
+    serve(create_app(engine), args.host, args.port)
+
+
+def run_grader(args: argparse.Namespace) -> None:
+    _require_model(args.model)
+    from grader.app import create_app
+    from grader.engines.torch import TorchGraderEngine
+    from opd.serving import serve
+
+    engine = TorchGraderEngine(args.model, args.dtype, args.device, args.max_model_len, args.max_batch_tokens)
+    serve(create_app(engine), args.host, args.port)
+
+
+def run_learner(config_path: str, overrides: list[str]) -> None:
+    from learner.config import load_config
+
+    config = load_config(config_path, overrides)
+    from learner.run import run
+
+    run(config)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command != "run":
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    setup_logging()
+    if args.command == "run":
+        run_learner(args.config, rest)
+    elif args.command == "sampler":
+        run_sampler(args)
+    else:
+        run_grader(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""One exception hierarchy for the whole project.
+
+Categories also subclass the matching stdlib type so callers can catch either. Every class takes
+only a message (plus plain-data extras) so it stays picklable across processes.
+"""
+
+
+class OpdError(Exception):
+    """Base of every error opd raises on purpose."""
+
+
+class ConfigError(OpdError, ValueError):
+    """A config file or flag is malformed; the message names the key."""
+
+
+class TokenizerMismatchError(OpdError, ValueError):
+    """Student and teacher tokenizers differ; the message carries both fingerprints."""
+
+
+class ServiceError(OpdError, RuntimeError):
+    """A sampler or grader answered with an error or could not be reached."""
+
+    service = "service"
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+    def __reduce__(self) -> tuple:
+        return (type(self), (self.args[0], self.status))
+
+
+class SamplerError(ServiceError):
+    service = "sampler"
+
+
+class GraderError(ServiceError):
+    service = "grader"
+
+
+class RequestError(OpdError, ValueError):
+    """Bad input to a server; becomes an HTTP 4xx naming the offending field."""
+
+    def __init__(self, message: str, param: str | None = None, status: int = 400) -> None:
+        super().__init__(message)
+        self.param = param
+        self.status = status
+
+    def __reduce__(self) -> tuple:
+        return (type(self), (self.args[0], self.param, self.status))

@@ -1,0 +1,121 @@
+"""Start `opd sampler` / `opd grader` as child processes on free loopback ports.
+
+The learner's embedded default uses this when a config names no service URLs, and the tests use
+it to drive real servers over HTTP. A child is polled on /health until ready; if it dies first,
+the error names it and shows the tail of its log. On exit only the child's own PID is signalled
+(SIGTERM, then SIGKILL after a grace period).
+"""
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+from opd.errors import ServiceError
+
+logger = logging.getLogger(__name__)
+
+STARTUP_TIMEOUT_S = 300.0
+"""Loading a 1.5B teacher from a cold disk can take minutes; tiny models take ~5 s."""
+STOP_GRACE_S = 10.0
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _log_tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def wait_healthy(url: str, proc: subprocess.Popen | None, name: str, log: Path | None, timeout: float) -> None:
+    """Poll GET {url}/health until 200; fail fast if `proc` exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            tail = _log_tail(log) if log else ""
+            raise ServiceError(f"{name} exited with code {proc.returncode} before it was ready:\n{tail}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2.0).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise ServiceError(f"{name} at {url} was not healthy after {timeout:.0f} s")
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=STOP_GRACE_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+class LocalServer:
+    """One `opd ROLE ARGS --port P` child process on loopback."""
+
+    def __init__(self, role: str, args: list[str], log_dir: Path | None = None,
+                 env: dict[str, str] | None = None) -> None:
+        self.role = role
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        log_dir = Path(log_dir) if log_dir is not None else Path(tempfile.mkdtemp(prefix="opd-"))
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = log_dir / f"{role}.log"
+        self.cmd = [sys.executable, "-m", "opd.cli", role, *args, "--host", "127.0.0.1", "--port", str(self.port)]
+        self.env = {**os.environ, **(env or {})}
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "LocalServer":
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env)
+        logger.info("started %s (pid %d) at %s, log %s", self.role, self.proc.pid, self.url, self.log_path)
+        return self
+
+    def wait_ready(self, timeout: float = STARTUP_TIMEOUT_S) -> None:
+        wait_healthy(self.url, self.proc, self.role, self.log_path, timeout)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc)
+
+
+@contextmanager
+def local_servers(servers: list[LocalServer], timeout: float = STARTUP_TIMEOUT_S) -> Iterator[list[str]]:
+    """Start all servers at once (they load their models in parallel), wait until each is healthy,
+    yield their URLs, and stop them all on exit, also on error or Ctrl-C."""
+    try:
+        for server in servers:
+            server.start()
+        for server in servers:
+            server.wait_ready(timeout)
+        yield [server.url for server in servers]
+    finally:
+        for server in servers:
+            server.stop()
+
+
+@contextmanager
+def local_server(role: str, args: list[str], log_dir: Path | None = None,
+                 env: dict[str, str] | None = None, timeout: float = STARTUP_TIMEOUT_S) -> Iterator[str]:
+    """Run one `opd ROLE ARGS` server on loopback; yield its base URL while it runs."""
+    with local_servers([LocalServer(role, args, log_dir, env)], timeout) as (url,):
+        yield url

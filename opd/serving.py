@@ -1,0 +1,106 @@
+"""What both servers share: the error envelope, its exception handlers, and the uvicorn runner.
+
+Every non-2xx reply has the body `ErrorResponse {error: {message, type, param, code}}`. Bad
+input becomes a 4xx naming the field; anything unexpected becomes a sanitised 500 whose details
+go to the log, never to the client.
+"""
+
+import logging
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from opd.errors import RequestError
+
+logger = logging.getLogger(__name__)
+
+
+class ErrorDetail(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    message: str
+    type: str
+    param: str | None = None
+    code: int
+
+
+class ErrorResponse(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    error: ErrorDetail
+
+
+ERROR_RESPONSES: dict[int | str, dict] = {
+    400: {"model": ErrorResponse, "description": "Bad input (the field is named)"},
+    413: {"model": ErrorResponse, "description": "Request too large"},
+    422: {"model": ErrorResponse, "description": "Schema validation failed"},
+    503: {"model": ErrorResponse, "description": "Engine not ready or dead"},
+}
+
+
+def error_json(message: str, kind: str, code: int, param: str | None = None) -> JSONResponse:
+    detail = ErrorDetail(message=message, type=kind, param=param, code=code)
+    return JSONResponse(ErrorResponse(error=detail).model_dump(), status_code=code)
+
+
+def _validation_param(exc: RequestValidationError | ValidationError) -> tuple[str, str | None]:
+    first = exc.errors()[0] if exc.errors() else {}
+    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    param = ".".join(loc) or None
+    return f"{param or 'body'}: {first.get('msg', 'invalid request')}", param
+
+
+async def _on_validation_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError | ValidationError)
+    message, param = _validation_param(exc)
+    return error_json(message, "invalid_request", 422, param)
+
+
+async def _on_request_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestError)
+    return error_json(str(exc), "invalid_request", exc.status, exc.param)
+
+
+async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+    logger.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return error_json("internal server error; see the server log", "internal_error", 500)
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(RequestValidationError, _on_validation_error)
+    # Bodies parsed inside a route (e.g. the JSON form of POST /v1/weights) raise this one.
+    app.add_exception_handler(ValidationError, _on_validation_error)
+    app.add_exception_handler(RequestError, _on_request_error)
+    app.add_exception_handler(Exception, _on_unexpected)
+
+
+def serve(app: FastAPI, host: str, port: int) -> None:
+    """Run `app` with uvicorn until SIGINT/SIGTERM."""
+    uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)
+
+
+class InfoResponse(BaseModel):
+    """GET /v1/info of either server."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    engine: str
+    dtype: str
+    vocab_size: int
+    """Tokenizer length; the tokenizer half of the fingerprint."""
+    tokenizer_hash: str
+    model_vocab_size: int
+    """Rows of the embedding; token ids must be below this."""
+    max_model_len: int
+    policy_version: int = 0
+
+
+def check_token_ids(ids: list[int], vocab_size: int, param: str) -> None:
+    """Every id must index the model's embedding (the schema already rejects negatives)."""
+    bad = next((i for i in ids if i >= vocab_size), None)
+    if bad is not None:
+        raise RequestError(f"token id {bad} is out of the vocabulary (size {vocab_size})", param=param)

@@ -1,0 +1,1 @@
+"""The sampler service: serves the student, generates completions, accepts new weights."""

@@ -1,0 +1,136 @@
+"""The sampler's HTTP routes: thin wrappers that validate, call the engine, and map the result.
+
+    opd sampler --model tiny:student --port 8001
+"""
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Query, Request
+
+from opd.errors import RequestError
+from opd.serving import ERROR_RESPONSES, add_error_handlers, check_token_ids
+from sampler.engine import SamplerEngine, SamplingParams
+from sampler.schema import (
+    Completion,
+    GenerateRequest,
+    GenerateResponse,
+    InfoResponse,
+    PromptResult,
+    WeightsFromPath,
+    WeightsResponse,
+)
+from sampler.weights import check_weights, decode_safetensors, read_safetensors_file
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    max_weights_bytes: int = 64 * 2**30
+    """Largest accepted weight push body; 64 GiB fits a 14B model in fp32."""
+    max_prompts: int = 4096
+    """Largest prompts x n per generate call."""
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    try:
+        yield
+    finally:
+        await app.state.engine.close()
+
+
+def create_app(engine: SamplerEngine, settings: SamplerSettings | None = None) -> FastAPI:
+    app = FastAPI(title="opd sampler", lifespan=_lifespan)
+    app.state.engine = engine
+    app.state.settings = settings or SamplerSettings()
+    add_error_handlers(app)
+    app.get("/health")(health)
+    app.get("/v1/info", response_model=InfoResponse)(info)
+    app.post("/v1/generate", response_model=GenerateResponse, responses=ERROR_RESPONSES)(generate)
+    app.post("/v1/weights", response_model=WeightsResponse, responses=ERROR_RESPONSES,
+             openapi_extra=_WEIGHTS_BODY)(push_weights)
+    return app
+
+
+async def health() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+async def info(request: Request) -> InfoResponse:
+    return request.app.state.engine.info()
+
+
+async def generate(body: GenerateRequest, request: Request) -> GenerateResponse:
+    engine: SamplerEngine = request.app.state.engine
+    prompts = _prompt_ids(body, engine)
+    if len(prompts) * body.n > request.app.state.settings.max_prompts:
+        raise RequestError(f"prompts x n exceeds {request.app.state.settings.max_prompts}", param="n", status=413)
+    params = SamplingParams(body.n, body.temperature, body.top_p, body.max_tokens, body.seed)
+    version, samples = await engine.generate(prompts, params)
+    results = [
+        PromptResult(prompt_ids=prompt, completions=[Completion(**vars(s)) for s in per_prompt])
+        for prompt, per_prompt in zip(prompts, samples, strict=True)
+    ]
+    return GenerateResponse(policy_version=version, results=results)
+
+
+def _prompt_ids(body: GenerateRequest, engine: SamplerEngine) -> list[list[int]]:
+    """Token ids of every prompt, checked against the vocabulary and the context length."""
+    if body.messages is not None:
+        prompts = [engine.chat_to_ids([m.model_dump() for m in chat]) for chat in body.messages]
+    else:
+        prompts = body.prompt_ids or []
+    info = engine.info()
+    for i, prompt in enumerate(prompts):
+        check_token_ids(prompt, info.model_vocab_size, param=f"prompt_ids.{i}")
+        if len(prompt) + body.max_tokens > info.max_model_len:
+            raise RequestError(
+                f"prompt {i} has {len(prompt)} tokens; with max_tokens {body.max_tokens} that "
+                f"exceeds the model's context of {info.max_model_len}",
+                param=f"prompt_ids.{i}",
+            )
+    return prompts
+
+
+_WEIGHTS_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+            "application/json": {"schema": WeightsFromPath.model_json_schema()},
+        },
+    }
+}
+
+
+async def push_weights(request: Request, version: int | None = Query(default=None, ge=0)) -> WeightsResponse:
+    """Swap in new weights: a safetensors body, or JSON naming a file on a shared volume."""
+    engine: SamplerEngine = request.app.state.engine
+    if request.headers.get("content-type", "").startswith("application/json"):
+        source = WeightsFromPath.model_validate_json(await request.body())
+        tensors, version = read_safetensors_file(source.path), source.version
+    else:
+        payload = await _read_capped(request, request.app.state.settings.max_weights_bytes)
+        tensors = decode_safetensors(payload, request.headers.get("x-content-sha256"))
+    check_weights(tensors, engine.weight_specs())
+    new_version = version if version is not None else engine.policy_version + 1
+    await engine.load_weights(tensors, new_version)
+    logger.info("loaded %d weight tensors, policy_version=%d", len(tensors), new_version)
+    return WeightsResponse(policy_version=new_version)
+
+
+async def _read_capped(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise RequestError(f"weights body of {declared} bytes exceeds the limit of {limit}", param="body", status=413)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise RequestError(f"weights body exceeds the limit of {limit} bytes", param="body", status=413)
+        chunks.append(chunk)
+    return b"".join(chunks)

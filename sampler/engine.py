@@ -1,0 +1,55 @@
+"""The sampler engine protocol: what `app.py` needs from the torch and vLLM engines."""
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from opd.serving import InfoResponse
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    n: int
+    temperature: float
+    top_p: float
+    max_tokens: int
+    seed: int | None
+
+
+@dataclass(frozen=True)
+class Sample:
+    completion_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str
+
+
+@dataclass(frozen=True)
+class WeightSpec:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+class SamplerEngine(Protocol):
+    """Generation and in-place weight swaps. Implementations serialise the two internally so a
+    generate call never sees a mix of old and new weights."""
+
+    policy_version: int
+
+    def info(self) -> InfoResponse: ...
+
+    def chat_to_ids(self, messages: list[dict[str, str]]) -> list[int]: ...
+
+    async def generate(
+        self, prompts: list[list[int]], params: SamplingParams
+    ) -> tuple[int, list[list[Sample]]]:
+        """Returns (policy_version used, per prompt `n` samples)."""
+        ...
+
+    def weight_specs(self) -> dict[str, WeightSpec]: ...
+
+    async def load_weights(self, tensors: dict[str, torch.Tensor], version: int) -> None:
+        """Swap in already validated tensors and set policy_version = version."""
+        ...
+
+    async def close(self) -> None: ...

@@ -1,0 +1,131 @@
+"""The torch sampler engine: plain transformers, CPU or GPU.
+
+Used where vLLM is not installed and as the reference in parity tests. All prompts x n samples
+decode together in one left-padded batch with a KV cache; one lock serialises generation and
+weight swaps, so a swap waits for in-flight generation and no reply mixes two weight versions.
+"""
+
+import asyncio
+import random
+
+import torch
+from transformers import DynamicCache
+
+from opd.modeling import load_causal_lm, load_tokenizer, pack_left_padded
+from opd.serving import InfoResponse
+from opd.tokenizer import tokenizer_fingerprint
+from sampler.engine import Sample, SamplingParams, WeightSpec
+
+
+def sample_next(
+    logits_BV: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next token per row and its logprob under the distribution actually sampled.
+
+    temperature 0 is greedy and reports the raw (temperature 1) logprob of the argmax token.
+    """
+    logits_BV = logits_BV.float()
+    if temperature == 0.0:
+        ids_B = logits_BV.argmax(dim=-1)
+        return ids_B, torch.log_softmax(logits_BV, -1).gather(-1, ids_B[:, None]).squeeze(-1)
+    scaled_BV = logits_BV / temperature
+    if top_p < 1.0:
+        sorted_BV, order_BV = scaled_BV.sort(dim=-1, descending=True)
+        probs_BV = torch.softmax(sorted_BV, dim=-1)
+        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+        drop_sorted_BV = (probs_BV.cumsum(-1) - probs_BV) >= top_p
+        drop_BV = torch.zeros_like(drop_sorted_BV).scatter(-1, order_BV, drop_sorted_BV)
+        scaled_BV = scaled_BV.masked_fill(drop_BV, float("-inf"))
+    logprobs_BV = torch.log_softmax(scaled_BV, dim=-1)
+    ids_B = torch.multinomial(logprobs_BV.exp(), 1, generator=generator).squeeze(-1)
+    return ids_B, logprobs_BV.gather(-1, ids_B[:, None]).squeeze(-1)
+
+
+class TorchSamplerEngine:
+    def __init__(self, model_path: str, dtype: str = "float32", device: str = "cpu",
+                 max_model_len: int | None = None) -> None:
+        self.model_path = model_path
+        self.dtype = dtype
+        self.device = device
+        self.tokenizer = load_tokenizer(model_path)
+        self.model = load_causal_lm(model_path, dtype, device)
+        self.max_model_len = max_model_len or self.model.config.max_position_embeddings
+        eos = self.model.generation_config.eos_token_id
+        eos = eos if eos is not None else self.tokenizer.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos])
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids)
+        self.policy_version = 0
+        self._lock = asyncio.Lock()
+        self._fingerprint = tokenizer_fingerprint(self.tokenizer)
+
+    def info(self) -> InfoResponse:
+        return InfoResponse(
+            model=self.model_path, engine="torch", dtype=self.dtype,
+            vocab_size=self._fingerprint[0], tokenizer_hash=self._fingerprint[1],
+            model_vocab_size=self.model.config.vocab_size, max_model_len=self.max_model_len,
+            policy_version=self.policy_version,
+        )
+
+    def chat_to_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        encoded = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        return list(encoded["input_ids"] if isinstance(encoded, dict) or hasattr(encoded, "keys") else encoded)
+
+    async def generate(self, prompts: list[list[int]], params: SamplingParams) -> tuple[int, list[list[Sample]]]:
+        async with self._lock:
+            samples = await asyncio.to_thread(self._generate_sync, prompts, params)
+            return self.policy_version, samples
+
+    @torch.inference_mode()
+    def _generate_sync(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Sample]]:
+        rows = [prompt for prompt in prompts for _ in range(params.n)]
+        seed = params.seed if params.seed is not None else random.randrange(2**31)
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        ids_BN, logprobs_BN, finished_B = self._decode(rows, params, generator)
+        samples = [self._to_sample(ids, lps, done) for ids, lps, done in zip(ids_BN, logprobs_BN, finished_B, strict=True)]
+        return [samples[i * params.n : (i + 1) * params.n] for i in range(len(prompts))]
+
+    def _decode(self, rows: list[list[int]], params: SamplingParams, generator: torch.Generator):
+        batch = pack_left_padded(rows, [[] for _ in rows], self.pad_id, self.device)
+        mask_BL, positions_B = batch.attention_mask_BL, batch.position_ids_BL[:, -1]
+        cache = DynamicCache()
+        out = self.model(input_ids=batch.input_ids_BL, attention_mask=mask_BL,
+                         position_ids=batch.position_ids_BL, past_key_values=cache,
+                         use_cache=True, logits_to_keep=1)
+        ids: list[list[int]] = [[] for _ in rows]
+        logprobs: list[list[float]] = [[] for _ in rows]
+        finished = [False] * len(rows)
+        for _ in range(params.max_tokens):
+            next_B, next_lp_B = sample_next(out.logits[:, -1], params.temperature, params.top_p, generator)
+            for b, (token, lp) in enumerate(zip(next_B.tolist(), next_lp_B.tolist(), strict=True)):
+                if not finished[b]:
+                    ids[b].append(token)
+                    logprobs[b].append(lp)
+                    finished[b] = token in self.eos_ids
+            if all(finished):
+                break
+            mask_BL = torch.cat([mask_BL, mask_BL.new_ones(len(rows), 1)], dim=-1)
+            positions_B = positions_B + 1
+            out = self.model(input_ids=next_B[:, None], attention_mask=mask_BL,
+                             position_ids=positions_B[:, None], past_key_values=cache, use_cache=True)
+        return ids, logprobs, finished
+
+    @staticmethod
+    def _to_sample(ids: list[int], logprobs: list[float], stopped: bool) -> Sample:
+        return Sample(completion_ids=ids, logprobs=logprobs, finish_reason="stop" if stopped else "length")
+
+    def weight_specs(self) -> dict[str, WeightSpec]:
+        return {name: WeightSpec(tuple(p.shape), p.dtype) for name, p in self.model.named_parameters()}
+
+    async def load_weights(self, tensors: dict[str, torch.Tensor], version: int) -> None:
+        async with self._lock:
+            await asyncio.to_thread(self._copy_in, tensors)
+            self.policy_version = version
+
+    @torch.no_grad()
+    def _copy_in(self, tensors: dict[str, torch.Tensor]) -> None:
+        params = dict(self.model.named_parameters())
+        for name, tensor in tensors.items():
+            params[name].copy_(tensor.to(self.device))
+
+    async def close(self) -> None:
+        return None

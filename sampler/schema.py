@@ -1,0 +1,93 @@
+"""Wire schema of the sampler. The learner imports these models; nothing builds JSON by hand.
+
+POST /v1/generate  GenerateRequest -> GenerateResponse
+POST /v1/weights   safetensors bytes (application/octet-stream, ?version=N)
+                   or WeightsFromPath (application/json) -> WeightsResponse
+GET  /v1/info      InfoResponse
+GET  /health       200 when ready
+"""
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from opd.serving import ErrorResponse, InfoResponse
+
+__all__ = [
+    "ChatMessage",
+    "Completion",
+    "ErrorResponse",
+    "GenerateRequest",
+    "GenerateResponse",
+    "InfoResponse",
+    "PromptResult",
+    "WeightsFromPath",
+    "WeightsResponse",
+]
+
+TokenId = Annotated[int, Field(ge=0)]
+TokenIds = Annotated[list[TokenId], Field(min_length=1)]
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class GenerateRequest(BaseModel):
+    """Either `prompt_ids` (token ids, preferred) or `messages` (chat, templated by the sampler)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt_ids: Annotated[list[TokenIds], Field(min_length=1)] | None = None
+    messages: Annotated[list[Annotated[list[ChatMessage], Field(min_length=1)]], Field(min_length=1)] | None = None
+    n: int = Field(default=1, ge=1, le=64)
+    """Completions per prompt."""
+    temperature: float = Field(default=1.0, ge=0.0, le=10.0, allow_inf_nan=False)
+    """0 means greedy."""
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0, allow_inf_nan=False)
+    max_tokens: int = Field(default=64, ge=1)
+    seed: int | None = Field(default=None, ge=0)
+    """Same seed and same request give the same completions."""
+
+    @model_validator(mode="after")
+    def _one_prompt_source(self) -> "GenerateRequest":
+        if (self.prompt_ids is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt_ids and messages")
+        return self
+
+
+class Completion(BaseModel):
+    completion_ids: list[int]
+    """Generated token ids; a stop (EOS) token that ended generation is included."""
+    logprobs: list[float]
+    """Logprob of each generated token under the distribution it was sampled from (after
+    temperature and top-p). With temperature 0 (greedy): the model's raw logprob."""
+    finish_reason: Literal["stop", "length"]
+
+
+class PromptResult(BaseModel):
+    prompt_ids: list[int]
+    completions: list[Completion]
+
+
+class GenerateResponse(BaseModel):
+    policy_version: int
+    """Version of the weights every completion in this reply was sampled with."""
+    results: list[PromptResult]
+
+
+class WeightsFromPath(BaseModel):
+    """Load weights from a safetensors file on a volume the sampler can read."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(min_length=1)
+    version: int | None = Field(default=None, ge=0)
+    """New policy_version; the current one + 1 when omitted."""
+
+
+class WeightsResponse(BaseModel):
+    policy_version: int

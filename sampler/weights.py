@@ -1,0 +1,57 @@
+"""Decoding and checking pushed weights before any of them touches the served model.
+
+Everything here runs before the swap, so a bad push (truncated stream, wrong checksum, unknown
+or missing name, wrong shape or dtype) is refused with a 4xx and the old weights keep serving.
+"""
+
+import hashlib
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import load_file
+
+from opd.errors import RequestError
+from sampler.engine import WeightSpec
+
+
+def decode_safetensors(payload: bytes, sha256: str | None) -> dict[str, torch.Tensor]:
+    """Tensors from a safetensors byte string, after checking the optional SHA-256."""
+    if sha256 is not None and hashlib.sha256(payload).hexdigest() != sha256.lower():
+        raise RequestError("body does not match the X-Content-SHA256 header", param="body")
+    try:
+        return load_safetensors_bytes(payload)
+    except (SafetensorError, ValueError) as exc:
+        raise RequestError(f"body is not a valid safetensors file: {exc}", param="body") from exc
+
+
+def read_safetensors_file(path: str) -> dict[str, torch.Tensor]:
+    """Tensors from a safetensors file on a shared volume."""
+    if not Path(path).is_file():
+        raise RequestError(f"no such file on the sampler's filesystem: {path}", param="path")
+    try:
+        return load_file(path)
+    except (SafetensorError, ValueError, OSError) as exc:
+        raise RequestError(f"{path} is not a valid safetensors file: {exc}", param="path") from exc
+
+
+def check_weights(tensors: dict[str, torch.Tensor], specs: dict[str, WeightSpec]) -> None:
+    """Require exactly the model's parameter names, each with the model's shape and dtype."""
+    unknown = sorted(set(tensors) - set(specs))
+    if unknown:
+        raise RequestError(f"unknown weight names: {unknown[:5]}", param=f"weights.{unknown[0]}", status=422)
+    missing = sorted(set(specs) - set(tensors))
+    if missing:
+        raise RequestError(f"missing weights: {missing[:5]}", param=f"weights.{missing[0]}", status=422)
+    for name, tensor in tensors.items():
+        spec = specs[name]
+        if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
+            raise RequestError(
+                f"weight {name} has shape {tuple(tensor.shape)} and dtype {tensor.dtype}; "
+                f"the model needs shape {spec.shape} and dtype {spec.dtype}",
+                param=f"weights.{name}",
+                status=422,
+            )
+        if not torch.isfinite(tensor).all():
+            raise RequestError(f"weight {name} has non-finite values", param=f"weights.{name}", status=422)
