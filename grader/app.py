@@ -54,7 +54,9 @@ async def logprobs(body: LogprobsRequest, request: Request) -> LogprobsResponse:
     engine: GraderEngine = request.app.state.engine
     limit = request.app.state.settings.max_sequences
     if len(body.sequences) > limit:
-        raise RequestError(f"{len(body.sequences)} sequences exceed the limit of {limit}", param="sequences", status=413)
+        raise RequestError(
+            f"{len(body.sequences)} sequences exceed the limit of {limit}", param="sequences", status=413
+        )
     _check_sequences(body, engine.info())
     scored = await engine.score([(s.prompt_ids, s.completion_ids) for s in body.sequences], body.top_k)
     return LogprobsResponse(results=[ScoredSequence(**vars(s)) for s in scored])

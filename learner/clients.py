@@ -101,7 +101,10 @@ class SamplerClient(_Client):
         """Stream `tensors` as one safetensors body; returns the sampler's new policy_version."""
         payload = save_safetensors({name: t.detach().contiguous().cpu() for name, t in tensors.items()})
         response = await self._request(
-            "POST", "/v1/weights", params={"version": version}, content=payload,
+            "POST",
+            "/v1/weights",
+            params={"version": version},
+            content=payload,
             headers={"content-type": "application/octet-stream"},
         )
         return WeightsResponse.model_validate_json(response.content).policy_version

@@ -38,50 +38,65 @@ class DataConfig(Section):
     max_prompt_tokens: int = Field(default=512, gt=0)
     """Prompts longer than this are refused when the data is loaded (naming the line)."""
     shuffle: bool = True
+    """Reshuffle the training prompts each epoch (seeded by train.seed)."""
 
 
 class SamplingConfig(Section):
     n: int = Field(default=1, ge=1)
     """Completions sampled per prompt."""
     temperature: float = Field(default=0.7, gt=0.0)
+    """Sampling temperature of training rollouts (the reference method uses 0.6-0.8)."""
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    """Nucleus sampling mass of training rollouts."""
     max_tokens: int = Field(default=128, gt=0)
+    """Most tokens generated per completion."""
 
 
 class TrainConfig(Section):
     steps: int = Field(default=100, gt=0)
+    """Training steps (one batch of rollouts each)."""
     batch_size: int = Field(default=4, gt=0)
     """Prompts per step (per process under accelerate)."""
     lr: float = Field(default=1e-5, gt=0.0)
+    """AdamW learning rate."""
     weight_decay: float = Field(default=0.0, ge=0.0)
+    """AdamW weight decay."""
     warmup_steps: int = Field(default=0, ge=0)
     """Linear warmup of the learning rate, then constant."""
     max_grad_norm: float = Field(default=1.0, gt=0.0)
+    """Gradients are clipped to this global norm before each update."""
     ppo_steps: int = Field(default=1, ge=1)
     """Clipped updates per batch of samples."""
     clip_eps: float = Field(default=0.2, gt=0.0, lt=1.0)
+    """PPO clip range: ratios outside [1 - clip_eps, 1 + clip_eps] stop pushing further."""
     kl_coef: float = Field(default=1.0, gt=0.0)
+    """Scale of the per-token advantage kl_coef * (logp_teacher - logp_student_old)."""
     discount: float = Field(default=0.0, ge=0.0, le=1.0)
     """0: each token's advantage is its own reverse-KL term; >0: discounted sum of later terms."""
     logprob_temperature: float = Field(default=1.0, gt=0.0)
     """Temperature of the learner's own (old and new) student logprobs."""
     seed: int = 0
+    """Seeds torch, the prompt order and the sampler's per-step seeds."""
     device: str = "cpu"
+    """Where the learner's student trains, e.g. cpu or cuda:0."""
 
 
 class EvalConfig(Section):
     eval_steps: int = Field(default=0, ge=0)
     """Evaluate every this many steps (and before the first and after the last); 0: never."""
     max_items: int | None = Field(default=None, gt=0)
+    """Evaluate on the first this many eval items; all when unset."""
     n: int = Field(default=1, ge=1)
     """Samples per eval prompt for the reverse-KL estimate (temperature 1)."""
     max_tokens: int = Field(default=128, gt=0)
+    """Most tokens per eval completion."""
 
 
 class ServicesConfig(Section):
     sampler_url: str | None = None
     """Base URL of a running sampler; omit both URLs to start local servers (the embedded default)."""
     grader_url: str | None = None
+    """Base URL of a running grader; set together with sampler_url."""
     engine: Literal["torch"] = "torch"
     """Engine of the locally started servers."""
     device: str = "cpu"
@@ -91,6 +106,7 @@ class ServicesConfig(Section):
     retry_deadline_s: float = Field(default=120.0, ge=0.0)
     """Total time to keep retrying transport errors and 5xx before failing the run."""
     startup_timeout_s: float = Field(default=300.0, gt=0.0)
+    """How long locally started servers may take to load their models."""
 
     @model_validator(mode="after")
     def _both_or_neither(self) -> "ServicesConfig":

@@ -12,6 +12,7 @@ from pathlib import Path
 from transformers import PreTrainedTokenizerBase
 
 from opd.errors import ConfigError
+from opd.tokenizer import chat_prompt_ids
 
 
 @dataclass(frozen=True)
@@ -34,8 +35,7 @@ def encode_prompt(row: dict, tokenizer: PreTrainedTokenizerBase, chat_template: 
         messages = [{"role": "user", "content": row["prompt"]}]
     else:
         return list(tokenizer(row["prompt"], add_special_tokens=False)["input_ids"])
-    encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+    return chat_prompt_ids(tokenizer, messages)
 
 
 def _check_row(row: object, where: str) -> dict:
@@ -91,7 +91,7 @@ class PromptStream:
         return order
 
     def next_batch(self) -> list:
-        batch = []
+        batch: list = []
         while len(batch) < self.batch_size:
             if self.index == len(self._order):
                 self.epoch, self.index = self.epoch + 1, 0

@@ -19,18 +19,28 @@ EVAL_SEED_OFFSET = 7_777_777
 
 
 async def evaluate(
-    sampler: SamplerClient, grader: GraderClient, student: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-    items: list[PromptItem], config: EvalConfig, pad_id: int, seed: int, temperature: float, device: str,
+    sampler: SamplerClient,
+    grader: GraderClient,
+    student: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    items: list[PromptItem],
+    config: EvalConfig,
+    pad_id: int,
+    seed: int,
+    temperature: float,
+    device: str,
 ) -> dict[str, float]:
     prompts = [item.prompt_ids for item in items]
-    request = GenerateRequest(prompt_ids=prompts, n=config.n, temperature=1.0, max_tokens=config.max_tokens,
-                              seed=seed + EVAL_SEED_OFFSET)
+    request = GenerateRequest(
+        prompt_ids=prompts, n=config.n, temperature=1.0, max_tokens=config.max_tokens, seed=seed + EVAL_SEED_OFFSET
+    )
     rollouts = await sample(sampler, prompts, request, tokenizer.eos_token_id)
     teacher = await grade(grader, rollouts)
     batch = score(student, rollouts, teacher, pad_id, 1.0, 0.0, temperature, device)
     metrics = {
-        "eval/reverse_kl_per_token": reverse_kl_per_token(batch.old_logprobs_BT, batch.teacher_logprobs_BT,
-                                                          batch.mask_BT).item(),
+        "eval/reverse_kl_per_token": reverse_kl_per_token(
+            batch.old_logprobs_BT, batch.teacher_logprobs_BT, batch.mask_BT
+        ).item(),
         "eval/completion_length": rollouts.num_tokens / len(rollouts.completion_ids),
     }
     answered = [item for item in items if item.answer is not None]
@@ -43,8 +53,10 @@ async def mean_reward(
     sampler: SamplerClient, tokenizer: PreTrainedTokenizerBase, items: list[PromptItem], max_tokens: int
 ) -> float:
     """Mean `item.get_reward(greedy completion text)` over items that have an answer."""
-    request = GenerateRequest(prompt_ids=[item.prompt_ids for item in items], n=1, temperature=0.0,
-                              max_tokens=max_tokens)
+    request = GenerateRequest(
+        prompt_ids=[item.prompt_ids for item in items], n=1, temperature=0.0, max_tokens=max_tokens
+    )
     reply = await sampler.generate(request)
-    texts = [tokenizer.decode(r.completions[0].completion_ids, skip_special_tokens=True) for r in reply.results]
-    return sum(item.get_reward(text) for item, text in zip(items, texts, strict=True)) / len(items)
+    texts = [str(tokenizer.decode(r.completions[0].completion_ids, skip_special_tokens=True)) for r in reply.results]
+    rewards = [item.get_reward(text) for item, text in zip(items, texts, strict=True)]
+    return sum(rewards) / len(rewards)

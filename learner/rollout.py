@@ -40,9 +40,7 @@ class ScoredBatch:
     advantages_BT: torch.Tensor
 
 
-async def sample(
-    sampler: SamplerClient, prompts: list[list[int]], request: GenerateRequest, eos_id: int
-) -> Rollouts:
+async def sample(sampler: SamplerClient, prompts: list[list[int]], request: GenerateRequest, eos_id: int) -> Rollouts:
     """Generate `request.n` completions per prompt. An empty completion (generation stopped before
     emitting a token) becomes a lone EOS so every sample has one real token to learn from."""
     reply = await sampler.generate(request.model_copy(update={"prompt_ids": prompts}))
@@ -72,8 +70,14 @@ def right_padded(rows: list[list[float]], width: int) -> torch.Tensor:
 
 
 def score(
-    student: PreTrainedModel, rollouts: Rollouts, teacher_logprobs: list[list[float]], pad_id: int,
-    kl_coef: float, discount: float, temperature: float, device: str,
+    student: PreTrainedModel,
+    rollouts: Rollouts,
+    teacher_logprobs: list[list[float]],
+    pad_id: int,
+    kl_coef: float,
+    discount: float,
+    temperature: float,
+    device: str,
 ) -> ScoredBatch:
     """Old student logprobs (no grad), the completion mask and the per-token advantages."""
     packed = pack_left_padded(rollouts.prompt_ids, rollouts.completion_ids, pad_id, device)

@@ -19,8 +19,8 @@ from tqdm import tqdm
 from learner.checkpoint import save_checkpoint
 from learner.clients import GraderClient, RetryPolicy, SamplerClient
 from learner.config import OpdConfig, dump_config
-from learner.evaluate import evaluate
 from learner.data import PromptItem, PromptStream, load_prompts
+from learner.evaluate import evaluate
 from learner.loss import clipped_policy_loss, reverse_kl_per_token, sampler_mismatch
 from learner.metrics import JsonlLogger, MetricsLogger, timed
 from learner.rollout import Rollouts, ScoredBatch, grade, sample, score
@@ -45,10 +45,13 @@ class OnPolicyDistillationTrainer:
         self.run_dir = Path(config.run_dir)
         torch.manual_seed(config.train.seed)
         self.tokenizer = load_tokenizer(config.student.path)
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        self.pad_id = (
+            self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        )
         self.model = load_causal_lm(config.student.path, "float32", config.train.device).train()
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.train.lr,
-                                           weight_decay=config.train.weight_decay)
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=config.train.lr, weight_decay=config.train.weight_decay
+        )
         warmup = config.train.warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
@@ -98,16 +101,21 @@ class OnPolicyDistillationTrainer:
             self.metrics.log(await self.evaluate(), step=0)
         while self.step_count < cfg.train.steps:
             metrics = await self.step()
-            if cfg.eval.eval_steps and self.eval_items and (
-                self.step_count % cfg.eval.eval_steps == 0 or self.step_count == cfg.train.steps
+            if (
+                cfg.eval.eval_steps
+                and self.eval_items
+                and (self.step_count % cfg.eval.eval_steps == 0 or self.step_count == cfg.train.steps)
             ):
                 metrics |= await self.evaluate()
             self._maybe_save()
             self.metrics.log(metrics, step=self.step_count)
             history.append(metrics)
             bar.update(1)
-            bar.set_postfix(kl=f"{metrics['kl/reverse_per_token']:.4f}",
-                            tok_s=f"{metrics['throughput/tokens_per_s']:.0f}", step_s=f"{metrics['time/step']:.2f}")
+            bar.set_postfix(
+                kl=f"{metrics['kl/reverse_per_token']:.4f}",
+                tok_s=f"{metrics['throughput/tokens_per_s']:.0f}",
+                step_s=f"{metrics['time/step']:.2f}",
+            )
         bar.close()
         return history
 
@@ -133,18 +141,25 @@ class OnPolicyDistillationTrainer:
 
     async def sample(self, prompts: list[list[int]]) -> Rollouts:
         s = self.config.sampling
-        request = GenerateRequest(prompt_ids=prompts, n=s.n, temperature=s.temperature, top_p=s.top_p,
-                                  max_tokens=s.max_tokens, seed=self.config.train.seed * 100_003 + self.step_count)
+        request = GenerateRequest(
+            prompt_ids=prompts,
+            n=s.n,
+            temperature=s.temperature,
+            top_p=s.top_p,
+            max_tokens=s.max_tokens,
+            seed=self.config.train.seed * 100_003 + self.step_count,
+        )
         rollouts = await sample(self.sampler, prompts, request, self.tokenizer.eos_token_id)
         if rollouts.policy_version != self.policy_version:
-            raise SamplerError(f"sampler served policy_version {rollouts.policy_version}, "
-                               f"expected {self.policy_version}: samples are off-policy")
+            raise SamplerError(
+                f"sampler served policy_version {rollouts.policy_version}, "
+                f"expected {self.policy_version}: samples are off-policy"
+            )
         return rollouts
 
     def score(self, rollouts: Rollouts, teacher: list[list[float]]) -> ScoredBatch:
         t = self.config.train
-        return score(self.model, rollouts, teacher, self.pad_id, t.kl_coef, t.discount,
-                     t.logprob_temperature, t.device)
+        return score(self.model, rollouts, teacher, self.pad_id, t.kl_coef, t.discount, t.logprob_temperature, t.device)
 
     def update(self, batch: ScoredBatch) -> dict[str, float]:
         """`ppo_steps` clipped updates on one batch; metrics are those of the last update."""
@@ -156,10 +171,15 @@ class OnPolicyDistillationTrainer:
             policy.loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.max_grad_norm)
             self.optimizer.step()
-        lr = self.scheduler.get_last_lr()[0]
+        lr = float(self.scheduler.get_last_lr()[0])
         self.scheduler.step()
-        return {"ppo/loss": policy.loss.item(), "ppo/clip_frac": policy.clip_frac.item(),
-                "ppo/approx_kl": policy.approx_kl.item(), "optim/grad_norm": grad_norm.item(), "optim/lr": lr}
+        return {
+            "ppo/loss": policy.loss.item(),
+            "ppo/clip_frac": policy.clip_frac.item(),
+            "ppo/approx_kl": policy.approx_kl.item(),
+            "optim/grad_norm": grad_norm.item(),
+            "optim/lr": lr,
+        }
 
     async def push_weights(self) -> None:
         """Send the student's parameters, cast to the sampler's dtype, as version `step_count`."""
@@ -185,15 +205,25 @@ class OnPolicyDistillationTrainer:
         sampler_fp = (sampler_info.vocab_size, sampler_info.tokenizer_hash)
         grader_fp = (grader_info.vocab_size, grader_info.tokenizer_hash)
         check_same_tokenizer(f"sampler ({sampler_info.model})", sampler_fp, f"grader ({grader_info.model})", grader_fp)
-        check_same_tokenizer(f"learner student ({self.config.student.path})", own, f"sampler ({sampler_info.model})", sampler_fp)
+        check_same_tokenizer(
+            f"learner student ({self.config.student.path})", own, f"sampler ({sampler_info.model})", sampler_fp
+        )
         self.sampler_dtype = sampler_info.dtype
 
     async def evaluate(self) -> dict[str, float]:
         """Reverse KL to the teacher on eval prompts (temperature-1 samples); reward where items have answers."""
         e, t = self.config.eval, self.config.train
         return await evaluate(
-            self.sampler, self.grader, self.model, self.tokenizer, self.eval_items[: e.max_items], e,
-            pad_id=self.pad_id, seed=t.seed, temperature=t.logprob_temperature, device=t.device,
+            self.sampler,
+            self.grader,
+            self.model,
+            self.tokenizer,
+            self.eval_items[: e.max_items],
+            e,
+            pad_id=self.pad_id,
+            seed=t.seed,
+            temperature=t.logprob_temperature,
+            device=t.device,
         )
 
     def _maybe_save(self) -> None:

@@ -13,6 +13,8 @@ import logging
 import os
 import sys
 
+from opd.errors import OpdError
+
 
 def setup_logging(level: str = "INFO") -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -39,8 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("config", help="YAML config file")
     _server_parser(sub, "sampler", 8001)
     grader = _server_parser(sub, "grader", 8002)
-    grader.add_argument("--max-batch-tokens", type=int, default=16384,
-                        help="padded tokens per teacher forward; bounds logits memory")
+    grader.add_argument(
+        "--max-batch-tokens", type=int, default=16384, help="padded tokens per teacher forward; bounds logits memory"
+    )
     return parser
 
 
@@ -85,12 +88,20 @@ def main(argv: list[str] | None = None) -> None:
     if rest and args.command != "run":
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     setup_logging()
-    if args.command == "run":
-        run_learner(args.config, rest)
-    elif args.command == "sampler":
-        run_sampler(args)
-    else:
-        run_grader(args)
+    try:
+        if args.command == "run":
+            run_learner(args.config, rest)
+        elif args.command == "sampler":
+            run_sampler(args)
+        else:
+            run_grader(args)
+    except OpdError as exc:
+        # Errors opd raises on purpose carry a message meant for the user; no traceback.
+        print(f"opd: {type(exc).__name__}: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except KeyboardInterrupt:
+        print("opd: interrupted; local servers stopped", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

@@ -72,8 +72,9 @@ def stop_process(proc: subprocess.Popen) -> None:
 class LocalServer:
     """One `opd ROLE ARGS --port P` child process on loopback."""
 
-    def __init__(self, role: str, args: list[str], log_dir: Path | None = None,
-                 env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, role: str, args: list[str], log_dir: Path | None = None, env: dict[str, str] | None = None
+    ) -> None:
         self.role = role
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -114,8 +115,13 @@ def local_servers(servers: list[LocalServer], timeout: float = STARTUP_TIMEOUT_S
 
 
 @contextmanager
-def local_server(role: str, args: list[str], log_dir: Path | None = None,
-                 env: dict[str, str] | None = None, timeout: float = STARTUP_TIMEOUT_S) -> Iterator[str]:
+def local_server(
+    role: str,
+    args: list[str],
+    log_dir: Path | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float = STARTUP_TIMEOUT_S,
+) -> Iterator[str]:
     """Run one `opd ROLE ARGS` server on loopback; yield its base URL while it runs."""
     with local_servers([LocalServer(role, args, log_dir, env)], timeout) as (url,):
         yield url

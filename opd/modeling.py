@@ -26,7 +26,7 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
 def load_causal_lm(path: str, dtype: str = "float32", device: str = "cpu") -> PreTrainedModel:
     """A causal LM from a HF model id, a local dir, or `tiny:NAME`, in eval mode on `device`."""
     model = AutoModelForCausalLM.from_pretrained(resolve_model_path(path), dtype=DTYPES[dtype])
-    return model.to(device).eval()
+    return model.to(device).eval()  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -58,8 +58,11 @@ def pack_left_padded(
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     lengths = torch.tensor([len(c) for c in completions], dtype=torch.long)
     return PackedBatch(
-        input_ids.to(device), attention_mask.to(device), position_ids.to(device),
-        lengths.to(device), targets.to(device),
+        input_ids.to(device),
+        attention_mask.to(device),
+        position_ids.to(device),
+        lengths.to(device),
+        targets.to(device),
     )
 
 
@@ -91,9 +94,7 @@ def left_to_right_padded(values_BT: torch.Tensor, lengths_B: torch.Tensor) -> to
     return values_BT.gather(1, index) * valid
 
 
-def completion_logprobs(
-    model: PreTrainedModel, batch: PackedBatch, temperature: float = 1.0
-) -> torch.Tensor:
+def completion_logprobs(model: PreTrainedModel, batch: PackedBatch, temperature: float = 1.0) -> torch.Tensor:
     """Logprob of every completion token under `model` at `temperature`, right-padded [B, T].
 
     Differentiable when called with grad enabled (the learner's update), float32 regardless of

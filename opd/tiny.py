@@ -19,13 +19,16 @@ import tempfile
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 # Bump when the recipe below changes so cached directories are rebuilt, not silently reused.
-RECIPE_VERSION = "v1"
+RECIPE_VERSION = "v2"
 VOCAB_SIZE = 512
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+QWEN2_SPLIT_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
     "{{ message['content'] }}<|im_end|>\n{% endfor %}"
@@ -37,21 +40,78 @@ CHAT_TEMPLATE = (
 # near uniform (entropy ~6.2 nats of ln 512 = 6.24), which leaves almost no KL to learn.
 TINY_SPECS: dict[str, dict] = {
     "student": dict(
-        hidden_size=128, num_attention_heads=2, num_key_value_heads=1, intermediate_size=256,
-        num_hidden_layers=2, tie_word_embeddings=True, initializer_range=0.02, seed=1,
+        hidden_size=128,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        tie_word_embeddings=True,
+        initializer_range=0.02,
+        seed=1,
     ),
     "teacher": dict(
-        hidden_size=256, num_attention_heads=4, num_key_value_heads=2, intermediate_size=512,
-        num_hidden_layers=2, tie_word_embeddings=False, initializer_range=0.02, seed=2,
+        hidden_size=256,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        tie_word_embeddings=False,
+        initializer_range=0.02,
+        seed=2,
         lm_head_scale=12.0,
     ),
 }
 
 _WORDS = (
-    "the a one two three four five six seven eight nine ten add sum sort list answer question "
-    "user assistant system model teacher student learn token number is of and to in what you "
-    "please compute result value count words letters digit plus minus times equal yes no"
-).split()
+    "the",
+    "a",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+    "add",
+    "sum",
+    "sort",
+    "list",
+    "answer",
+    "question",
+    "user",
+    "assistant",
+    "system",
+    "model",
+    "teacher",
+    "student",
+    "learn",
+    "token",
+    "number",
+    "is",
+    "of",
+    "and",
+    "to",
+    "in",
+    "what",
+    "you",
+    "please",
+    "compute",
+    "result",
+    "value",
+    "count",
+    "words",
+    "letters",
+    "digit",
+    "plus",
+    "minus",
+    "times",
+    "equal",
+    "yes",
+    "no",
+)
 
 
 def _corpus(n_lines: int = 4000, seed: int = 0) -> list[str]:
@@ -68,7 +128,14 @@ def _corpus(n_lines: int = 4000, seed: int = 0) -> list[str]:
 def build_tokenizer() -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer with Qwen-style chat tokens, trained on generated text."""
     core = Tokenizer(models.BPE())
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # AutoTokenizer loads these dirs as Qwen2Tokenizer, which imposes Qwen's split pattern (one
+    # digit per token); train with the same pattern so the merges are those used at load time.
+    core.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN2_SPLIT_PATTERN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     core.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=VOCAB_SIZE,
@@ -93,16 +160,13 @@ def build_model(name: str, tokenizer: PreTrainedTokenizerFast) -> Qwen2ForCausal
     spec = dict(TINY_SPECS[name])
     seed = spec.pop("seed")
     lm_head_scale = spec.pop("lm_head_scale", 1.0)
-    config = Qwen2Config(
-        vocab_size=VOCAB_SIZE,
-        head_dim=64,
-        max_position_embeddings=1024,
+    shape = dict(vocab_size=VOCAB_SIZE, head_dim=64, max_position_embeddings=1024, **spec)
+    special = dict(
         bos_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        torch_dtype="float32",
-        **spec,
     )
+    config = Qwen2Config(dtype="float32", **shape, **special)
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(config)
     with torch.no_grad():

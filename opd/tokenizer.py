@@ -31,3 +31,9 @@ def check_same_tokenizer(
             f"{fingerprint_b[0]} (hash {fingerprint_b[1][:16]}). On-policy distillation sends "
             "token ids between them, so pick a teacher from the student's model family."
         )
+
+
+def chat_prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of `messages` under the tokenizer's chat template, ready for the assistant turn."""
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+    return [int(i) for i in ids]  # type: ignore[union-attr,arg-type]

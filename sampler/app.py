@@ -1,6 +1,6 @@
 """The sampler's HTTP routes: thin wrappers that validate, call the engine, and map the result.
 
-    opd sampler --model tiny:student --port 8001
+opd sampler --model tiny:student --port 8001
 """
 
 import logging
@@ -51,8 +51,9 @@ def create_app(engine: SamplerEngine, settings: SamplerSettings | None = None) -
     app.get("/health")(health)
     app.get("/v1/info", response_model=InfoResponse)(info)
     app.post("/v1/generate", response_model=GenerateResponse, responses=ERROR_RESPONSES)(generate)
-    app.post("/v1/weights", response_model=WeightsResponse, responses=ERROR_RESPONSES,
-             openapi_extra=_WEIGHTS_BODY)(push_weights)
+    app.post("/v1/weights", response_model=WeightsResponse, responses=ERROR_RESPONSES, openapi_extra=_WEIGHTS_BODY)(
+        push_weights
+    )
     return app
 
 

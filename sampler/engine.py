@@ -40,9 +40,7 @@ class SamplerEngine(Protocol):
 
     def chat_to_ids(self, messages: list[dict[str, str]]) -> list[int]: ...
 
-    async def generate(
-        self, prompts: list[list[int]], params: SamplingParams
-    ) -> tuple[int, list[list[Sample]]]:
+    async def generate(self, prompts: list[list[int]], params: SamplingParams) -> tuple[int, list[list[Sample]]]:
         """Returns (policy_version used, per prompt `n` samples)."""
         ...
 

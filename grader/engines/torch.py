@@ -27,8 +27,14 @@ def length_sorted_chunks(lengths: list[int], max_batch_tokens: int) -> list[list
 
 
 class TorchGraderEngine:
-    def __init__(self, model_path: str, dtype: str = "float32", device: str = "cpu",
-                 max_model_len: int | None = None, max_batch_tokens: int = 16384) -> None:
+    def __init__(
+        self,
+        model_path: str,
+        dtype: str = "float32",
+        device: str = "cpu",
+        max_model_len: int | None = None,
+        max_batch_tokens: int = 16384,
+    ) -> None:
         self.model_path = model_path
         self.dtype = dtype
         self.device = device
@@ -42,9 +48,13 @@ class TorchGraderEngine:
 
     def info(self) -> InfoResponse:
         return InfoResponse(
-            model=self.model_path, engine="torch", dtype=self.dtype,
-            vocab_size=self._fingerprint[0], tokenizer_hash=self._fingerprint[1],
-            model_vocab_size=self.model.config.vocab_size, max_model_len=self.max_model_len,
+            model=self.model_path,
+            engine="torch",
+            dtype=self.dtype,
+            vocab_size=self._fingerprint[0],
+            tokenizer_hash=self._fingerprint[1],
+            model_vocab_size=self.model.config.vocab_size,
+            max_model_len=self.max_model_len,
         )
 
     async def score(self, sequences: list[tuple[list[int], list[int]]], top_k: int) -> list[Scored]:
@@ -68,7 +78,9 @@ class TorchGraderEngine:
             return [Scored(logprobs_BT[b, : len(c)].tolist()) for b, c in enumerate(completions)]
         logprobs_BT, top_ids_BTK, top_lp_BTK = completion_top_k(self.model, batch, top_k)
         return [
-            Scored(logprobs_BT[b, : len(c)].tolist(), top_ids_BTK[b, : len(c)].tolist(), top_lp_BTK[b, : len(c)].tolist())
+            Scored(
+                logprobs_BT[b, : len(c)].tolist(), top_ids_BTK[b, : len(c)].tolist(), top_lp_BTK[b, : len(c)].tolist()
+            )
             for b, c in enumerate(completions)
         ]
 

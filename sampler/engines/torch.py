@@ -13,7 +13,7 @@ from transformers import DynamicCache
 
 from opd.modeling import load_causal_lm, load_tokenizer, pack_left_padded
 from opd.serving import InfoResponse
-from opd.tokenizer import tokenizer_fingerprint
+from opd.tokenizer import chat_prompt_ids, tokenizer_fingerprint
 from sampler.engine import Sample, SamplingParams, WeightSpec
 
 
@@ -42,8 +42,9 @@ def sample_next(
 
 
 class TorchSamplerEngine:
-    def __init__(self, model_path: str, dtype: str = "float32", device: str = "cpu",
-                 max_model_len: int | None = None) -> None:
+    def __init__(
+        self, model_path: str, dtype: str = "float32", device: str = "cpu", max_model_len: int | None = None
+    ) -> None:
         self.model_path = model_path
         self.dtype = dtype
         self.device = device
@@ -60,15 +61,18 @@ class TorchSamplerEngine:
 
     def info(self) -> InfoResponse:
         return InfoResponse(
-            model=self.model_path, engine="torch", dtype=self.dtype,
-            vocab_size=self._fingerprint[0], tokenizer_hash=self._fingerprint[1],
-            model_vocab_size=self.model.config.vocab_size, max_model_len=self.max_model_len,
+            model=self.model_path,
+            engine="torch",
+            dtype=self.dtype,
+            vocab_size=self._fingerprint[0],
+            tokenizer_hash=self._fingerprint[1],
+            model_vocab_size=self.model.config.vocab_size,
+            max_model_len=self.max_model_len,
             policy_version=self.policy_version,
         )
 
     def chat_to_ids(self, messages: list[dict[str, str]]) -> list[int]:
-        encoded = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        return list(encoded["input_ids"] if isinstance(encoded, dict) or hasattr(encoded, "keys") else encoded)
+        return chat_prompt_ids(self.tokenizer, messages)
 
     async def generate(self, prompts: list[list[int]], params: SamplingParams) -> tuple[int, list[list[Sample]]]:
         async with self._lock:
@@ -81,16 +85,23 @@ class TorchSamplerEngine:
         seed = params.seed if params.seed is not None else random.randrange(2**31)
         generator = torch.Generator(device=self.device).manual_seed(seed)
         ids_BN, logprobs_BN, finished_B = self._decode(rows, params, generator)
-        samples = [self._to_sample(ids, lps, done) for ids, lps, done in zip(ids_BN, logprobs_BN, finished_B, strict=True)]
+        samples = [
+            self._to_sample(ids, lps, done) for ids, lps, done in zip(ids_BN, logprobs_BN, finished_B, strict=True)
+        ]
         return [samples[i * params.n : (i + 1) * params.n] for i in range(len(prompts))]
 
     def _decode(self, rows: list[list[int]], params: SamplingParams, generator: torch.Generator):
         batch = pack_left_padded(rows, [[] for _ in rows], self.pad_id, self.device)
         mask_BL, positions_B = batch.attention_mask_BL, batch.position_ids_BL[:, -1]
         cache = DynamicCache()
-        out = self.model(input_ids=batch.input_ids_BL, attention_mask=mask_BL,
-                         position_ids=batch.position_ids_BL, past_key_values=cache,
-                         use_cache=True, logits_to_keep=1)
+        out = self.model(
+            input_ids=batch.input_ids_BL,
+            attention_mask=mask_BL,
+            position_ids=batch.position_ids_BL,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
         ids: list[list[int]] = [[] for _ in rows]
         logprobs: list[list[float]] = [[] for _ in rows]
         finished = [False] * len(rows)
@@ -105,8 +116,13 @@ class TorchSamplerEngine:
                 break
             mask_BL = torch.cat([mask_BL, mask_BL.new_ones(len(rows), 1)], dim=-1)
             positions_B = positions_B + 1
-            out = self.model(input_ids=next_B[:, None], attention_mask=mask_BL,
-                             position_ids=positions_B[:, None], past_key_values=cache, use_cache=True)
+            out = self.model(
+                input_ids=next_B[:, None],
+                attention_mask=mask_BL,
+                position_ids=positions_B[:, None],
+                past_key_values=cache,
+                use_cache=True,
+            )
         return ids, logprobs, finished
 
     @staticmethod

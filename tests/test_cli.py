@@ -1,0 +1,107 @@
+"""The `opd` command line as a user runs it: subprocesses, the embedded default, clear failures."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+STEP_METRICS = {
+    "kl/reverse_per_token",
+    "ppo/loss",
+    "ppo/clip_frac",
+    "ppo/approx_kl",
+    "optim/grad_norm",
+    "optim/lr",
+    "completion/mean_length",
+    "throughput/tokens_per_s",
+    "time/generate",
+    "time/grade",
+    "time/score",
+    "time/learn",
+    "time/push",
+    "time/step",
+    "policy/lag",
+    "mismatch/sampler_vs_old",
+}
+
+
+def opd(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "opd.cli", *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_run_on_the_embedded_default(tmp_path):
+    run_dir = tmp_path / "run"
+    result = opd(
+        "run",
+        "examples/tiny/config.yml",
+        "--run_dir",
+        str(run_dir),
+        "--train.steps",
+        "4",
+        "--eval.eval_steps",
+        "2",
+        "--checkpoint.save_steps",
+        "2",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [line for line in lines if "kl/reverse_per_token" in line]
+    assert [line["step"] for line in steps] == [1, 2, 3, 4]
+    for line in steps:
+        assert set(line) >= STEP_METRICS, STEP_METRICS - set(line)
+    assert [line["step"] for line in lines if "eval/reverse_kl_per_token" in line] == [0, 2, 4]
+    assert all("eval/reward" in line for line in lines if "eval/reverse_kl_per_token" in line)
+    assert (run_dir / "config.yml").read_text().startswith("student:")
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_000002", "step_000004"]
+    ckpt = run_dir / "checkpoints" / "step_000004"
+    AutoModelForCausalLM.from_pretrained(ckpt)
+    AutoTokenizer.from_pretrained(ckpt)
+    assert "opd: 100%" in result.stderr  # the progress bar ran to the end
+    for log in ("sampler.log", "grader.log"):
+        assert "Application shutdown complete" in (run_dir / "logs" / log).read_text()
+
+
+def _teacher_with_other_tokenizer(teacher_dir, tmp_path):
+    other = tmp_path / "other-teacher"
+    shutil.copytree(teacher_dir, other)
+    tokenizer = AutoTokenizer.from_pretrained(other)
+    tokenizer.add_tokens(["<|not_in_the_student|>"])
+    tokenizer.save_pretrained(other)
+    return other
+
+
+@pytest.mark.slow
+def test_tokenizer_mismatch_fails_at_start_naming_both(tmp_path, teacher_dir):
+    other = _teacher_with_other_tokenizer(teacher_dir, tmp_path)
+    result = opd(
+        "run",
+        "examples/tiny/config.yml",
+        "--run_dir",
+        str(tmp_path / "run"),
+        "--teacher.path",
+        str(other),
+        "--train.steps",
+        "2",
+    )
+    assert result.returncode != 0
+    assert "TokenizerMismatchError" in result.stderr
+    assert "use different tokenizers" in result.stderr
+    assert str(other) in result.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists() or not (tmp_path / "run" / "metrics.jsonl").read_text()
+
+
+def test_bad_config_fails_before_anything_starts(tmp_path):
+    result = opd("run", "examples/tiny/config.yml", "--run_dir", str(tmp_path / "run"), "--train.lrr", "1", timeout=60)
+    assert result.returncode != 0
+    assert "train.lrr" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_model_path_fails_naming_it():
+    result = opd("sampler", "--model", "/no/such/model", timeout=60)
+    assert result.returncode != 0
+    assert "/no/such/model does not exist" in result.stderr

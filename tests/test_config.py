@@ -1,0 +1,75 @@
+"""Config loading: YAML + dotted CLI overrides, errors that name the key."""
+
+from pathlib import Path
+
+import pytest
+
+from learner.config import OpdConfig, apply_overrides, load_config
+from opd.errors import ConfigError
+
+MINIMAL = "student: {path: tiny:student}\nteacher: {path: tiny:teacher}\ndata: {train_path: train.jsonl}\n"
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.yml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_follow_the_reference_method(tmp_path):
+    config = load_config(write(tmp_path, MINIMAL))
+    t = config.train
+    assert (t.lr, t.clip_eps, t.kl_coef, t.discount, t.max_grad_norm, t.ppo_steps) == (1e-5, 0.2, 1.0, 0.0, 1.0, 1)
+    assert config.data.train_path == str(tmp_path / "train.jsonl")  # relative to the config file
+    assert config.services.sampler_url is None
+
+
+def test_overrides_in_both_spellings_are_typed(tmp_path):
+    config = load_config(
+        write(tmp_path, MINIMAL), ["--train.lr", "3e-4", "--sampling.n=8", "--logging.progress", "false"]
+    )
+    assert config.train.lr == 3e-4
+    assert config.sampling.n == 8
+    assert config.logging.progress is False
+
+
+@pytest.mark.parametrize(
+    ("text", "overrides", "needle"),
+    [
+        (MINIMAL + "train: {lrr: 1}\n", [], "train.lrr"),
+        (MINIMAL, ["--train.clip_eps", "1.5"], "train.clip_eps"),
+        (MINIMAL, ["--sampling.n", "0"], "sampling.n"),
+        ("student: {path: x}\n", [], "teacher"),
+        (MINIMAL + "services: {sampler_url: 'http://x'}\n", [], "grader_url"),
+        (MINIMAL, ["--train.lr"], "--train.lr needs a value"),
+        ("[1, 2]", [], "must be a YAML mapping"),
+    ],
+)
+def test_bad_config_names_the_key(tmp_path, text, overrides, needle):
+    with pytest.raises(ConfigError, match=None) as info:
+        load_config(write(tmp_path, text), overrides)
+    assert needle in str(info.value)
+
+
+def test_missing_config_file_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_config(tmp_path / "nope.yml")
+
+
+def test_apply_overrides_refuses_descending_into_a_value():
+    with pytest.raises(ConfigError, match="lr is not a section"):
+        apply_overrides({"train": {"lr": 1}}, ["--train.lr.x", "2"])
+
+
+def test_every_field_is_documented():
+    def walk(model: type) -> list[str]:
+        undocumented = []
+        for name, field in model.model_fields.items():
+            annotation = field.annotation
+            if isinstance(annotation, type) and issubclass(annotation, OpdConfig.__base__):
+                undocumented += walk(annotation)
+            elif not field.description:
+                undocumented.append(f"{model.__name__}.{name}")
+        return undocumented
+
+    assert walk(OpdConfig) == []

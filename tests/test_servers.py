@@ -1,0 +1,269 @@
+"""The sampler and grader as real uvicorn processes on loopback, driven over HTTP."""
+
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from safetensors.torch import save, save_file
+from transformers import AutoTokenizer
+
+from grader.schema import LogprobsResponse
+from opd.launch import local_server
+from opd.tiny import build_model, build_tokenizer
+from sampler.schema import GenerateResponse
+from tests import reference
+
+PROMPTS = [[1, 365, 201, 89, 332], [1, 67, 360, 201, 44, 45, 46, 47, 48], [5, 6]]
+EOS = {0, 2}
+
+
+def generate(url: str, **body) -> GenerateResponse:
+    response = httpx.post(f"{url}/v1/generate", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    return GenerateResponse.model_validate(response.json())
+
+
+# ---- sampler ------------------------------------------------------------------------------------
+
+
+def test_generate_returns_n_completions_with_logprobs(servers):
+    sampler_url, _ = servers
+    reply = generate(sampler_url, prompt_ids=PROMPTS, n=3, temperature=1.0, max_tokens=12, seed=7)
+    assert reply.policy_version == 0
+    assert [r.prompt_ids for r in reply.results] == PROMPTS
+    for result in reply.results:
+        assert len(result.completions) == 3
+        for c in result.completions:
+            assert 1 <= len(c.completion_ids) <= 12
+            assert len(c.logprobs) == len(c.completion_ids)
+            assert c.finish_reason == ("stop" if c.completion_ids[-1] in EOS else "length")
+    # samples of one prompt differ (one seed per request does not collapse them)
+    assert len({tuple(c.completion_ids) for c in reply.results[0].completions}) > 1
+
+
+def test_same_seed_same_samples(servers):
+    sampler_url, _ = servers
+    a = generate(sampler_url, prompt_ids=PROMPTS, n=2, temperature=1.0, max_tokens=8, seed=11)
+    b = generate(sampler_url, prompt_ids=PROMPTS, n=2, temperature=1.0, max_tokens=8, seed=11)
+    c = generate(sampler_url, prompt_ids=PROMPTS, n=2, temperature=1.0, max_tokens=8, seed=12)
+    assert a == b
+    assert a != c
+
+
+def test_sampled_logprobs_match_a_direct_forward(servers, student_dir):
+    # At temperature 1 and top_p 1 the sampled distribution is the model's own.
+    sampler_url, _ = servers
+    reply = generate(sampler_url, prompt_ids=PROMPTS, n=2, temperature=1.0, max_tokens=10, seed=3)
+    model = reference.load(student_dir)
+    for prompt, result in zip(PROMPTS, reply.results, strict=True):
+        for c in result.completions:
+            want = reference.token_logprobs(model, prompt, c.completion_ids)
+            assert c.logprobs == pytest.approx(want, abs=1e-4)
+
+
+def test_temperature_logprobs_are_of_the_sampled_distribution(servers, student_dir):
+    sampler_url, _ = servers
+    reply = generate(sampler_url, prompt_ids=PROMPTS[:1], n=1, temperature=0.5, max_tokens=6, seed=5)
+    model = reference.load(student_dir)
+    completion = reply.results[0].completions[0]
+    with torch.no_grad():
+        logits = model(torch.tensor([PROMPTS[0] + completion.completion_ids])).logits[0].double() / 0.5
+    logprobs = torch.log_softmax(logits, -1)
+    want = [logprobs[len(PROMPTS[0]) + i - 1, t].item() for i, t in enumerate(completion.completion_ids)]
+    assert completion.logprobs == pytest.approx(want, abs=1e-4)
+
+
+def test_greedy_matches_reference_decoding(servers, student_dir):
+    sampler_url, _ = servers
+    reply = generate(sampler_url, prompt_ids=PROMPTS, n=1, temperature=0.0, max_tokens=10)
+    model = reference.load(student_dir)
+    for prompt, result in zip(PROMPTS, reply.results, strict=True):
+        assert result.completions[0].completion_ids == reference.greedy(model, prompt, 10, EOS)
+
+
+def test_chat_messages_are_templated_by_the_sampler(servers, student_dir):
+    sampler_url, _ = servers
+    messages = [{"role": "user", "content": "what is 1 + 2?"}]
+    reply = generate(sampler_url, messages=[messages], n=1, temperature=0.0, max_tokens=4)
+    tokenizer = AutoTokenizer.from_pretrained(student_dir)
+    want = tokenizer.apply_chat_template(messages, add_generation_prompt=True)["input_ids"]
+    assert reply.results[0].prompt_ids == list(want)
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "param"),
+    [
+        ({"prompt_ids": [[1, 2, 9999]]}, 400, "prompt_ids.0"),
+        ({"prompt_ids": [[1, -2]]}, 422, "prompt_ids.0.1"),
+        ({"prompt_ids": []}, 422, "prompt_ids"),
+        ({"prompt_ids": [[]]}, 422, "prompt_ids.0"),
+        ({"prompt_ids": [[1]], "bogus": 1}, 422, "bogus"),
+        ({"prompt_ids": [[1]], "temperature": "hot"}, 422, "temperature"),
+        ({"prompt_ids": [[1]], "max_tokens": 5000}, 400, "prompt_ids.0"),
+        ({"prompt_ids": [[1]], "messages": [[{"role": "user", "content": "x"}]]}, 422, None),
+    ],
+)
+def test_generate_rejects_bad_input_naming_the_field(servers, body, status, param):
+    sampler_url, _ = servers
+    response = httpx.post(f"{sampler_url}/v1/generate", json=body, timeout=30)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["param"] == param
+    assert error["message"]
+
+
+# ---- grader -------------------------------------------------------------------------------------
+
+SEQUENCES = [
+    {"prompt_ids": [1, 365, 201, 89], "completion_ids": [332, 426, 223, 2]},
+    {"prompt_ids": [1, 67, 360, 201, 44, 45, 46, 47, 48, 49, 50], "completion_ids": [19]},
+    {"prompt_ids": [5], "completion_ids": [6, 7, 8, 9, 10, 11, 12]},
+]
+
+
+def test_grader_logprobs_match_a_direct_forward(servers, teacher_dir):
+    _, grader_url = servers
+    response = httpx.post(f"{grader_url}/v1/logprobs", json={"sequences": SEQUENCES, "top_k": 3}, timeout=60)
+    assert response.status_code == 200, response.text
+    reply = LogprobsResponse.model_validate(response.json())
+    model = reference.load(teacher_dir)
+    for seq, scored in zip(SEQUENCES, reply.results, strict=True):
+        want = reference.token_logprobs(model, seq["prompt_ids"], seq["completion_ids"])
+        assert scored.logprobs == pytest.approx(want, abs=1e-4)
+        assert len(scored.top_ids) == len(seq["completion_ids"])
+        for token, logprob, ids, top in zip(
+            seq["completion_ids"], scored.logprobs, scored.top_ids, scored.top_logprobs, strict=True
+        ):
+            assert top == sorted(top, reverse=True)
+            assert logprob <= top[0] + 1e-6
+            if token in ids:
+                assert top[ids.index(token)] == pytest.approx(logprob, abs=1e-5)
+
+
+def test_grader_batches_in_chunks_without_changing_results(teacher_dir, tmp_path):
+    # A token budget of 16 forces one sequence per forward; results must equal the direct forward.
+    with local_server("grader", ["--model", str(teacher_dir), "--max-batch-tokens", "16"], tmp_path) as url:
+        response = httpx.post(f"{url}/v1/logprobs", json={"sequences": SEQUENCES}, timeout=60)
+    model = reference.load(teacher_dir)
+    for seq, scored in zip(SEQUENCES, response.json()["results"], strict=True):
+        assert scored["logprobs"] == pytest.approx(
+            reference.token_logprobs(model, seq["prompt_ids"], seq["completion_ids"]), abs=1e-4
+        )
+        assert scored.get("top_ids") is None
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "param"),
+    [
+        ({"sequences": []}, 422, "sequences"),
+        ({"sequences": [{"prompt_ids": [1], "completion_ids": [512]}]}, 400, "sequences.0.completion_ids"),
+        ({"sequences": [{"prompt_ids": [1], "completion_ids": []}]}, 422, "sequences.0.completion_ids"),
+        ({"sequences": [{"prompt_ids": [1] * 1000, "completion_ids": [1] * 100}]}, 400, "sequences.0"),
+        ({"sequences": [{"prompt_ids": [1], "completion_ids": [2]}], "top_k": 21}, 422, "top_k"),
+        ({"sequences": "nope"}, 422, "sequences"),
+    ],
+)
+def test_logprobs_rejects_bad_input_naming_the_field(servers, body, status, param):
+    _, grader_url = servers
+    response = httpx.post(f"{grader_url}/v1/logprobs", json=body, timeout=30)
+    assert response.status_code == status, response.text
+    assert response.json()["error"]["param"] == param
+
+
+def test_info_reports_the_same_tokenizer_for_student_and_teacher(servers, student_dir):
+    sampler_info = httpx.get(f"{servers[0]}/v1/info").json()
+    grader_info = httpx.get(f"{servers[1]}/v1/info").json()
+    assert sampler_info["tokenizer_hash"] == grader_info["tokenizer_hash"]
+    # Like Qwen2.5, the embedding (512 rows) is larger than the tokenizer.
+    assert sampler_info["vocab_size"] == grader_info["vocab_size"] == len(AutoTokenizer.from_pretrained(student_dir))
+    assert sampler_info["model_vocab_size"] == 512
+    assert (sampler_info["engine"], sampler_info["max_model_len"]) == ("torch", 1024)
+
+
+# ---- weight push --------------------------------------------------------------------------------
+
+
+def _new_student_weights(seed: int) -> dict[str, torch.Tensor]:
+    torch.manual_seed(seed)
+    model = build_model("student", build_tokenizer())
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def _model_with(student_dir: Path, weights: dict[str, torch.Tensor]):
+    model = reference.load(student_dir)
+    missing = model.load_state_dict(weights, strict=False)
+    assert not missing.unexpected_keys
+    return model
+
+
+def _greedy_all(url: str) -> list[list[int]]:
+    reply = generate(url, prompt_ids=PROMPTS, n=1, temperature=0.0, max_tokens=10)
+    return [r.completions[0].completion_ids for r in reply.results]
+
+
+def test_weight_push_stream_then_path_then_refusal(student_dir, tmp_path):
+    with local_server("sampler", ["--model", str(student_dir)], tmp_path) as url:
+        before = _greedy_all(url)
+
+        weights = _new_student_weights(seed=5)
+        response = httpx.post(
+            f"{url}/v1/weights",
+            params={"version": 3},
+            content=save(weights),
+            headers={"content-type": "application/octet-stream"},
+            timeout=60,
+        )
+        assert response.status_code == 200, response.text
+        assert response.json() == {"policy_version": 3}
+        pushed = _model_with(student_dir, weights)
+        after_stream = _greedy_all(url)
+        assert after_stream != before
+        assert after_stream == [reference.greedy(pushed, p, 10, EOS) for p in PROMPTS]
+        assert generate(url, prompt_ids=PROMPTS[:1], max_tokens=2).policy_version == 3
+
+        other = _new_student_weights(seed=6)
+        save_file(other, tmp_path / "w.safetensors")
+        response = httpx.post(f"{url}/v1/weights", json={"path": str(tmp_path / "w.safetensors")}, timeout=60)
+        assert response.json() == {"policy_version": 4}
+        assert _greedy_all(url) == [reference.greedy(_model_with(student_dir, other), p, 10, EOS) for p in PROMPTS]
+        serving = _greedy_all(url)
+
+        name = "model.layers.0.mlp.up_proj.weight"
+        bad = dict(other) | {name: torch.zeros(3, 3)}
+        response = httpx.post(f"{url}/v1/weights", content=save(bad), timeout=60)
+        assert response.status_code == 422
+        assert response.json()["error"]["param"] == f"weights.{name}"
+        for body, param in [
+            (save({k: v for k, v in other.items() if k != name}), f"weights.{name}"),
+            (save(dict(other) | {name: other[name].double()}), f"weights.{name}"),
+            (save(dict(other) | {"extra.weight": torch.zeros(1)}), "weights.extra.weight"),
+            (save(other)[:-100], "body"),
+        ]:
+            response = httpx.post(f"{url}/v1/weights", content=body, timeout=60)
+            assert 400 <= response.status_code < 500, response.text
+            assert response.json()["error"]["param"] == param
+        response = httpx.post(f"{url}/v1/weights", json={"path": str(tmp_path / "missing.safetensors")})
+        assert response.status_code == 400
+        assert httpx.get(f"{url}/v1/info").json()["policy_version"] == 4
+        assert _greedy_all(url) == serving
+
+
+def test_checksum_header_is_enforced(student_dir, tmp_path):
+    import hashlib
+
+    weights = _new_student_weights(seed=8)
+    body = save(weights)
+    with local_server("sampler", ["--model", str(student_dir)], tmp_path) as url:
+        wrong = httpx.post(f"{url}/v1/weights", content=body, headers={"x-content-sha256": "0" * 64})
+        assert wrong.status_code == 400
+        assert json.loads(wrong.text)["error"]["param"] == "body"
+        right = httpx.post(
+            f"{url}/v1/weights", content=body, headers={"x-content-sha256": hashlib.sha256(body).hexdigest()}
+        )
+        assert right.status_code == 200
+        assert right.json() == {"policy_version": 1}
