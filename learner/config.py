@@ -97,8 +97,8 @@ class ServicesConfig(Section):
     """Base URL of a running sampler; omit both URLs to start local servers (the embedded default)."""
     grader_url: str | None = None
     """Base URL of a running grader; set together with sampler_url."""
-    engine: Literal["torch"] = "torch"
-    """Engine of the locally started servers."""
+    engine: Literal["auto", "vllm", "torch"] = "auto"
+    """Engine of the locally started servers; auto: vllm where it is installed, else torch."""
     device: str = "cpu"
     """Device of the locally started servers."""
     request_timeout_s: float = Field(default=300.0, gt=0.0)

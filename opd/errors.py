@@ -48,3 +48,8 @@ class RequestError(OpdError, ValueError):
 
     def __reduce__(self) -> tuple:
         return (type(self), (self.args[0], self.param, self.status))
+
+
+class EngineDeadError(OpdError, RuntimeError):
+    """The inference engine behind a server died; the server answers 503 and exits so that a
+    supervisor (compose, the learner's health wait) restarts it."""

@@ -5,7 +5,10 @@ input becomes a 4xx naming the field; anything unexpected becomes a sanitised 50
 go to the log, never to the client.
 """
 
+import asyncio
 import logging
+import os
+import signal
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -13,7 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from opd.errors import RequestError
+from opd.errors import EngineDeadError, RequestError
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +67,13 @@ async def _on_request_error(_: Request, exc: Exception) -> JSONResponse:
     return error_json(str(exc), "invalid_request", exc.status, exc.param)
 
 
+async def _on_engine_dead(_: Request, exc: Exception) -> JSONResponse:
+    logger.error("engine died (%s); exiting so the process is restarted", exc)
+    # Exit after this reply is sent; uvicorn's SIGTERM handler shuts the app down in order.
+    asyncio.get_running_loop().call_later(0.5, os.kill, os.getpid(), signal.SIGTERM)
+    return error_json(f"engine died: {exc}; the server is restarting", "engine_dead", 503)
+
+
 async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
     logger.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return error_json("internal server error; see the server log", "internal_error", 500)
@@ -74,6 +84,7 @@ def add_error_handlers(app: FastAPI) -> None:
     # Bodies parsed inside a route (e.g. the JSON form of POST /v1/weights) raise this one.
     app.add_exception_handler(ValidationError, _on_validation_error)
     app.add_exception_handler(RequestError, _on_request_error)
+    app.add_exception_handler(EngineDeadError, _on_engine_dead)
     app.add_exception_handler(Exception, _on_unexpected)
 
 

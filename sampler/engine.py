@@ -46,8 +46,11 @@ class SamplerEngine(Protocol):
 
     def weight_specs(self) -> dict[str, WeightSpec]: ...
 
-    async def load_weights(self, tensors: dict[str, torch.Tensor], version: int) -> None:
-        """Swap in already validated tensors and set policy_version = version."""
+    async def load_weights(
+        self, tensors: dict[str, torch.Tensor], version: int, source_path: str | None = None
+    ) -> None:
+        """Swap in already validated tensors and set policy_version = version. `source_path` is the
+        file they were read from, when they came from a shared volume (an engine may reload from it)."""
         ...
 
     async def close(self) -> None: ...

@@ -39,8 +39,8 @@ def servers(
     logs = tmp_path_factory.mktemp("server-logs")
     with local_servers(
         [
-            LocalServer("sampler", ["--model", str(student_dir)], logs),
-            LocalServer("grader", ["--model", str(teacher_dir)], logs),
+            LocalServer("sampler", ["--model", str(student_dir), "--engine", "torch"], logs),
+            LocalServer("grader", ["--model", str(teacher_dir), "--engine", "torch"], logs),
         ]
     ) as (sampler_url, grader_url):
         yield sampler_url, grader_url

@@ -32,12 +32,15 @@ def opd(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "opd.cli", *args], capture_output=True, text=True, timeout=timeout)
 
 
+def opd_run(*args: str) -> subprocess.CompletedProcess:
+    """`opd run` on the torch engine (tests/test_vllm.py covers the vLLM engines)."""
+    return opd("run", "examples/tiny/config.yml", "--services.engine", "torch", *args)
+
+
 @pytest.mark.slow
 def test_run_on_the_embedded_default(tmp_path):
     run_dir = tmp_path / "run"
-    result = opd(
-        "run",
-        "examples/tiny/config.yml",
+    result = opd_run(
         "--run_dir",
         str(run_dir),
         "--train.steps",
@@ -77,9 +80,7 @@ def _teacher_with_other_tokenizer(teacher_dir, tmp_path):
 @pytest.mark.slow
 def test_tokenizer_mismatch_fails_at_start_naming_both(tmp_path, teacher_dir):
     other = _teacher_with_other_tokenizer(teacher_dir, tmp_path)
-    result = opd(
-        "run",
-        "examples/tiny/config.yml",
+    result = opd_run(
         "--run_dir",
         str(tmp_path / "run"),
         "--teacher.path",

