@@ -1,28 +1,95 @@
-"""Student checkpoints in Hugging Face format, loadable as is by transformers and vLLM.
+"""Checkpoints: the student in Hugging Face format plus everything `--resume` needs.
 
-Written to a temporary directory and renamed into place, so a crash mid-save never leaves a
-directory that looks complete.
+    <run_dir>/checkpoints/step_000300/
+        config.json, model.safetensors, tokenizer files    loadable as is by transformers and vLLM
+        trainer_state.pt                                   optimizer, scheduler, RNG, data position, step
+
+Each is written to a temporary directory and renamed into place, so a crash mid-save never leaves
+a directory that looks complete; only the newest `keep_last` are kept.
 """
 
 import os
+import random
+import re
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+import torch
+from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+
+from opd.errors import ConfigError
+
+STATE_FILE = "trainer_state.pt"
+_STEP_DIR = re.compile(r"^step_(\d{6,})$")
 
 
-def save_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, root: Path, step: int) -> Path:
-    """Save to `root/step_{step:06d}` atomically; returns the directory."""
+@dataclass(frozen=True)
+class TrainerState:
+    step: int
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    data: dict[str, int]
+    rng: dict[str, Any]
+
+
+def rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "python": random.getstate()}
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+
+
+def save_checkpoint(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, state: TrainerState, root: Path, keep_last: int | None
+) -> Path:
+    """Save to `root/step_{step:06d}` atomically, then prune to the newest `keep_last`."""
     root.mkdir(parents=True, exist_ok=True)
-    target = root / f"step_{step:06d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".step_{step:06d}-", dir=root))
+    target = root / f"step_{state.step:06d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".step_{state.step:06d}-", dir=root))
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        torch.save(vars(state), tmp / STATE_FILE)
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    if keep_last is not None:
+        for old in list_checkpoints(root)[:-keep_last]:
+            shutil.rmtree(old)
     return target
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints under root, oldest first (temporary dirs are never listed)."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if _STEP_DIR.match(p.name) and (p / STATE_FILE).exists()]
+    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))  # type: ignore[union-attr]
+
+
+def resolve_resume(root: Path, resume: str) -> Path:
+    """`latest` -> the newest checkpoint under root; anything else is a checkpoint directory."""
+    if resume != "latest":
+        path = Path(resume)
+        if not (path / STATE_FILE).exists():
+            raise ConfigError(f"--resume {resume}: not a checkpoint directory (no {STATE_FILE})")
+        return path
+    checkpoints = list_checkpoints(root)
+    if not checkpoints:
+        raise ConfigError(f"--resume: no checkpoint under {root}; run without --resume to start fresh")
+    return checkpoints[-1]
+
+
+def load_checkpoint(model: PreTrainedModel, path: Path) -> TrainerState:
+    """Load the checkpoint's weights into `model` (in place) and return the trainer state."""
+    saved = AutoModelForCausalLM.from_pretrained(path, dtype=next(model.parameters()).dtype)
+    model.load_state_dict(saved.state_dict())
+    state = torch.load(path / STATE_FILE, weights_only=False)
+    return TrainerState(**state)

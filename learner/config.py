@@ -118,6 +118,8 @@ class ServicesConfig(Section):
 class CheckpointConfig(Section):
     save_steps: int = Field(default=0, ge=0)
     """Save the student in HF format every this many steps (and at the end); 0: only at the end."""
+    keep_last: int | None = Field(default=3, gt=0)
+    """Keep the newest this many checkpoints; null keeps all."""
 
 
 class LoggingConfig(Section):

@@ -1,15 +1,19 @@
 """`opd run CONFIG.yml`: build the trainer from a config and train."""
 
 import logging
+from pathlib import Path
 
+from learner.checkpoint import resolve_resume
 from learner.config import OpdConfig
 from learner.trainer import OnPolicyDistillationTrainer
 
 logger = logging.getLogger(__name__)
 
 
-def run(config: OpdConfig) -> None:
-    trainer = OnPolicyDistillationTrainer(config)
+def run(config: OpdConfig, resume: str | None = None) -> None:
+    """Train from `config`; `resume` is `latest` or a checkpoint directory."""
+    resume_from = resolve_resume(Path(config.run_dir) / "checkpoints", resume) if resume else None
+    trainer = OnPolicyDistillationTrainer(config, resume_from=resume_from)
     history = trainer.train()
     last = history[-1] if history else {}
     logger.info(

@@ -16,13 +16,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from learner.checkpoint import save_checkpoint
+from learner.checkpoint import TrainerState, load_checkpoint, restore_rng, rng_state, save_checkpoint
 from learner.clients import GraderClient, RetryPolicy, SamplerClient
 from learner.config import OpdConfig, dump_config
 from learner.data import PromptItem, PromptStream, load_prompts
 from learner.evaluate import evaluate
 from learner.loss import clipped_policy_loss, reverse_kl_per_token, sampler_mismatch
-from learner.metrics import JsonlLogger, MetricsLogger, timed
+from learner.metrics import JsonlLogger, MetricsLogger, timed, truncate_metrics
 from learner.rollout import Rollouts, ScoredBatch, grade, sample, score
 from learner.services import service_urls
 from opd.errors import SamplerError
@@ -40,6 +40,7 @@ class OnPolicyDistillationTrainer:
         train_dataset: list[PromptItem] | None = None,
         eval_dataset: list[PromptItem] | None = None,
         metrics: MetricsLogger | None = None,
+        resume_from: Path | None = None,
     ) -> None:
         self.config = config
         self.run_dir = Path(config.run_dir)
@@ -59,9 +60,11 @@ class OnPolicyDistillationTrainer:
         self.train_items = train_dataset if train_dataset is not None else self._load(config.data.train_path)
         self.eval_items = eval_dataset if eval_dataset is not None else self._load(config.data.eval_path)
         self.prompts = PromptStream(self.train_items, config.train.batch_size, config.train.seed, config.data.shuffle)
-        self.metrics = metrics or JsonlLogger(self.run_dir / "metrics.jsonl")
         self.policy_version = 0
         self.step_count = 0
+        if resume_from is not None:
+            self._resume(Path(resume_from))
+        self.metrics = metrics or JsonlLogger(self.run_dir / "metrics.jsonl")
 
     def _load(self, path: str | None) -> list[PromptItem]:
         if path is None:
@@ -96,8 +99,14 @@ class OnPolicyDistillationTrainer:
     async def _run_steps(self) -> list[dict[str, float]]:
         cfg = self.config
         history = []
-        bar = tqdm(total=cfg.train.steps, desc="opd", disable=not cfg.logging.progress, dynamic_ncols=True)
-        if cfg.eval.eval_steps and self.eval_items:
+        bar = tqdm(
+            total=cfg.train.steps,
+            initial=self.step_count,
+            desc="opd",
+            disable=not cfg.logging.progress,
+            dynamic_ncols=True,
+        )
+        if cfg.eval.eval_steps and self.eval_items and self.step_count == 0:
             self.metrics.log(await self.evaluate(), step=0)
         while self.step_count < cfg.train.steps:
             metrics = await self.step()
@@ -150,6 +159,16 @@ class OnPolicyDistillationTrainer:
             seed=self.config.train.seed * 100_003 + self.step_count,
         )
         rollouts = await sample(self.sampler, prompts, request, self.tokenizer.eos_token_id)
+        if rollouts.policy_version != self.policy_version:
+            # A restarted sampler serves its initial weights as version 0: push ours again and
+            # redo the step's sampling, so no step trains on samples of other weights.
+            logger.warning(
+                "sampler served policy_version %d, expected %d; pushing weights again",
+                rollouts.policy_version,
+                self.policy_version,
+            )
+            await self.push_weights()
+            rollouts = await sample(self.sampler, prompts, request, self.tokenizer.eos_token_id)
         if rollouts.policy_version != self.policy_version:
             raise SamplerError(
                 f"sampler served policy_version {rollouts.policy_version}, "
@@ -229,5 +248,22 @@ class OnPolicyDistillationTrainer:
     def _maybe_save(self) -> None:
         every = self.config.checkpoint.save_steps
         if (every and self.step_count % every == 0) or self.step_count == self.config.train.steps:
-            path = save_checkpoint(self.model, self.tokenizer, self.run_dir / "checkpoints", self.step_count)
+            state = TrainerState(
+                step=self.step_count, optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
+                data=self.prompts.state_dict(), rng=rng_state(),
+            )  # fmt: skip
+            root = self.run_dir / "checkpoints"
+            path = save_checkpoint(self.model, self.tokenizer, state, root, self.config.checkpoint.keep_last)
             logger.info("saved checkpoint %s", path)
+
+    def _resume(self, path: Path) -> None:
+        """Continue exactly where the checkpoint left off: weights, optimizer, scheduler, RNG,
+        data position; metrics logged after the checkpoint's step are dropped (they will be redone)."""
+        state = load_checkpoint(self.model, path)
+        self.optimizer.load_state_dict(state.optimizer)
+        self.scheduler.load_state_dict(state.scheduler)
+        self.prompts.load_state_dict(state.data)
+        restore_rng(state.rng)
+        self.step_count = state.step
+        truncate_metrics(self.run_dir / "metrics.jsonl", state.step)
+        logger.info("resumed from %s at step %d", path, state.step)

@@ -62,6 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the learner from a YAML config")
     run.add_argument("config", help="YAML config file")
+    run.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        default=None,
+        metavar="CHECKPOINT",
+        help="continue from the newest checkpoint in run_dir (or the one given)",
+    )
     _server_parser(sub, "sampler", 8001)
     grader = _server_parser(sub, "grader", 8002)
     grader.add_argument(
@@ -132,13 +140,13 @@ def run_grader(args: argparse.Namespace) -> None:
     serve(create_app(engine), args.host, args.port)
 
 
-def run_learner(config_path: str, overrides: list[str]) -> None:
+def run_learner(config_path: str, overrides: list[str], resume: str | None) -> None:
     from learner.config import load_config
 
     config = load_config(config_path, overrides)
     from learner.run import run
 
-    run(config)
+    run(config, resume)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -150,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging()
     try:
         if args.command == "run":
-            run_learner(args.config, rest)
+            run_learner(args.config, rest, args.resume)
         elif args.command == "sampler":
             run_sampler(args)
         else:

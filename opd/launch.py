@@ -2,10 +2,14 @@
 
 The learner's embedded default uses this when a config names no service URLs, and the tests use
 it to drive real servers over HTTP. A child is polled on /health until ready; if it dies first,
-the error names it and shows the tail of its log. On exit only the child's own PID is signalled
-(SIGTERM, then SIGKILL after a grace period).
+the error names it and shows the tail of its log. While running, a watchdog restarts a child that
+died (on the same port, a few times at most), so a crashed server costs a restart, not the run.
+Each child leads its own process group (vLLM starts engine processes under it); on exit that group
+alone is signalled (SIGTERM, then SIGKILL after a grace period).
 """
 
+import contextlib
+import ctypes
 import logging
 import os
 import signal
@@ -13,6 +17,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,6 +32,9 @@ logger = logging.getLogger(__name__)
 STARTUP_TIMEOUT_S = 300.0
 """Loading a 1.5B teacher from a cold disk can take minutes; tiny models take ~5 s."""
 STOP_GRACE_S = 10.0
+MAX_RESTARTS = 5
+"""A child that dies more often than this is left dead: it is crash-looping, not unlucky."""
+WATCHDOG_INTERVAL_S = 0.5
 
 
 def free_port() -> int:
@@ -58,15 +66,28 @@ def wait_healthy(url: str, proc: subprocess.Popen | None, name: str, log: Path |
     raise ServiceError(f"{name} at {url} was not healthy after {timeout:.0f} s")
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGTERM when the parent dies, even by SIGKILL, so a killed
+    learner never leaves its servers running (Linux prctl PR_SET_PDEATHSIG; elsewhere a no-op)."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, sig)  # the child leads its own group (start_new_session)
+
+
 def stop_process(proc: subprocess.Popen) -> None:
-    if proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=STOP_GRACE_S)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    """SIGTERM the child's process group, SIGKILL it after the grace period."""
+    if proc.poll() is None:
+        _signal_group(proc, signal.SIGTERM)
+        try:
+            proc.wait(timeout=STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            _signal_group(proc, signal.SIGKILL)
+            proc.wait()
+    _signal_group(proc, signal.SIGKILL)  # engine processes the child left behind
 
 
 class LocalServer:
@@ -84,10 +105,14 @@ class LocalServer:
         self.cmd = [sys.executable, "-m", "opd.cli", role, *args, "--host", "127.0.0.1", "--port", str(self.port)]
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen | None = None
+        self.restarts = 0
 
     def start(self) -> "LocalServer":
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env)
+            self.proc = subprocess.Popen(
+                self.cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )  # fmt: skip
         logger.info("started %s (pid %d) at %s, log %s", self.role, self.proc.pid, self.url, self.log_path)
         return self
 
@@ -98,18 +123,46 @@ class LocalServer:
         if self.proc is not None:
             stop_process(self.proc)
 
+    def restart_if_dead(self) -> None:
+        if self.proc is None or self.proc.poll() is None or self.restarts >= MAX_RESTARTS:
+            return
+        self.restarts += 1
+        logger.warning(
+            "%s (pid %d) died with code %s; restarting (%d/%d), log %s",
+            self.role,
+            self.proc.pid,
+            self.proc.returncode,
+            self.restarts,
+            MAX_RESTARTS,
+            self.log_path,
+        )
+        stop_process(self.proc)
+        self.start()
+
+
+def _watch(servers: list[LocalServer], stop: threading.Event) -> None:
+    while not stop.wait(WATCHDOG_INTERVAL_S):
+        for server in servers:
+            server.restart_if_dead()
+
 
 @contextmanager
 def local_servers(servers: list[LocalServer], timeout: float = STARTUP_TIMEOUT_S) -> Iterator[list[str]]:
     """Start all servers at once (they load their models in parallel), wait until each is healthy,
     yield their URLs, and stop them all on exit, also on error or Ctrl-C."""
+    stop = threading.Event()
+    watchdog = threading.Thread(target=_watch, args=(servers, stop), name="opd-watchdog", daemon=True)
     try:
         for server in servers:
             server.start()
         for server in servers:
             server.wait_ready(timeout)
+        watchdog.start()
         yield [server.url for server in servers]
     finally:
+        stop.set()
+        if watchdog.is_alive():
+            watchdog.join()
         for server in servers:
             server.stop()
 

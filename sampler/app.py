@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from fastapi import FastAPI, Query, Request
+from starlette.requests import ClientDisconnect
 
 from opd.errors import RequestError
 from opd.serving import ERROR_RESPONSES, add_error_handlers, check_token_ids
@@ -130,9 +131,18 @@ async def _read_capped(request: Request, limit: int) -> bytes:
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise RequestError(f"weights body of {declared} bytes exceeds the limit of {limit}", param="body", status=413)
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise RequestError(f"weights body exceeds the limit of {limit} bytes", param="body", status=413)
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise RequestError(f"weights body exceeds the limit of {limit} bytes", param="body", status=413)
+            chunks.append(chunk)
+    except ClientDisconnect as exc:
+        # A push cut off mid-stream: nothing was loaded, the old weights keep serving.
+        logger.warning(
+            "weight push cut off after %d bytes; keeping policy_version %d",
+            size,
+            request.app.state.engine.policy_version,
+        )
+        raise RequestError("the weights body ended before it was complete", param="body") from exc
     return b"".join(chunks)
