@@ -14,7 +14,7 @@ from fastapi import FastAPI, Request
 from grader.engine import GraderEngine
 from grader.schema import InfoResponse, LogprobsRequest, LogprobsResponse, ScoredSequence
 from opd.errors import RequestError
-from opd.serving import ERROR_RESPONSES, add_error_handlers, check_token_ids
+from opd.serving import ERROR_RESPONSES, add_body_limit, add_error_handlers, check_token_ids
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,7 @@ def create_app(engine: GraderEngine, settings: GraderSettings | None = None) -> 
     app.state.engine = engine
     app.state.settings = settings or GraderSettings()
     add_error_handlers(app)
+    add_body_limit(app)
     app.get("/health")(health)
     app.get("/v1/info", response_model=InfoResponse)(info)
     app.post("/v1/logprobs", response_model=LogprobsResponse, responses=ERROR_RESPONSES)(logprobs)

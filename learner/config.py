@@ -107,6 +107,8 @@ class ServicesConfig(Section):
     """Total time to keep retrying transport errors and 5xx before failing the run."""
     startup_timeout_s: float = Field(default=300.0, gt=0.0)
     """How long locally started servers may take to load their models."""
+    api_key_file: str | None = None
+    """File with the sampler's bearer token for weight pushes (else $OPD_API_KEY, if set)."""
 
     @model_validator(mode="after")
     def _both_or_neither(self) -> "ServicesConfig":

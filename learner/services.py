@@ -24,8 +24,9 @@ def service_urls(config: OpdConfig, log_dir: Path) -> Iterator[tuple[str, str]]:
     if services.sampler_url is not None and services.grader_url is not None:
         yield services.sampler_url, services.grader_url
         return
+    key_file = ["--api-key-file", services.api_key_file] if services.api_key_file else []
     servers = [
-        LocalServer("sampler", server_args(config.student, config), log_dir),
+        LocalServer("sampler", server_args(config.student, config) + key_file, log_dir),
         LocalServer("grader", server_args(config.teacher, config), log_dir),
     ]
     with local_servers(servers, services.startup_timeout_s) as (sampler_url, grader_url):

@@ -25,6 +25,7 @@ from learner.loss import clipped_policy_loss, reverse_kl_per_token, sampler_mism
 from learner.metrics import JsonlLogger, MetricsLogger, timed, truncate_metrics
 from learner.rollout import Rollouts, ScoredBatch, grade, sample, score
 from learner.services import service_urls
+from opd.auth import load_api_key
 from opd.errors import SamplerError
 from opd.modeling import completion_logprobs, load_causal_lm, load_tokenizer
 from opd.tokenizer import check_same_tokenizer, tokenizer_fingerprint
@@ -83,7 +84,8 @@ class OnPolicyDistillationTrainer:
     async def _train(self, sampler_url: str, grader_url: str) -> list[dict[str, float]]:
         services = self.config.services
         retry = RetryPolicy(deadline_s=services.retry_deadline_s)
-        self.sampler = SamplerClient(sampler_url, services.request_timeout_s, retry)
+        api_key = load_api_key(services.api_key_file)
+        self.sampler = SamplerClient(sampler_url, services.request_timeout_s, retry, api_key)
         self.grader = GraderClient(grader_url, services.request_timeout_s, retry)
         history = []
         try:

@@ -36,6 +36,12 @@ def _server_parser(sub: argparse._SubParsersAction, name: str, default_port: int
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     parser.add_argument("--device", default="cpu", help="torch engine device, e.g. cpu or cuda:0")
     parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument(
+        "--max-request-sequences",
+        type=int,
+        default=4096,
+        help="most sequences per request (sampler: prompts x n); more is refused with 413",
+    )
     vllm = parser.add_argument_group("vllm engine")
     vllm.add_argument(
         "--gpu-memory-utilization",
@@ -70,10 +76,22 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="CHECKPOINT",
         help="continue from the newest checkpoint in run_dir (or the one given)",
     )
-    _server_parser(sub, "sampler", 8001)
+    sampler = _server_parser(sub, "sampler", 8001)
     grader = _server_parser(sub, "grader", 8002)
     grader.add_argument(
         "--max-batch-tokens", type=int, default=16384, help="padded tokens per teacher forward; bounds logits memory"
+    )
+    sampler.add_argument(
+        "--max-weights-bytes",
+        type=int,
+        default=64 * 2**30,
+        help="largest weight push body (default 64 GiB); more is refused with 413",
+    )
+    sampler.add_argument(
+        "--api-key-file",
+        default=None,
+        help="file holding the bearer token for POST /v1/weights (or set OPD_API_KEY); "
+        "required when --host is not loopback",
     )
     return parser
 
@@ -106,8 +124,12 @@ def _vllm_options(args: argparse.Namespace):  # -> VllmOptions, imported late on
 
 def run_sampler(args: argparse.Namespace) -> None:
     _require_model(args.model)
+    from opd.auth import load_api_key, require_key_off_loopback
+
+    api_key = load_api_key(args.api_key_file)
+    require_key_off_loopback(args.host, api_key)
     from opd.serving import serve
-    from sampler.app import create_app
+    from sampler.app import SamplerSettings, create_app
     from sampler.engine import SamplerEngine
 
     engine: SamplerEngine
@@ -119,12 +141,13 @@ def run_sampler(args: argparse.Namespace) -> None:
         from sampler.engines.torch import TorchSamplerEngine
 
         engine = TorchSamplerEngine(args.model, args.dtype, args.device, args.max_model_len)
-    serve(create_app(engine), args.host, args.port)
+    settings = SamplerSettings(args.max_weights_bytes, args.max_request_sequences, api_key)
+    serve(create_app(engine, settings), args.host, args.port)
 
 
 def run_grader(args: argparse.Namespace) -> None:
     _require_model(args.model)
-    from grader.app import create_app
+    from grader.app import GraderSettings, create_app
     from grader.engine import GraderEngine
     from opd.serving import serve
 
@@ -137,7 +160,7 @@ def run_grader(args: argparse.Namespace) -> None:
         from grader.engines.torch import TorchGraderEngine
 
         engine = TorchGraderEngine(args.model, args.dtype, args.device, args.max_model_len, args.max_batch_tokens)
-    serve(create_app(engine), args.host, args.port)
+    serve(create_app(engine, GraderSettings(args.max_request_sequences)), args.host, args.port)
 
 
 def run_learner(config_path: str, overrides: list[str], resume: str | None) -> None:

@@ -88,6 +88,23 @@ def add_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Exception, _on_unexpected)
 
 
+MAX_JSON_BYTES = 64 * 2**20
+"""Largest JSON request body: 64 MiB holds ~4M token ids, far above any sane batch."""
+
+
+def add_body_limit(
+    app: FastAPI, max_bytes: int = MAX_JSON_BYTES, exempt: frozenset[str] | set[str] = frozenset()
+) -> None:
+    """Refuse, by their Content-Length, bodies over `max_bytes` with 413 before reading them."""
+
+    @app.middleware("http")
+    async def _limit(request: Request, call_next):  # type: ignore[no-untyped-def]
+        declared = request.headers.get("content-length", "")
+        if request.url.path not in exempt and declared.isdigit() and int(declared) > max_bytes:
+            return error_json(f"request body of {declared} bytes exceeds {max_bytes}", "too_large", 413, "body")
+        return await call_next(request)
+
+
 def serve(app: FastAPI, host: str, port: int) -> None:
     """Run `app` with uvicorn until SIGINT/SIGTERM."""
     uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)

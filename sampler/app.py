@@ -11,8 +11,9 @@ from dataclasses import dataclass
 from fastapi import FastAPI, Query, Request
 from starlette.requests import ClientDisconnect
 
+from opd.auth import check_bearer
 from opd.errors import RequestError
-from opd.serving import ERROR_RESPONSES, add_error_handlers, check_token_ids
+from opd.serving import ERROR_RESPONSES, add_body_limit, add_error_handlers, check_token_ids
 from sampler.engine import SamplerEngine, SamplingParams
 from sampler.schema import (
     Completion,
@@ -34,6 +35,8 @@ class SamplerSettings:
     """Largest accepted weight push body; 64 GiB fits a 14B model in fp32."""
     max_prompts: int = 4096
     """Largest prompts x n per generate call."""
+    api_key: str | None = None
+    """Bearer token required by POST /v1/weights; None: no check (loopback only)."""
 
 
 @asynccontextmanager
@@ -49,6 +52,7 @@ def create_app(engine: SamplerEngine, settings: SamplerSettings | None = None) -
     app.state.engine = engine
     app.state.settings = settings or SamplerSettings()
     add_error_handlers(app)
+    add_body_limit(app, exempt={"/v1/weights"})  # weights have their own, larger limit
     app.get("/health")(health)
     app.get("/v1/info", response_model=InfoResponse)(info)
     app.post("/v1/generate", response_model=GenerateResponse, responses=ERROR_RESPONSES)(generate)
@@ -111,6 +115,7 @@ _WEIGHTS_BODY = {
 
 async def push_weights(request: Request, version: int | None = Query(default=None, ge=0)) -> WeightsResponse:
     """Swap in new weights: a safetensors body, or JSON naming a file on a shared volume."""
+    check_bearer(request.headers.get("authorization"), request.app.state.settings.api_key)
     engine: SamplerEngine = request.app.state.engine
     if request.headers.get("content-type", "").startswith("application/json"):
         source = WeightsFromPath.model_validate_json(await request.body())

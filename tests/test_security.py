@@ -1,0 +1,120 @@
+"""Who may write weights, and how much a request may ask for: real servers on loopback."""
+
+import asyncio
+import subprocess
+import sys
+
+import httpx
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors.torch import save
+from schemathesis.checks import not_a_server_error
+
+from learner.clients import SamplerClient
+from opd.errors import SamplerError
+from opd.launch import LocalServer, local_server, local_servers
+from tests.test_servers import _new_student_weights
+
+KEY = "s3cret-token"
+
+
+def test_weight_push_needs_the_bearer_token_when_a_key_is_set(student_dir, tmp_path):
+    body = save(_new_student_weights(seed=4))
+    args = ["--model", str(student_dir), "--engine", "torch"]
+    with local_server("sampler", args, tmp_path, env={"OPD_API_KEY": KEY}) as url:
+        missing = httpx.post(f"{url}/v1/weights", content=body)
+        wrong = httpx.post(f"{url}/v1/weights", content=body, headers={"authorization": "Bearer nope"})
+        path_form = httpx.post(f"{url}/v1/weights", json={"path": "/etc/passwd"})
+        assert httpx.get(f"{url}/v1/info").json()["policy_version"] == 0
+        right = httpx.post(f"{url}/v1/weights", content=body, headers={"authorization": f"Bearer {KEY}"})
+        # generation stays open: only the weight endpoint is guarded
+        assert httpx.post(f"{url}/v1/generate", json={"prompt_ids": [[1, 2]], "max_tokens": 2}).status_code == 200
+
+        async def push_with(key: str | None) -> int:
+            client = SamplerClient(url, api_key=key)
+            try:
+                return await client.push_weights(_new_student_weights(seed=5), version=9)
+            finally:
+                await client.aclose()
+
+        assert asyncio.run(push_with(KEY)) == 9
+        with pytest.raises(SamplerError, match="401"):
+            asyncio.run(push_with(None))
+    assert (missing.status_code, wrong.status_code, path_form.status_code) == (401, 403, 401)
+    assert missing.json()["error"]["param"] == "authorization"
+    assert right.status_code == 200
+
+
+def test_sampler_refuses_to_listen_beyond_loopback_without_a_key(student_dir):
+    result = subprocess.run(
+        [sys.executable, "-m", "opd.cli", "sampler", "--model", str(student_dir), "--host", "0.0.0.0"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "set OPD_API_KEY or --api-key-file" in result.stderr
+
+
+def test_size_limits_answer_413(student_dir, teacher_dir, tmp_path):
+    limits = ["--engine", "torch", "--max-request-sequences", "4"]
+    sampler = LocalServer("sampler", ["--model", str(student_dir), *limits, "--max-weights-bytes", "1000"], tmp_path)
+    grader = LocalServer("grader", ["--model", str(teacher_dir), *limits], tmp_path)
+    with local_servers([sampler, grader]) as (sampler_url, grader_url):
+        many = httpx.post(f"{sampler_url}/v1/generate", json={"prompt_ids": [[1], [2], [3]], "n": 2, "max_tokens": 1})
+        weights = httpx.post(f"{sampler_url}/v1/weights", content=b"x" * 5000)
+        sequences = [{"prompt_ids": [1], "completion_ids": [2]}] * 5
+        graded = httpx.post(f"{grader_url}/v1/logprobs", json={"sequences": sequences})
+        ok = httpx.post(f"{grader_url}/v1/logprobs", json={"sequences": sequences[:4]})
+    assert (many.status_code, weights.status_code, graded.status_code, ok.status_code) == (413, 413, 413, 200)
+    assert many.json()["error"]["param"] == "n"
+    assert graded.json()["error"]["param"] == "sequences"
+
+
+# ---- schema-driven fuzzing: no input the OpenAPI schemas allow may produce a 5xx -------------------
+
+
+@pytest.fixture(scope="module")
+def fuzz_servers(student_dir, teacher_dir, tmp_path_factory):
+    # A short context and a small request cap keep every generated request cheap on CPU.
+    limits = ["--engine", "torch", "--max-model-len", "48", "--max-request-sequences", "8"]
+    logs = tmp_path_factory.mktemp("fuzz-logs")
+    servers = [LocalServer("sampler", ["--model", str(student_dir), *limits], logs),
+               LocalServer("grader", ["--model", str(teacher_dir), *limits], logs)]  # fmt: skip
+    with local_servers(servers) as urls:
+        yield urls
+
+
+FUZZ = settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+
+
+def fuzz(url: str) -> list[str]:
+    """Run every operation of the server's OpenAPI schema on generated inputs; list what was fuzzed.
+
+    Uses schemathesis's strategies under plain hypothesis (its pytest plugin does not load under
+    this pytest); the check is that nothing the schema allows gets a 5xx.
+    """
+    schema = schemathesis.openapi.from_url(f"{url}/openapi.json")
+    fuzzed = []
+    for result in schema.get_all_operations():
+        operation = result.ok()
+
+        # positive (schema-valid) and negative (schema-violating) inputs alike
+        modes = [operation.as_strategy(mode) for mode in schemathesis.GenerationMode]
+
+        @given(case=st.one_of(modes))
+        @FUZZ
+        def check(case: schemathesis.Case) -> None:
+            case.call_and_validate(checks=[not_a_server_error], timeout=60)
+
+        check()
+        fuzzed.append(f"{operation.method.upper()} {operation.path}")
+    return fuzzed
+
+
+def test_sampler_fuzz_finds_no_server_error(fuzz_servers):
+    assert sorted(fuzz(fuzz_servers[0])) == ["GET /health", "GET /v1/info", "POST /v1/generate", "POST /v1/weights"]
+
+
+def test_grader_fuzz_finds_no_server_error(fuzz_servers):
+    assert sorted(fuzz(fuzz_servers[1])) == ["GET /health", "GET /v1/info", "POST /v1/logprobs"]
