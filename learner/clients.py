@@ -7,17 +7,20 @@ status and the server's own message.
 
 import asyncio
 import logging
+import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import torch
 from pydantic import BaseModel
 from safetensors.torch import save as save_safetensors
+from safetensors.torch import save_file
 
 from grader.schema import InfoResponse, LogprobsRequest, LogprobsResponse, Sequence
 from opd.errors import GraderError, SamplerError, ServiceError
-from sampler.schema import GenerateRequest, GenerateResponse, WeightsResponse
+from sampler.schema import GenerateRequest, GenerateResponse, WeightsFromPath, WeightsResponse
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +115,24 @@ class SamplerClient(_Client):
             content=payload,
             headers={"content-type": "application/octet-stream"},
         )
+        return WeightsResponse.model_validate_json(response.content).policy_version
+
+    async def push_weights_by_path(self, tensors: dict[str, torch.Tensor], version: int, shared_dir: Path) -> int:
+        """Write `tensors` to `shared_dir` (temporary name, then rename) and have the sampler load them.
+
+        The rename makes the file appear complete or not at all; the previous version's file is
+        removed once the sampler has loaded the new one.
+        """
+        shared_dir.mkdir(parents=True, exist_ok=True)
+        final = shared_dir / f"weights-v{version:06d}.safetensors"
+        tmp = shared_dir / f".{final.name}.{os.getpid()}.tmp"
+        await asyncio.to_thread(save_file, {n: t.detach().contiguous().cpu() for n, t in tensors.items()}, tmp)
+        os.replace(tmp, final)
+        body = WeightsFromPath(path=str(final.resolve()), version=version)
+        response = await self._request("POST", "/v1/weights", json=body.model_dump())
+        for old in shared_dir.glob("weights-v*.safetensors"):
+            if old != final:
+                old.unlink(missing_ok=True)
         return WeightsResponse.model_validate_json(response.content).policy_version
 
 

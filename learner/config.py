@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from opd.errors import ConfigError
 
@@ -26,6 +26,14 @@ class ModelSpec(Section):
     """HF model id, local directory, or `tiny:student` / `tiny:teacher` (built locally)."""
     dtype: Dtype = "float32"
     """Weights dtype in the server that serves this model; the learner trains in float32."""
+
+    @field_validator("path")
+    @classmethod
+    def _local_path_exists(cls, path: str) -> str:
+        # Paths that can only be local (absolute, ./, ../, ~) must exist; `org/name` may be a hub id.
+        if path.startswith(("/", "./", "../", "~")) and not Path(path).expanduser().exists():
+            raise ValueError(f"model directory {path} does not exist")
+        return path
 
 
 class DataConfig(Section):
@@ -109,6 +117,16 @@ class ServicesConfig(Section):
     """How long locally started servers may take to load their models."""
     api_key_file: str | None = None
     """File with the sampler's bearer token for weight pushes (else $OPD_API_KEY, if set)."""
+    weight_transport: Literal["http", "path"] = "http"
+    """http: stream safetensors in the request body; path: write to shared_dir and post the path."""
+    shared_dir: str | None = None
+    """A directory both learner and sampler can read (same machine or a shared volume); for path."""
+
+    @model_validator(mode="after")
+    def _path_transport_needs_a_dir(self) -> "ServicesConfig":
+        if self.weight_transport == "path" and self.shared_dir is None:
+            raise ValueError("weight_transport 'path' needs shared_dir")
+        return self
 
     @model_validator(mode="after")
     def _both_or_neither(self) -> "ServicesConfig":

@@ -206,7 +206,12 @@ class OnPolicyDistillationTrainer:
         """Send the student's parameters, cast to the sampler's dtype, as version `step_count`."""
         dtype = getattr(torch, self.sampler_dtype)
         tensors = {name: p.detach().to(dtype) for name, p in self.model.named_parameters()}
-        self.policy_version = await self.sampler.push_weights(tensors, self.step_count)
+        services = self.config.services
+        if services.weight_transport == "path" and services.shared_dir is not None:
+            shared = Path(services.shared_dir)
+            self.policy_version = await self.sampler.push_weights_by_path(tensors, self.step_count, shared)
+        else:
+            self.policy_version = await self.sampler.push_weights(tensors, self.step_count)
 
     def _batch_metrics(self, rollouts: Rollouts, batch: ScoredBatch, step_time: float) -> dict[str, float]:
         mask = batch.mask_BT

@@ -51,6 +51,8 @@ def error_json(message: str, kind: str, code: int, param: str | None = None) -> 
 
 def _validation_param(exc: RequestValidationError | ValidationError) -> tuple[str, str | None]:
     first = exc.errors()[0] if exc.errors() else {}
+    if first.get("type") == "json_invalid":  # loc holds a character offset, not a field
+        return f"body is not valid JSON: {first.get('ctx', {}).get('error', 'parse error')}", "body"
     loc = [str(part) for part in first.get("loc", ()) if part != "body"]
     param = ".".join(loc) or None
     return f"{param or 'body'}: {first.get('msg', 'invalid request')}", param

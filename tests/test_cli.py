@@ -106,3 +106,14 @@ def test_missing_model_path_fails_naming_it():
     result = opd("sampler", "--model", "/no/such/model", timeout=60)
     assert result.returncode != 0
     assert "/no/such/model does not exist" in result.stderr
+
+
+@pytest.mark.slow
+def test_weights_through_a_shared_directory(tmp_path):
+    shared = tmp_path / "shared"
+    result = opd_run("--run_dir", str(tmp_path / "run"), "--train.steps", "3", "--eval.eval_steps", "0",
+                     "--services.weight_transport", "path", "--services.shared_dir", str(shared))  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    # renamed into place when complete; only the version the sampler serves is kept
+    assert [p.name for p in shared.iterdir()] == ["weights-v000003.safetensors"]
+    assert "weights" in (tmp_path / "run" / "logs" / "sampler.log").read_text()

@@ -43,6 +43,8 @@ def test_overrides_in_both_spellings_are_typed(tmp_path):
         (MINIMAL + "services: {sampler_url: 'http://x'}\n", [], "grader_url"),
         (MINIMAL, ["--train.lr"], "--train.lr needs a value"),
         ("[1, 2]", [], "must be a YAML mapping"),
+        (MINIMAL, ["--student.path", "/no/such/model"], "student.path"),
+        (MINIMAL, ["--services.weight_transport", "path"], "needs shared_dir"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path, text, overrides, needle):

@@ -101,13 +101,21 @@ def test_chat_messages_are_templated_by_the_sampler(servers, student_dir):
         ({"prompt_ids": [[]]}, 422, "prompt_ids.0"),
         ({"prompt_ids": [[1]], "bogus": 1}, 422, "bogus"),
         ({"prompt_ids": [[1]], "temperature": "hot"}, 422, "temperature"),
+        ('{"prompt_ids": [[1]], "temperature": NaN}', 422, "temperature"),  # raw JSON text: non-finite
+        ('{"prompt_ids": [[1]], "top_p": Infinity}', 422, "top_p"),
+        ('{"prompt_ids": [[1]', 422, "body"),  # not JSON at all
+        ({"prompt_ids": [[1.5]]}, 422, "prompt_ids.0.0"),
         ({"prompt_ids": [[1]], "max_tokens": 5000}, 400, "prompt_ids.0"),
         ({"prompt_ids": [[1]], "messages": [[{"role": "user", "content": "x"}]]}, 422, None),
     ],
 )
 def test_generate_rejects_bad_input_naming_the_field(servers, body, status, param):
     sampler_url, _ = servers
-    response = httpx.post(f"{sampler_url}/v1/generate", json=body, timeout=30)
+    if isinstance(body, str):
+        response = httpx.post(f"{sampler_url}/v1/generate", content=body, timeout=30,
+                              headers={"content-type": "application/json"})  # fmt: skip
+    else:
+        response = httpx.post(f"{sampler_url}/v1/generate", json=body, timeout=30)
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert error["param"] == param
