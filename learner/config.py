@@ -37,8 +37,9 @@ class ModelSpec(Section):
 
 
 class DataConfig(Section):
-    train_path: str
-    """JSONL: one object per line with `prompt` (text) or `messages` (chat), optional `answer`."""
+    train_path: str | None = None
+    """JSONL: one object per line with `prompt` (text) or `messages` (chat), optional `answer`.
+    Required unless the Python API is given a train_dataset."""
     eval_path: str | None = None
     """JSONL in the same format; items with `answer` also get reward metrics."""
     chat_template: bool = True
@@ -87,6 +88,10 @@ class TrainConfig(Section):
     """Seeds torch, the prompt order and the sampler's per-step seeds."""
     device: str = "cpu"
     """Where the learner's student trains, e.g. cpu or cuda:0."""
+    use_accelerate: bool = False
+    """Data-parallel learning under `accelerate launch` / torchrun; batch_size is per process."""
+    fsdp: bool = False
+    """With use_accelerate: shard the student with FSDP instead of replicating it (DDP)."""
 
 
 class EvalConfig(Section):
@@ -150,7 +155,7 @@ class LoggingConfig(Section):
 class OpdConfig(Section):
     student: ModelSpec
     teacher: ModelSpec
-    data: DataConfig
+    data: DataConfig = DataConfig()
     run_dir: str = "runs/latest"
     """Metrics, resolved config, checkpoints and server logs go here."""
     sampling: SamplingConfig = SamplingConfig()
@@ -183,7 +188,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
-def _format_errors(exc: ValidationError, source: str) -> str:
+def format_errors(exc: ValidationError, source: str) -> str:
     lines = [f"invalid config {source}:"]
     for error in exc.errors():
         key = ".".join(str(part) for part in error["loc"]) or "(top level)"
@@ -204,13 +209,13 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> OpdConf
     try:
         config = OpdConfig.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(_format_errors(exc, str(path))) from exc
+        raise ConfigError(format_errors(exc, str(path))) from exc
     return _resolve_paths(config, path.parent)
 
 
 def _resolve_paths(config: OpdConfig, base: Path) -> OpdConfig:
     def resolve(p: str | None) -> str | None:
-        return None if p is None or Path(p).is_absolute() else str(base / p)
+        return p if p is None or Path(p).is_absolute() else str(base / p)
 
     data = config.data.model_copy(
         update={"train_path": resolve(config.data.train_path), "eval_path": resolve(config.data.eval_path)}

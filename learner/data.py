@@ -46,27 +46,33 @@ def _check_row(row: object, where: str) -> dict:
     return row
 
 
+def encode_row(
+    row: object, where: str, tokenizer: PreTrainedTokenizerBase, chat_template: bool, max_prompt_tokens: int
+) -> PromptItem:
+    """One JSONL-style row as a PromptItem; errors name `where` (file:line or dataset[i])."""
+    checked = _check_row(row, where)
+    ids = encode_prompt(checked, tokenizer, chat_template)
+    if len(ids) > max_prompt_tokens:
+        raise ConfigError(f"{where}: prompt has {len(ids)} tokens > data.max_prompt_tokens={max_prompt_tokens}")
+    answer = checked.get("answer")
+    return PromptItem(ids, None if answer is None else str(answer))
+
+
 def load_prompts(
     path: str, tokenizer: PreTrainedTokenizerBase, chat_template: bool, max_prompt_tokens: int
 ) -> list[PromptItem]:
     """Read and tokenize every line; errors name the file and line."""
-    items = []
-    lines = Path(path).read_text().splitlines() if Path(path).is_file() else None
-    if lines is None:
+    if not Path(path).is_file():
         raise ConfigError(f"data file {path} does not exist")
-    for number, line in enumerate(lines, start=1):
+    items = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
         if not line.strip():
             continue
-        where = f"{path}:{number}"
         try:
-            row = _check_row(json.loads(line), where)
+            row = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise ConfigError(f"{where}: not valid JSON ({exc.msg})") from exc
-        ids = encode_prompt(row, tokenizer, chat_template)
-        if len(ids) > max_prompt_tokens:
-            raise ConfigError(f"{where}: prompt has {len(ids)} tokens > data.max_prompt_tokens={max_prompt_tokens}")
-        answer = row.get("answer")
-        items.append(PromptItem(ids, None if answer is None else str(answer)))
+            raise ConfigError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
+        items.append(encode_row(row, f"{path}:{number}", tokenizer, chat_template, max_prompt_tokens))
     if not items:
         raise ConfigError(f"data file {path} has no prompts")
     return items

@@ -5,11 +5,13 @@ KL(student || teacher) needs the student's own distribution) with a fixed seed, 
 differ only through the weights. Rewards use greedy completions of the items with an `answer`.
 """
 
+from collections.abc import Sequence
+
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from learner.api import EvalItem
 from learner.clients import GraderClient, SamplerClient
 from learner.config import EvalConfig
-from learner.data import PromptItem
 from learner.loss import reverse_kl_per_token
 from learner.rollout import grade, sample, score
 from sampler.schema import GenerateRequest
@@ -23,7 +25,7 @@ async def evaluate(
     grader: GraderClient,
     student: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    items: list[PromptItem],
+    items: Sequence[EvalItem],
     config: EvalConfig,
     pad_id: int,
     seed: int,
@@ -50,7 +52,7 @@ async def evaluate(
 
 
 async def mean_reward(
-    sampler: SamplerClient, tokenizer: PreTrainedTokenizerBase, items: list[PromptItem], max_tokens: int
+    sampler: SamplerClient, tokenizer: PreTrainedTokenizerBase, items: Sequence[EvalItem], max_tokens: int
 ) -> float:
     """Mean `item.get_reward(greedy completion text)` over items that have an answer."""
     request = GenerateRequest(

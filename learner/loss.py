@@ -75,9 +75,13 @@ def clipped_policy_loss(
     advantages_BT: torch.Tensor,
     mask_BT: torch.Tensor,
     clip_eps: float,
+    num_tokens: torch.Tensor | None = None,
 ) -> PolicyLoss:
-    """PPO's clipped surrogate: -mean_masked(min(r * A, clip(r, 1-eps, 1+eps) * A)).
+    """PPO's clipped surrogate: -sum_masked(min(r * A, clip(r, 1-eps, 1+eps) * A)) / num_tokens.
 
+    num_tokens defaults to this batch's masked tokens (a token-level mean). Data-parallel
+    learners pass the global token count divided by the number of processes, so that gradients
+    averaged across processes equal those of one process holding the whole batch.
     clip_frac is the share of tokens whose ratio lies outside [1-eps, 1+eps]; approx_kl is the
     k3 estimator of KL(old || new), mean_masked((r - 1) - log r), which is >= 0 per token.
     """
@@ -85,7 +89,9 @@ def clipped_policy_loss(
     ratio_BT = torch.exp(log_ratio_BT)
     unclipped_BT = ratio_BT * advantages_BT
     clipped_BT = torch.clamp(ratio_BT, 1.0 - clip_eps, 1.0 + clip_eps) * advantages_BT
-    loss = -masked_mean(torch.minimum(unclipped_BT, clipped_BT), mask_BT)
+    surrogate_BT = torch.minimum(unclipped_BT, clipped_BT) * mask_BT
+    normalizer = mask_BT.sum().clamp(min=1.0) if num_tokens is None else num_tokens
+    loss = -surrogate_BT.sum() / normalizer
     with torch.no_grad():
         outside_BT = ((ratio_BT - 1.0).abs() > clip_eps).float()
         clip_frac = masked_mean(outside_BT, mask_BT)
@@ -94,18 +100,35 @@ def clipped_policy_loss(
 
 
 def reverse_kl_per_token(
-    student_logprobs_BT: torch.Tensor, teacher_logprobs_BT: torch.Tensor, mask_BT: torch.Tensor
+    student_logprobs_BT: torch.Tensor,
+    teacher_logprobs_BT: torch.Tensor,
+    mask_BT: torch.Tensor,
+    num_tokens: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Monte-Carlo reverse KL(student || teacher) per token on the student's own samples."""
-    return masked_mean(student_logprobs_BT - teacher_logprobs_BT, mask_BT)
+    """Monte-Carlo reverse KL(student || teacher) per token on the student's own samples.
+
+    Divided by `num_tokens` when given (a data-parallel shard passes the global count, and the
+    shards' results then sum to the global mean), else by this batch's masked tokens.
+    """
+    return _masked_sum(student_logprobs_BT - teacher_logprobs_BT, mask_BT, num_tokens)
 
 
 def sampler_mismatch(
-    sampler_logprobs_BT: torch.Tensor, old_logprobs_BT: torch.Tensor, mask_BT: torch.Tensor
+    sampler_logprobs_BT: torch.Tensor,
+    old_logprobs_BT: torch.Tensor,
+    mask_BT: torch.Tensor,
+    num_tokens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean absolute gap between the sampler's logprobs and the learner's old logprobs.
 
     Nonzero when the sampler samples at temperature != 1 or top_p < 1 (it reports logprobs of
     the distribution it sampled from), or when its numerics drift from the learner's.
+    `num_tokens` as in `reverse_kl_per_token`.
     """
-    return masked_mean((sampler_logprobs_BT - old_logprobs_BT).abs(), mask_BT)
+    return _masked_sum((sampler_logprobs_BT - old_logprobs_BT).abs(), mask_BT, num_tokens)
+
+
+def _masked_sum(values_BT: torch.Tensor, mask_BT: torch.Tensor, num_tokens: torch.Tensor | None) -> torch.Tensor:
+    if num_tokens is None:
+        return masked_mean(values_BT, mask_BT)
+    return (values_BT * mask_BT).sum() / num_tokens

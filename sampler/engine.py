@@ -17,6 +17,16 @@ class SamplingParams:
     seed: int | None
 
 
+def sample_seed(seed: int, prompt_index: int, sample_index: int, n: int) -> int:
+    """The seed of sample j of prompt i in a request with `seed`: seed + i * n + j (mod 2^31 - 1).
+
+    Distinct per sample (one seed shared by n samples would make them near-identical), and linear,
+    so a learner process holding prompts [k, k + m) of a larger batch can send seed + k * n and
+    draw exactly the samples one process holding the whole batch would.
+    """
+    return (seed + prompt_index * n + sample_index) % (2**31 - 1)
+
+
 @dataclass(frozen=True)
 class Sample:
     completion_ids: list[int]

@@ -50,7 +50,8 @@ class GenerateRequest(BaseModel):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0, allow_inf_nan=False)
     max_tokens: int = Field(default=64, ge=1)
     seed: int | None = Field(default=None, ge=0)
-    """Same seed and same request give the same completions."""
+    """Sample j of prompt i is drawn with seed + i * n + j, so the same seed and request give the
+    same completions, whatever else the engine is doing. Random when omitted."""
 
     @model_validator(mode="after")
     def _one_prompt_source(self) -> "GenerateRequest":

@@ -194,3 +194,25 @@ def test_reverse_kl_and_mismatch():
     mask = t64([[1, 1, 0]])
     assert reverse_kl_per_token(student, teacher, mask).item() == pytest.approx(0.5)  # (2 + -1) / 2
     assert sampler_mismatch(student, teacher, mask).item() == pytest.approx(1.5)  # (2 + 1) / 2
+    # a shard divides by the global token count (here 4): 1 / 4 and 3 / 4
+    assert reverse_kl_per_token(student, teacher, mask, torch.tensor(4.0)).item() == pytest.approx(0.25)
+    assert sampler_mismatch(student, teacher, mask, torch.tensor(4.0)).item() == pytest.approx(0.75)
+
+
+def test_global_token_normalizer_makes_shards_add_up_to_the_whole_batch():
+    # Two data-parallel shards with 3 and 1 tokens: averaging their gradients (what DDP does) with
+    # num_tokens = 4 / 2 must equal the gradient of the whole batch's token mean.
+    old = t64([[-1.0, -2.0, -1.5], [-0.5, 0.0, 0.0]])
+    adv = t64([[1.0, -2.0, 0.5], [3.0, 0.0, 0.0]])
+    mask = t64([[1, 1, 1], [1, 0, 0]])
+    new = (old + 0.05).requires_grad_(True)
+    clipped_policy_loss(new, old, adv, mask, 0.2).loss.backward()
+    whole = new.grad.clone()
+    grads = []
+    for rows in ([0], [1]):
+        shard = (old[rows] + 0.05).requires_grad_(True)
+        clipped_policy_loss(
+            shard, old[rows], adv[rows], mask[rows], 0.2, num_tokens=torch.tensor(4.0 / 2)
+        ).loss.backward()
+        grads.append(shard.grad / 2)  # DDP averages over 2 processes
+    torch.testing.assert_close(torch.cat(grads), whole, rtol=0, atol=1e-15)

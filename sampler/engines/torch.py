@@ -14,13 +14,15 @@ from transformers import DynamicCache
 from opd.modeling import load_causal_lm, load_tokenizer, pack_left_padded
 from opd.serving import InfoResponse
 from opd.tokenizer import chat_prompt_ids, tokenizer_fingerprint
-from sampler.engine import Sample, SamplingParams, WeightSpec
+from sampler.engine import Sample, SamplingParams, WeightSpec, sample_seed
 
 
 def sample_next(
-    logits_BV: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator
+    logits_BV: torch.Tensor, temperature: float, top_p: float, generators: list[torch.Generator]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Next token per row and its logprob under the distribution actually sampled.
+
+    Each row draws from its own generator, so a sample does not depend on what else is in the batch.
 
     temperature 0 is greedy and reports the raw (temperature 1) logprob of the argmax token.
     """
@@ -37,7 +39,8 @@ def sample_next(
         drop_BV = torch.zeros_like(drop_sorted_BV).scatter(-1, order_BV, drop_sorted_BV)
         scaled_BV = scaled_BV.masked_fill(drop_BV, float("-inf"))
     logprobs_BV = torch.log_softmax(scaled_BV, dim=-1)
-    ids_B = torch.multinomial(logprobs_BV.exp(), 1, generator=generator).squeeze(-1)
+    probs_BV = logprobs_BV.exp()
+    ids_B = torch.cat([torch.multinomial(probs_BV[b], 1, generator=g) for b, g in enumerate(generators)])
     return ids_B, logprobs_BV.gather(-1, ids_B[:, None]).squeeze(-1)
 
 
@@ -83,14 +86,18 @@ class TorchSamplerEngine:
     def _generate_sync(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Sample]]:
         rows = [prompt for prompt in prompts for _ in range(params.n)]
         seed = params.seed if params.seed is not None else random.randrange(2**31)
-        generator = torch.Generator(device=self.device).manual_seed(seed)
-        ids_BN, logprobs_BN, finished_B = self._decode(rows, params, generator)
+        generators = [
+            torch.Generator(device=self.device).manual_seed(sample_seed(seed, i, j, params.n))
+            for i in range(len(prompts))
+            for j in range(params.n)
+        ]
+        ids_BN, logprobs_BN, finished_B = self._decode(rows, params, generators)
         samples = [
             self._to_sample(ids, lps, done) for ids, lps, done in zip(ids_BN, logprobs_BN, finished_B, strict=True)
         ]
         return [samples[i * params.n : (i + 1) * params.n] for i in range(len(prompts))]
 
-    def _decode(self, rows: list[list[int]], params: SamplingParams, generator: torch.Generator):
+    def _decode(self, rows: list[list[int]], params: SamplingParams, generators: list[torch.Generator]):
         batch = pack_left_padded(rows, [[] for _ in rows], self.pad_id, self.device)
         mask_BL, positions_B = batch.attention_mask_BL, batch.position_ids_BL[:, -1]
         cache = DynamicCache()
@@ -106,7 +113,7 @@ class TorchSamplerEngine:
         logprobs: list[list[float]] = [[] for _ in rows]
         finished = [False] * len(rows)
         for _ in range(params.max_tokens):
-            next_B, next_lp_B = sample_next(out.logits[:, -1], params.temperature, params.top_p, generator)
+            next_B, next_lp_B = sample_next(out.logits[:, -1], params.temperature, params.top_p, generators)
             for b, (token, lp) in enumerate(zip(next_B.tolist(), next_lp_B.tolist(), strict=True)):
                 if not finished[b]:
                     ids[b].append(token)

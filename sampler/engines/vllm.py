@@ -27,14 +27,9 @@ from opd.serving import InfoResponse
 from opd.tiny import resolve_model_path
 from opd.tokenizer import chat_prompt_ids, tokenizer_fingerprint
 from opd.vllm_engine import VllmOptions, build_async_llm, cuda_available, engine_errors
-from sampler.engine import Sample, SamplingParams, WeightSpec
+from sampler.engine import Sample, SamplingParams, WeightSpec, sample_seed
 
 WORKER_EXTENSION = "sampler.engines.vllm_worker.OpdWeightLoader"
-
-
-def sample_seed(seed: int, prompt_index: int, sample_index: int) -> int:
-    """A distinct, reproducible seed per (prompt, sample) of one request."""
-    return (seed * 1_000_003 + prompt_index * 10_007 + sample_index) % (2**31 - 1)
 
 
 class DrainGate:
@@ -117,7 +112,7 @@ class VllmSamplerEngine:
         async with self._gate.reading():
             version = self.policy_version
             jobs = [
-                self._sample_one(prompt, params, sample_seed(seed, i, j))
+                self._sample_one(prompt, params, sample_seed(seed, i, j, params.n))
                 for i, prompt in enumerate(prompts)
                 for j in range(params.n)
             ]

@@ -1,0 +1,66 @@
+"""The learner's processes: one, or N data-parallel ones under `accelerate launch` / torchrun.
+
+With `use_accelerate`, Hugging Face accelerate wraps model and optimizer (DDP by default, FSDP
+with `train.fsdp`); each process trains on its own share of every batch, and only the main
+process talks to the sampler about weights, evaluates, checkpoints and logs, while the others wait
+at a barrier. Without it, every method is the plain single-process equivalent.
+
+    accelerate launch --num_processes 8 -m opd.cli run config.yml --train.use_accelerate true
+    torchrun --nproc_per_node 2 -m opd.cli run config.yml --train.use_accelerate true   # CPU, gloo
+"""
+
+from typing import Any
+
+import torch
+
+
+class Processes:
+    def __init__(self, use_accelerate: bool, device: str, fsdp: bool = False) -> None:
+        self.accelerator: Any = None
+        if use_accelerate:
+            from accelerate import Accelerator, FullyShardedDataParallelPlugin
+
+            plugin = FullyShardedDataParallelPlugin() if fsdp else None
+            self.accelerator = Accelerator(cpu=device == "cpu", fsdp_plugin=plugin)
+        self._device = device
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index if self.accelerator else 0
+
+    @property
+    def world_size(self) -> int:
+        return self.accelerator.num_processes if self.accelerator else 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device if self.accelerator else torch.device(self._device)
+
+    def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[Any, Any]:
+        return self.accelerator.prepare(model, optimizer) if self.accelerator else (model, optimizer)
+
+    def unwrap(self, model: Any) -> Any:
+        return self.accelerator.unwrap_model(model) if self.accelerator else model
+
+    def backward(self, loss: torch.Tensor) -> None:
+        if self.accelerator:
+            self.accelerator.backward(loss)
+        else:
+            loss.backward()
+
+    def clip_grad_norm(self, model: Any, max_norm: float) -> torch.Tensor:
+        if self.accelerator:
+            return self.accelerator.clip_grad_norm_(model.parameters(), max_norm)
+        return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+
+    def sum(self, value: torch.Tensor) -> torch.Tensor:
+        """Sum of `value` over all processes."""
+        return self.accelerator.reduce(value.clone(), reduction="sum") if self.accelerator else value
+
+    def wait(self) -> None:
+        if self.accelerator:
+            self.accelerator.wait_for_everyone()

@@ -1,0 +1,53 @@
+"""Data-parallel learning: 2 processes x batch 2 take the same steps as 1 process x batch 4.
+
+The 2-process run is launched with torchrun on CPU (gloo), the way `accelerate launch` runs it on
+GPUs; both runs use the same real servers, one after the other (each run pushes its initial
+weights first, so the sampler starts from the same policy).
+"""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from learner.metrics import read_metrics
+from opd.launch import LocalServer, local_servers
+
+ARGS = ["--train.steps", "3", "--train.lr", "1e-3", "--train.ppo_steps", "2", "--eval.eval_steps", "0",
+        "--logging.progress", "false", "--sampling.n", "2"]  # fmt: skip
+
+
+def run(command: list[str], run_dir: Path, urls: tuple[str, str], *extra: str) -> None:
+    services = ["--services.sampler_url", urls[0], "--services.grader_url", urls[1]]
+    args = [*command, "run", "examples/tiny/config.yml", "--run_dir", str(run_dir), *ARGS, *services, *extra]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
+@pytest.mark.slow
+def test_two_processes_of_batch_2_equal_one_process_of_batch_4(tmp_path, student_dir, teacher_dir):
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    assert torchrun is not None
+    servers = [LocalServer("sampler", ["--model", str(student_dir), "--engine", "torch"], tmp_path),
+               LocalServer("grader", ["--model", str(teacher_dir), "--engine", "torch"], tmp_path)]  # fmt: skip
+    with local_servers(servers) as urls:
+        run([sys.executable, "-m", "opd.cli"], tmp_path / "one", tuple(urls), "--train.batch_size", "4")
+        run([torchrun, "--nproc_per_node", "2", "-m", "opd.cli"], tmp_path / "two", tuple(urls),
+            "--train.batch_size", "2", "--train.use_accelerate", "true")  # fmt: skip
+
+    one = load_file(tmp_path / "one" / "checkpoints" / "step_000003" / "model.safetensors")
+    two = load_file(tmp_path / "two" / "checkpoints" / "step_000003" / "model.safetensors")
+    initial = load_file(student_dir / "model.safetensors")
+    for name, tensor in one.items():
+        moved = (tensor - initial[name]).abs().max()
+        assert moved > 1e-4, name  # the runs really trained
+        # same update up to float reordering (gloo all-reduce, different padding)
+        torch.testing.assert_close(two[name], tensor, rtol=0, atol=1e-5 * max(1.0, moved.item()))
+    kl_one = [m["kl/reverse_per_token"] for m in read_metrics(tmp_path / "one" / "metrics.jsonl")]
+    kl_two = [m["kl/reverse_per_token"] for m in read_metrics(tmp_path / "two" / "metrics.jsonl")]
+    assert kl_two == pytest.approx(kl_one, rel=1e-4)  # metrics averaged over processes
+    assert not (tmp_path / "two" / "checkpoints" / "step_000003.rank1").exists()
