@@ -74,8 +74,12 @@ def list_checkpoints(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))  # type: ignore[union-attr]
 
 
-def resolve_resume(root: Path, resume: str) -> Path:
-    """`latest` -> the newest checkpoint under root; anything else is a checkpoint directory."""
+def resolve_resume(root: Path, resume: str) -> Path | None:
+    """`latest` -> the newest checkpoint under root (an error if none); `auto` -> the same, or None
+    to start fresh (for supervisors that restart the learner); else a checkpoint directory."""
+    if resume == "auto":
+        found = list_checkpoints(root)
+        return found[-1] if found else None
     if resume != "latest":
         path = Path(resume)
         if not (path / STATE_FILE).exists():

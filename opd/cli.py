@@ -74,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
         const="latest",
         default=None,
         metavar="CHECKPOINT",
-        help="continue from the newest checkpoint in run_dir (or the one given)",
+        help="continue from the newest checkpoint in run_dir (or the one given); "
+        "'auto': resume if there is one, else start fresh",
     )
     sampler = _server_parser(sub, "sampler", 8001)
     grader = _server_parser(sub, "grader", 8002)

@@ -73,21 +73,26 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
-def _signal_group(proc: subprocess.Popen, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, sig)  # the child leads its own group (start_new_session)
+def stop_process(proc: subprocess.Popen, group: bool = False) -> None:
+    """SIGTERM the child, SIGKILL it after the grace period. With `group` (a child started in its
+    own session) the whole process group is signalled, and engine processes it left are killed."""
 
+    def send(sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            if group:
+                os.killpg(proc.pid, sig)
+            else:
+                proc.send_signal(sig)
 
-def stop_process(proc: subprocess.Popen) -> None:
-    """SIGTERM the child's process group, SIGKILL it after the grace period."""
     if proc.poll() is None:
-        _signal_group(proc, signal.SIGTERM)
+        send(signal.SIGTERM)
         try:
             proc.wait(timeout=STOP_GRACE_S)
         except subprocess.TimeoutExpired:
-            _signal_group(proc, signal.SIGKILL)
+            send(signal.SIGKILL)
             proc.wait()
-    _signal_group(proc, signal.SIGKILL)  # engine processes the child left behind
+    if group:
+        send(signal.SIGKILL)
 
 
 class LocalServer:
@@ -121,7 +126,7 @@ class LocalServer:
 
     def stop(self) -> None:
         if self.proc is not None:
-            stop_process(self.proc)
+            stop_process(self.proc, group=True)
 
     def restart_if_dead(self) -> None:
         if self.proc is None or self.proc.poll() is None or self.restarts >= MAX_RESTARTS:
@@ -136,7 +141,7 @@ class LocalServer:
             MAX_RESTARTS,
             self.log_path,
         )
-        stop_process(self.proc)
+        stop_process(self.proc, group=True)
         self.start()
 
 
