@@ -1,5 +1,6 @@
 """The `opd` command line.
 
+    opd init FOLDER [--template NAME]              scaffold config.yml + train/eval JSONL
     opd run CONFIG.yml [--section.key value ...]   the learner (starts local servers if no URLs)
     opd sampler --model PATH [--port 8001]         the student server
     opd grader --model PATH [--port 8002]          the teacher server
@@ -77,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue from the newest checkpoint in run_dir (or the one given); "
         "'auto': resume if there is one, else start fresh",
     )
+    init = sub.add_parser("init", help="scaffold a project folder (config.yml, train.jsonl, eval.jsonl)")
+    init.add_argument("folder", help="folder to create (files already there are never overwritten)")
+    init.add_argument("--template", default="distill-reasoning",
+                      choices=["distill-reasoning", "distill-chat", "tiny"])  # fmt: skip
     sampler = _server_parser(sub, "sampler", 8001)
     grader = _server_parser(sub, "grader", 8002)
     grader.add_argument(
@@ -173,6 +178,16 @@ def run_learner(config_path: str, overrides: list[str], resume: str | None) -> N
     run(config, resume)
 
 
+def run_init(folder: str, template: str) -> None:
+    from pathlib import Path
+
+    from opd.templates import init_project
+
+    for path in init_project(Path(folder), template):
+        print(f"wrote {path}")
+    print(f"next: opd run {Path(folder) / 'config.yml'}")
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -183,6 +198,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if args.command == "run":
             run_learner(args.config, rest, args.resume)
+        elif args.command == "init":
+            run_init(args.folder, args.template)
         elif args.command == "sampler":
             run_sampler(args)
         else:

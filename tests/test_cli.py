@@ -117,3 +117,27 @@ def test_weights_through_a_shared_directory(tmp_path):
     # renamed into place when complete; only the version the sampler serves is kept
     assert [p.name for p in shared.iterdir()] == ["weights-v000003.safetensors"]
     assert "weights" in (tmp_path / "run" / "logs" / "sampler.log").read_text()
+
+
+@pytest.mark.parametrize("template", ["distill-reasoning", "distill-chat", "tiny"])
+def test_init_scaffolds_a_valid_project(tmp_path, template):
+    from learner.config import load_config
+
+    result = opd("init", str(tmp_path / "proj"), "--template", template, timeout=60)
+    assert result.returncode == 0, result.stderr
+    config = load_config(tmp_path / "proj" / "config.yml")
+    train = (tmp_path / "proj" / "train.jsonl").read_text().splitlines()
+    assert len(train) == 64 and all("prompt" in json.loads(r) or "messages" in json.loads(r) for r in train)
+    assert config.data.eval_path == str(tmp_path / "proj" / "eval.jsonl")
+    again = opd("init", str(tmp_path / "proj"), "--template", template, timeout=60)
+    assert again.returncode == 1 and "choose an empty folder" in again.stderr
+
+
+@pytest.mark.slow
+def test_init_tiny_then_run(tmp_path):
+    assert opd("init", str(tmp_path / "proj"), "--template", "tiny", timeout=60).returncode == 0
+    result = opd("run", str(tmp_path / "proj" / "config.yml"), "--train.steps", "2", "--eval.eval_steps", "2",
+                 "--services.engine", "torch", "--run_dir", str(tmp_path / "run"))  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    evals = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all("eval/reward" in m for m in evals if "eval/reverse_kl_per_token" in m)
