@@ -34,7 +34,7 @@ from learner.services import service_urls
 from opd.auth import load_api_key
 from opd.errors import ConfigError, SamplerError
 from opd.modeling import completion_logprobs, load_causal_lm, load_tokenizer
-from opd.tokenizer import check_same_tokenizer, tokenizer_fingerprint
+from opd.tokenizer import check_same_tokenizer, pad_token_id, tokenizer_fingerprint
 from sampler.schema import GenerateRequest
 
 logger = logging.getLogger(__name__)
@@ -64,9 +64,7 @@ class OnPolicyDistillationTrainer:
         self.processes = Processes(cfg.train.use_accelerate, cfg.train.device, cfg.train.fsdp)
         torch.manual_seed(cfg.train.seed)
         self.tokenizer = load_tokenizer(cfg.student.path)
-        self.pad_id = (
-            self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        )
+        self.pad_id = pad_token_id(self.tokenizer)
         self.model = load_causal_lm(cfg.student.path, "float32", str(self.processes.device)).train()
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay

@@ -9,14 +9,17 @@ import asyncio
 import logging
 import os
 import signal
+from dataclasses import asdict, dataclass
 
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, ValidationError
+from transformers import PreTrainedTokenizerBase
 
 from opd.errors import EngineDeadError, RequestError
+from opd.tokenizer import tokenizer_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -134,3 +137,27 @@ def check_token_ids(ids: list[int], vocab_size: int, param: str) -> None:
     bad = next((i for i in ids if i >= vocab_size), None)
     if bad is not None:
         raise RequestError(f"token id {bad} is out of the vocabulary (size {vocab_size})", param=param)
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """What GET /v1/info says about a served model; fixed when the engine starts."""
+
+    model: str
+    engine: str
+    dtype: str
+    vocab_size: int
+    tokenizer_hash: str
+    model_vocab_size: int
+    max_model_len: int
+
+    @classmethod
+    def of(
+        cls, model: str, engine: str, dtype: str, tokenizer: PreTrainedTokenizerBase, model_vocab_size: int,
+        max_model_len: int,
+    ) -> "ModelCard":  # fmt: skip
+        vocab_size, digest = tokenizer_fingerprint(tokenizer)
+        return cls(model, engine, dtype, vocab_size, digest, model_vocab_size, max_model_len)
+
+    def info(self, policy_version: int = 0) -> InfoResponse:
+        return InfoResponse(**asdict(self), policy_version=policy_version)

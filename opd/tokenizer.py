@@ -37,3 +37,9 @@ def chat_prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str,
     """Token ids of `messages` under the tokenizer's chat template, ready for the assistant turn."""
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
     return [int(i) for i in ids]  # type: ignore[union-attr,arg-type]
+
+
+def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The id that pads batches: the tokenizer's pad token, else its EOS (padding is masked out)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return int(pad)

@@ -11,8 +11,8 @@ import torch
 
 from grader.engine import Scored
 from opd.modeling import completion_logprobs, completion_top_k, load_causal_lm, load_tokenizer, pack_left_padded
-from opd.serving import InfoResponse
-from opd.tokenizer import tokenizer_fingerprint
+from opd.serving import InfoResponse, ModelCard
+from opd.tokenizer import pad_token_id
 
 
 def length_sorted_chunks(lengths: list[int], max_batch_tokens: int) -> list[list[int]]:
@@ -42,20 +42,13 @@ class TorchGraderEngine:
         self.model = load_causal_lm(model_path, dtype, device)
         self.max_model_len = max_model_len or self.model.config.max_position_embeddings
         self.max_batch_tokens = max_batch_tokens
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        self._fingerprint = tokenizer_fingerprint(self.tokenizer)
+        self.pad_id = pad_token_id(self.tokenizer)
+        self.card = ModelCard.of(model_path, "torch", dtype, self.tokenizer, self.model.config.vocab_size,
+                                 self.max_model_len)  # fmt: skip
         self._lock = asyncio.Lock()
 
     def info(self) -> InfoResponse:
-        return InfoResponse(
-            model=self.model_path,
-            engine="torch",
-            dtype=self.dtype,
-            vocab_size=self._fingerprint[0],
-            tokenizer_hash=self._fingerprint[1],
-            model_vocab_size=self.model.config.vocab_size,
-            max_model_len=self.max_model_len,
-        )
+        return self.card.info()
 
     async def score(self, sequences: list[tuple[list[int], list[int]]], top_k: int) -> list[Scored]:
         async with self._lock:

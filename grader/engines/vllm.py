@@ -16,9 +16,8 @@ from transformers import AutoConfig
 from grader.engine import Scored
 from grader.schema import MAX_TOP_K
 from opd.modeling import load_tokenizer
-from opd.serving import InfoResponse
+from opd.serving import InfoResponse, ModelCard
 from opd.tiny import resolve_model_path
-from opd.tokenizer import tokenizer_fingerprint
 from opd.vllm_engine import VllmOptions, build_async_llm, engine_errors
 
 MAX_TOKENS_IN_FLIGHT = 65536
@@ -57,23 +56,16 @@ class VllmGraderEngine:
         extra = {"max_logprobs": MAX_TOP_K, "max_num_batched_tokens": max_batch_tokens, **options.extra}
         self.engine = build_async_llm(local, VllmOptions(**{**vars(options), "extra": extra}))
         self.tokenizer = load_tokenizer(model_path)
-        self._fingerprint = tokenizer_fingerprint(self.tokenizer)
-        self._model_vocab_size = AutoConfig.from_pretrained(local).vocab_size
+        self.card = ModelCard.of(model_path, "vllm", options.dtype, self.tokenizer,
+                                 AutoConfig.from_pretrained(local).vocab_size,
+                                 self.engine.model_config.max_model_len)  # fmt: skip
         self._params = {
             k: SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=k, detokenize=False)
             for k in range(MAX_TOP_K + 1)
         }
 
     def info(self) -> InfoResponse:
-        return InfoResponse(
-            model=self.model_path,
-            engine="vllm",
-            dtype=self.options.dtype,
-            vocab_size=self._fingerprint[0],
-            tokenizer_hash=self._fingerprint[1],
-            model_vocab_size=self._model_vocab_size,
-            max_model_len=self.engine.model_config.max_model_len,
-        )
+        return self.card.info()
 
     async def score(self, sequences: list[tuple[list[int], list[int]]], top_k: int) -> list[Scored]:
         results: list[Scored] = []

@@ -12,8 +12,8 @@ import torch
 from transformers import DynamicCache
 
 from opd.modeling import load_causal_lm, load_tokenizer, pack_left_padded
-from opd.serving import InfoResponse
-from opd.tokenizer import chat_prompt_ids, tokenizer_fingerprint
+from opd.serving import InfoResponse, ModelCard
+from opd.tokenizer import chat_prompt_ids, pad_token_id
 from sampler.engine import Sample, SamplingParams, WeightSpec, sample_seed
 
 
@@ -57,22 +57,14 @@ class TorchSamplerEngine:
         eos = self.model.generation_config.eos_token_id
         eos = eos if eos is not None else self.tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos])
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids)
+        self.pad_id = pad_token_id(self.tokenizer)
         self.policy_version = 0
         self._lock = asyncio.Lock()
-        self._fingerprint = tokenizer_fingerprint(self.tokenizer)
+        self.card = ModelCard.of(model_path, "torch", dtype, self.tokenizer, self.model.config.vocab_size,
+                                 self.max_model_len)  # fmt: skip
 
     def info(self) -> InfoResponse:
-        return InfoResponse(
-            model=self.model_path,
-            engine="torch",
-            dtype=self.dtype,
-            vocab_size=self._fingerprint[0],
-            tokenizer_hash=self._fingerprint[1],
-            model_vocab_size=self.model.config.vocab_size,
-            max_model_len=self.max_model_len,
-            policy_version=self.policy_version,
-        )
+        return self.card.info(self.policy_version)
 
     def chat_to_ids(self, messages: list[dict[str, str]]) -> list[int]:
         return chat_prompt_ids(self.tokenizer, messages)

@@ -23,9 +23,9 @@ from safetensors.torch import save as save_safetensors
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from opd.modeling import DTYPES, load_tokenizer
-from opd.serving import InfoResponse
+from opd.serving import InfoResponse, ModelCard
 from opd.tiny import resolve_model_path
-from opd.tokenizer import chat_prompt_ids, tokenizer_fingerprint
+from opd.tokenizer import chat_prompt_ids
 from opd.vllm_engine import VllmOptions, build_async_llm, cuda_available, engine_errors
 from sampler.engine import Sample, SamplingParams, WeightSpec, sample_seed
 
@@ -90,19 +90,15 @@ class VllmSamplerEngine:
         extra |= options.extra
         self.engine = build_async_llm(local, VllmOptions(**{**vars(options), "extra": extra}))
         self.tokenizer = load_tokenizer(model_path)
-        self._fingerprint = tokenizer_fingerprint(self.tokenizer)
-        self._model_vocab_size = AutoConfig.from_pretrained(local).vocab_size
+        self.card = ModelCard.of(model_path, "vllm", options.dtype, self.tokenizer,
+                                 AutoConfig.from_pretrained(local).vocab_size,
+                                 self.engine.model_config.max_model_len)  # fmt: skip
         self._specs = checkpoint_specs(local, options.dtype)
         self._gate = DrainGate()
         self.policy_version = 0
 
     def info(self) -> InfoResponse:
-        return InfoResponse(
-            model=self.model_path, engine="vllm", dtype=self.options.dtype,
-            vocab_size=self._fingerprint[0], tokenizer_hash=self._fingerprint[1],
-            model_vocab_size=self._model_vocab_size, max_model_len=self.engine.model_config.max_model_len,
-            policy_version=self.policy_version,
-        )  # fmt: skip
+        return self.card.info(self.policy_version)
 
     def chat_to_ids(self, messages: list[dict[str, str]]) -> list[int]:
         return chat_prompt_ids(self.tokenizer, messages)
