@@ -49,14 +49,19 @@ class _Client:
     error_cls: type[ServiceError] = ServiceError
 
     def __init__(
-        self, base_url: str, timeout_s: float = 300.0, retry: RetryPolicy | None = None, api_key: str | None = None
+        self,
+        base_url: str,
+        timeout_s: float = 300.0,
+        retry: RetryPolicy | None = None,
+        api_key: str | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.retry = retry or RetryPolicy()
         headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
         # connect fails fast so a dead server is retried quickly; reads may take minutes.
         self._http = httpx.AsyncClient(
-            base_url=self.base_url, timeout=httpx.Timeout(timeout_s, connect=5.0), headers=headers
+            base_url=self.base_url, timeout=httpx.Timeout(timeout_s, connect=5.0), headers=headers, transport=transport
         )
 
     async def _request(self, method: str, path: str, **kwargs) -> httpx.Response:

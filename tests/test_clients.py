@@ -1,0 +1,68 @@
+"""The learner's retry policy, with faults injected at the transport (the servers are not mocked
+anywhere else): 5xx and dropped connections are retried until the deadline, 4xx never."""
+
+import asyncio
+import time
+
+import httpx
+import pytest
+
+from learner.clients import GraderClient, RetryPolicy, SamplerClient
+from opd.errors import GraderError, SamplerError
+
+FAST = RetryPolicy(deadline_s=1.0, first_backoff_s=0.05, max_backoff_s=0.2)
+INFO = {"model": "m", "engine": "torch", "dtype": "float32", "vocab_size": 3, "tokenizer_hash": "h",
+        "model_vocab_size": 3, "max_model_len": 8, "policy_version": 0}  # fmt: skip
+
+
+def client(cls, handler, calls: list) -> SamplerClient | GraderClient:
+    def record(request: httpx.Request) -> httpx.Response:
+        calls.append(time.monotonic())
+        return handler(request, len(calls))
+
+    return cls("http://fault.test", retry=FAST, transport=httpx.MockTransport(record))
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_5xx_is_retried_until_it_succeeds():
+    calls: list = []
+    flaky = client(SamplerClient, lambda r, n: httpx.Response(503) if n < 3 else httpx.Response(200, json=INFO), calls)
+    assert run(flaky.info()).model == "m"
+    assert len(calls) == 3
+
+
+def test_dropped_connections_are_retried_then_fail_naming_the_service():
+    calls: list = []
+
+    def drop(request: httpx.Request, n: int) -> httpx.Response:
+        raise httpx.ConnectError("connection refused", request=request)
+
+    grader = client(GraderClient, drop, calls)
+    start = time.monotonic()
+    with pytest.raises(GraderError, match=r"grader at http://fault.test/v1/info unreachable"):
+        run(grader.info())
+    assert len(calls) >= 3  # backoff 0.05, 0.1, 0.2, 0.2, ...
+    assert time.monotonic() - start < FAST.deadline_s + 0.5  # the deadline holds
+
+
+def test_4xx_is_never_retried_and_carries_the_server_message():
+    calls: list = []
+    error = {"error": {"message": "token id 9 is out of the vocabulary", "type": "invalid_request",
+                       "param": "prompt_ids.0", "code": 400}}  # fmt: skip
+    sampler = client(SamplerClient, lambda r, n: httpx.Response(400, json=error), calls)
+    with pytest.raises(SamplerError, match="answered 400: token id 9 is out of the vocabulary") as info:
+        run(sampler.info())
+    assert info.value.status == 400
+    assert len(calls) == 1
+
+
+def test_persistent_5xx_fails_with_the_status_after_the_deadline():
+    calls: list = []
+    sampler = client(SamplerClient, lambda r, n: httpx.Response(500, json={"error": {"message": "boom"}}), calls)
+    with pytest.raises(SamplerError, match="answered 500: boom") as info:
+        run(sampler.info())
+    assert info.value.status == 500
+    assert len(calls) > 1
