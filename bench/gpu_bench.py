@@ -185,7 +185,7 @@ def learner_step(sampler_url: str, grader_url: str, student: Path, teacher: Path
     return {k: v for k, v in history[-1].items() if k.startswith(("time/", "throughput/"))}
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=["qwen2.5", "tiny"], default="qwen2.5")
     parser.add_argument("--models", type=Path, default=Path(tempfile.gettempdir()) / "opd-bench-models")
@@ -200,7 +200,11 @@ def main() -> None:
     parser.add_argument("--gpu-util-sampler", type=float, default=0.25)
     parser.add_argument("--gpu-util-grader", type=float, default=0.35)
     parser.add_argument("--out", type=Path, default=Path("bench/results/gpu.json"))
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
 
     if args.preset == "tiny":
         student, teacher = ensure_tiny_model("student"), ensure_tiny_model("teacher")
