@@ -45,14 +45,20 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, state: TrainerState, root: Path, keep_last: int | None
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    state: TrainerState,
+    root: Path,
+    keep_last: int | None,
+    weights: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Save to `root/step_{step:06d}` atomically, then prune to the newest `keep_last`."""
+    """Save to `root/step_{step:06d}` atomically, then prune to the newest `keep_last`.
+    `weights` replaces the model's own state dict (the gathered parameters under FSDP)."""
     root.mkdir(parents=True, exist_ok=True)
     target = root / f"step_{state.step:06d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".step_{state.step:06d}-", dir=root))
     try:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=weights)
         tokenizer.save_pretrained(tmp)
         torch.save(vars(state), tmp / STATE_FILE)
         if target.exists():

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from opd.errors import ConfigError
+
 
 class Processes:
     def __init__(self, use_accelerate: bool, device: str, fsdp: bool = False) -> None:
@@ -22,6 +24,11 @@ class Processes:
 
             plugin = FullyShardedDataParallelPlugin() if fsdp else None
             self.accelerator = Accelerator(cpu=device == "cpu", fsdp_plugin=plugin)
+            if fsdp and self.accelerator.distributed_type.name != "FSDP":
+                # accelerate drops the FSDP plugin off GPUs instead of failing; say so.
+                raise ConfigError(
+                    f"train.fsdp needs CUDA devices; accelerate runs {self.accelerator.distributed_type.name}"
+                )
         self._device = device
 
     @property
@@ -45,6 +52,16 @@ class Processes:
 
     def unwrap(self, model: Any) -> Any:
         return self.accelerator.unwrap_model(model) if self.accelerator else model
+
+    def full_parameters(self, model: Any) -> dict[str, torch.Tensor]:
+        """Every parameter under its HF name, once (tied weights once), gathered whole on the main
+        process: under FSDP each process holds only shards, so unwrapping is not enough."""
+        unwrapped = self.unwrap(model)
+        if self.accelerator is None or self.accelerator.distributed_type.name != "FSDP":
+            return {name: p.detach() for name, p in unwrapped.named_parameters()}
+        state = self.accelerator.get_state_dict(model)  # full state dict on the main process
+        tied = set(getattr(unwrapped, "_tied_weights_keys", None) or {})
+        return {name: t for name, t in state.items() if name not in tied}
 
     def backward(self, loss: torch.Tensor) -> None:
         if self.accelerator:

@@ -208,10 +208,10 @@ class OnPolicyDistillationTrainer:
 
     async def push_weights(self) -> None:
         """Main process: send the student, cast to the sampler's dtype, as version `step_count`."""
+        full = self.processes.full_parameters(self.model)  # a collective under FSDP: every process joins
         if self.processes.is_main:
             dtype = getattr(torch, self.sampler_dtype)
-            model = self.processes.unwrap(self.model)
-            tensors = {name: p.detach().to(dtype) for name, p in model.named_parameters()}
+            tensors = {name: t.to(dtype) for name, t in full.items()}
             services = self.config.services
             if services.weight_transport == "path" and services.shared_dir is not None:
                 await self.sampler.push_weights_by_path(tensors, self.step_count, Path(services.shared_dir))
@@ -272,12 +272,13 @@ class OnPolicyDistillationTrainer:
     def _maybe_save(self) -> None:
         every = self.config.checkpoint.save_steps
         if (every and self.step_count % every == 0) or self.step_count == self.config.train.steps:
+            weights = self.processes.full_parameters(self.model)  # collective under FSDP
             if self.processes.is_main:
                 state = TrainerState(step=self.step_count, optimizer=self.optimizer.state_dict(),
                                      scheduler=self.scheduler.state_dict(), data=self.prompts.state_dict(),
                                      rng=rng_state())  # fmt: skip
-                path = save_checkpoint(self.processes.unwrap(self.model), self.tokenizer, state,
-                                       self.run_dir / "checkpoints", self.config.checkpoint.keep_last)  # fmt: skip
+                root, keep = self.run_dir / "checkpoints", self.config.checkpoint.keep_last
+                path = save_checkpoint(self.processes.unwrap(self.model), self.tokenizer, state, root, keep, weights)
                 logger.info("saved checkpoint %s", path)
             self.processes.wait()
 
