@@ -9,7 +9,6 @@ import asyncio
 import logging
 import os
 import signal
-from dataclasses import asdict, dataclass
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -139,25 +138,10 @@ def check_token_ids(ids: list[int], vocab_size: int, param: str) -> None:
         raise RequestError(f"token id {bad} is out of the vocabulary (size {vocab_size})", param=param)
 
 
-@dataclass(frozen=True)
-class ModelCard:
-    """What GET /v1/info says about a served model; fixed when the engine starts."""
-
-    model: str
-    engine: str
-    dtype: str
-    vocab_size: int
-    tokenizer_hash: str
-    model_vocab_size: int
-    max_model_len: int
-
-    @classmethod
-    def of(
-        cls, model: str, engine: str, dtype: str, tokenizer: PreTrainedTokenizerBase, model_vocab_size: int,
-        max_model_len: int,
-    ) -> "ModelCard":  # fmt: skip
-        vocab_size, digest = tokenizer_fingerprint(tokenizer)
-        return cls(model, engine, dtype, vocab_size, digest, model_vocab_size, max_model_len)
-
-    def info(self, policy_version: int = 0) -> InfoResponse:
-        return InfoResponse(**asdict(self), policy_version=policy_version)
+def model_info(
+    model: str, engine: str, dtype: str, tokenizer: PreTrainedTokenizerBase, model_vocab_size: int, max_model_len: int
+) -> InfoResponse:
+    """What GET /v1/info says about a served model, fixed when its engine starts (policy_version 0)."""
+    vocab_size, digest = tokenizer_fingerprint(tokenizer)
+    return InfoResponse(model=model, engine=engine, dtype=dtype, vocab_size=vocab_size, tokenizer_hash=digest,
+                        model_vocab_size=model_vocab_size, max_model_len=max_model_len)  # fmt: skip

@@ -11,7 +11,7 @@ import torch
 
 from grader.engine import Scored
 from opd.modeling import completion_logprobs, completion_top_k, load_causal_lm, load_tokenizer, pack_left_padded
-from opd.serving import InfoResponse, ModelCard
+from opd.serving import InfoResponse, model_info
 from opd.tokenizer import pad_token_id
 
 
@@ -43,12 +43,12 @@ class TorchGraderEngine:
         self.max_model_len = max_model_len or self.model.config.max_position_embeddings
         self.max_batch_tokens = max_batch_tokens
         self.pad_id = pad_token_id(self.tokenizer)
-        self.card = ModelCard.of(model_path, "torch", dtype, self.tokenizer, self.model.config.vocab_size,
+        self.card = model_info(model_path, "torch", dtype, self.tokenizer, self.model.config.vocab_size,
                                  self.max_model_len)  # fmt: skip
         self._lock = asyncio.Lock()
 
     def info(self) -> InfoResponse:
-        return self.card.info()
+        return self.card
 
     async def score(self, sequences: list[tuple[list[int], list[int]]], top_k: int) -> list[Scored]:
         async with self._lock:

@@ -16,7 +16,7 @@ from transformers import AutoConfig
 from grader.engine import Scored
 from grader.schema import MAX_TOP_K
 from opd.modeling import load_tokenizer
-from opd.serving import InfoResponse, ModelCard
+from opd.serving import InfoResponse, model_info
 from opd.tiny import resolve_model_path
 from opd.vllm_engine import VllmOptions, build_async_llm, engine_errors
 
@@ -56,7 +56,7 @@ class VllmGraderEngine:
         extra = {"max_logprobs": MAX_TOP_K, "max_num_batched_tokens": max_batch_tokens, **options.extra}
         self.engine = build_async_llm(local, VllmOptions(**{**vars(options), "extra": extra}))
         self.tokenizer = load_tokenizer(model_path)
-        self.card = ModelCard.of(model_path, "vllm", options.dtype, self.tokenizer,
+        self.card = model_info(model_path, "vllm", options.dtype, self.tokenizer,
                                  AutoConfig.from_pretrained(local).vocab_size,
                                  self.engine.model_config.max_model_len)  # fmt: skip
         self._params = {
@@ -65,7 +65,7 @@ class VllmGraderEngine:
         }
 
     def info(self) -> InfoResponse:
-        return self.card.info()
+        return self.card
 
     async def score(self, sequences: list[tuple[list[int], list[int]]], top_k: int) -> list[Scored]:
         results: list[Scored] = []

@@ -12,7 +12,7 @@ import torch
 from transformers import DynamicCache
 
 from opd.modeling import load_causal_lm, load_tokenizer, pack_left_padded
-from opd.serving import InfoResponse, ModelCard
+from opd.serving import InfoResponse, model_info
 from opd.tokenizer import chat_prompt_ids, pad_token_id
 from sampler.engine import Sample, SamplingParams, WeightSpec, sample_seed
 
@@ -60,11 +60,11 @@ class TorchSamplerEngine:
         self.pad_id = pad_token_id(self.tokenizer)
         self.policy_version = 0
         self._lock = asyncio.Lock()
-        self.card = ModelCard.of(model_path, "torch", dtype, self.tokenizer, self.model.config.vocab_size,
+        self.card = model_info(model_path, "torch", dtype, self.tokenizer, self.model.config.vocab_size,
                                  self.max_model_len)  # fmt: skip
 
     def info(self) -> InfoResponse:
-        return self.card.info(self.policy_version)
+        return self.card.model_copy(update={"policy_version": self.policy_version})
 
     def chat_to_ids(self, messages: list[dict[str, str]]) -> list[int]:
         return chat_prompt_ids(self.tokenizer, messages)

@@ -23,7 +23,7 @@ from safetensors.torch import save as save_safetensors
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from opd.modeling import DTYPES, load_tokenizer
-from opd.serving import InfoResponse, ModelCard
+from opd.serving import InfoResponse, model_info
 from opd.tiny import resolve_model_path
 from opd.tokenizer import chat_prompt_ids
 from opd.vllm_engine import VllmOptions, build_async_llm, cuda_available, engine_errors
@@ -90,7 +90,7 @@ class VllmSamplerEngine:
         extra |= options.extra
         self.engine = build_async_llm(local, VllmOptions(**{**vars(options), "extra": extra}))
         self.tokenizer = load_tokenizer(model_path)
-        self.card = ModelCard.of(model_path, "vllm", options.dtype, self.tokenizer,
+        self.card = model_info(model_path, "vllm", options.dtype, self.tokenizer,
                                  AutoConfig.from_pretrained(local).vocab_size,
                                  self.engine.model_config.max_model_len)  # fmt: skip
         self._specs = checkpoint_specs(local, options.dtype)
@@ -98,7 +98,7 @@ class VllmSamplerEngine:
         self.policy_version = 0
 
     def info(self) -> InfoResponse:
-        return self.card.info(self.policy_version)
+        return self.card.model_copy(update={"policy_version": self.policy_version})
 
     def chat_to_ids(self, messages: list[dict[str, str]]) -> list[int]:
         return chat_prompt_ids(self.tokenizer, messages)
