@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from opd.errors import ConfigError
+from opd.tiny import missing_local_model
 
 Dtype = Literal["float32", "bfloat16", "float16"]
 
@@ -30,8 +31,7 @@ class ModelSpec(Section):
     @field_validator("path")
     @classmethod
     def _local_path_exists(cls, path: str) -> str:
-        # Paths that can only be local (absolute, ./, ../, ~) must exist; `org/name` may be a hub id.
-        if path.startswith(("/", "./", "../", "~")) and not Path(path).expanduser().exists():
+        if missing_local_model(path):
             raise ValueError(f"model directory {path} does not exist")
         return path
 

@@ -11,7 +11,6 @@ errors answer at once.
 
 import argparse
 import logging
-import os
 import sys
 
 from opd.errors import OpdError
@@ -103,7 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _require_model(path: str) -> None:
-    if not path.startswith("tiny:") and os.path.sep in path and not os.path.exists(path):
+    from opd.tiny import missing_local_model
+
+    if missing_local_model(path):
         raise SystemExit(f"opd: model path {path} does not exist")
 
 
@@ -204,8 +205,9 @@ def main(argv: list[str] | None = None) -> None:
             run_sampler(args)
         else:
             run_grader(args)
-    except OpdError as exc:
-        # Errors opd raises on purpose carry a message meant for the user; no traceback.
+    except (OpdError, OSError) as exc:
+        # Errors opd raises on purpose, and the OS's (a model that cannot be loaded, a port in
+        # use), carry a message meant for the user; no traceback.
         print(f"opd: {type(exc).__name__}: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
     except KeyboardInterrupt:

@@ -75,3 +75,10 @@ def test_every_field_is_documented():
         return undocumented
 
     assert walk(OpdConfig) == []
+
+
+def test_hub_ids_are_not_mistaken_for_missing_local_paths(tmp_path):
+    config = load_config(write(tmp_path, MINIMAL), ["--student.path", "Qwen/Qwen2.5-0.5B-Instruct"])
+    assert config.student.path == "Qwen/Qwen2.5-0.5B-Instruct"
+    with pytest.raises(ConfigError, match="student.path"):
+        load_config(write(tmp_path, MINIMAL), ["--student.path", "./no/such/dir"])
