@@ -3,6 +3,7 @@
 opd sampler --model tiny:student --port 8001
 """
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -119,12 +120,14 @@ async def push_weights(request: Request, version: int | None = Query(default=Non
     engine: SamplerEngine = request.app.state.engine
     if request.headers.get("content-type", "").startswith("application/json"):
         source = WeightsFromPath.model_validate_json(await request.body())
-        tensors, version, path = read_safetensors_file(source.path), source.version, source.path
+        version, path = source.version, source.path
+        tensors = await asyncio.to_thread(read_safetensors_file, path)
     else:
         path = None
         payload = await _read_capped(request, request.app.state.settings.max_weights_bytes)
-        tensors = decode_safetensors(payload, request.headers.get("x-content-sha256"))
-    check_weights(tensors, engine.weight_specs())
+        tensors = await asyncio.to_thread(decode_safetensors, payload, request.headers.get("x-content-sha256"))
+    # Decoding, hashing and checking a multi-GB push takes seconds: off the event loop.
+    await asyncio.to_thread(check_weights, tensors, engine.weight_specs())
     new_version = version if version is not None else engine.policy_version + 1
     await engine.load_weights(tensors, new_version, source_path=path)
     logger.info("loaded %d weight tensors, policy_version=%d", len(tensors), new_version)
