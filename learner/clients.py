@@ -102,6 +102,11 @@ class _Client:
         await self._http.aclose()
 
 
+def _host_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Detached, contiguous CPU copies: what safetensors can serialise."""
+    return {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
+
+
 class SamplerClient(_Client):
     error_cls = SamplerError
 
@@ -112,7 +117,7 @@ class SamplerClient(_Client):
 
     async def push_weights(self, tensors: dict[str, torch.Tensor], version: int) -> int:
         """Stream `tensors` as one safetensors body; returns the sampler's new policy_version."""
-        payload = save_safetensors({name: t.detach().contiguous().cpu() for name, t in tensors.items()})
+        payload = await asyncio.to_thread(save_safetensors, _host_tensors(tensors))
         response = await self._request(
             "POST",
             "/v1/weights",
@@ -131,7 +136,7 @@ class SamplerClient(_Client):
         shared_dir.mkdir(parents=True, exist_ok=True)
         final = shared_dir / f"weights-v{version:06d}.safetensors"
         tmp = shared_dir / f".{final.name}.{os.getpid()}.tmp"
-        await asyncio.to_thread(save_file, {n: t.detach().contiguous().cpu() for n, t in tensors.items()}, tmp)
+        await asyncio.to_thread(save_file, _host_tensors(tensors), tmp)
         os.replace(tmp, final)
         body = WeightsFromPath(path=str(final.resolve()), version=version)
         response = await self._request("POST", "/v1/weights", json=body.model_dump())

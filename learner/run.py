@@ -11,7 +11,7 @@ logger = logging.getLogger(__name__)
 
 
 def run(config: OpdConfig, resume: str | None = None) -> None:
-    """Train from `config`; `resume` is `latest` or a checkpoint directory."""
+    """Train from `config`; `resume` is `latest`, `auto` or a checkpoint directory."""
     resume_from = resolve_resume(Path(config.run_dir) / "checkpoints", resume) if resume else None
     trainer = OnPolicyDistillationTrainer(config, resume_from=resume_from)
     history = trainer.train()

@@ -40,6 +40,8 @@ class ErrorResponse(BaseModel):
 
 ERROR_RESPONSES: dict[int | str, dict] = {
     400: {"model": ErrorResponse, "description": "Bad input (the field is named)"},
+    401: {"model": ErrorResponse, "description": "Weight push without the bearer token"},
+    403: {"model": ErrorResponse, "description": "Weight push with a wrong bearer token"},
     413: {"model": ErrorResponse, "description": "Request too large"},
     422: {"model": ErrorResponse, "description": "Schema validation failed"},
     503: {"model": ErrorResponse, "description": "Engine not ready or dead"},
