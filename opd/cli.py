@@ -4,6 +4,7 @@
     opd run CONFIG.yml [--section.key value ...]   the learner (starts local servers if no URLs)
     opd sampler --model PATH [--port 8001]         the student server
     opd grader --model PATH [--port 8002]          the teacher server
+    opd plot RUN_DIR [RUN_DIR ...] [--out PNG]     reverse KL and eval reward over steps
 
 Arguments are parsed before torch, transformers or uvicorn are imported, so `--help` and config
 errors answer at once.
@@ -81,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("folder", help="folder to create (files already there are never overwritten)")
     init.add_argument("--template", default="distill-reasoning",
                       choices=["distill-reasoning", "distill-chat", "tiny"])  # fmt: skip
+    plot = sub.add_parser("plot", help="plot reverse KL and eval reward from runs' metrics.jsonl")
+    plot.add_argument("runs", nargs="+", help="run directories (each with metrics.jsonl) or metrics.jsonl files")
+    plot.add_argument("--out", default=None, help="PNG to write (default: RUN_DIR/plot.png of the first run)")
     sampler = _server_parser(sub, "sampler", 8001)
     grader = _server_parser(sub, "grader", 8002)
     grader.add_argument(
@@ -189,6 +193,17 @@ def run_init(folder: str, template: str) -> None:
     print(f"next: opd run {Path(folder) / 'config.yml'}")
 
 
+def run_plot(runs: list[str], out: str | None) -> None:
+    from pathlib import Path
+
+    from learner.plot import plot_runs, run_metrics
+
+    paths = [Path(run) for run in runs]
+    loaded = [(path.name if path.is_dir() else path.parent.name, run_metrics(path)) for path in paths]
+    first = paths[0] if paths[0].is_dir() else paths[0].parent
+    print(f"wrote {plot_runs(loaded, Path(out) if out else first / 'plot.png')}")
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -201,6 +216,8 @@ def main(argv: list[str] | None = None) -> None:
             run_learner(args.config, rest, args.resume)
         elif args.command == "init":
             run_init(args.folder, args.template)
+        elif args.command == "plot":
+            run_plot(args.runs, args.out)
         elif args.command == "sampler":
             run_sampler(args)
         else:

@@ -3,7 +3,7 @@
 import subprocess
 import sys
 
-PACKAGES = ["opd", "sampler", "grader", "learner"]
+PACKAGES = ["opd", "sampler", "grader", "learner", "examples"]
 
 
 def run(*args: str) -> subprocess.CompletedProcess:

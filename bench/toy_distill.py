@@ -1,0 +1,166 @@
+"""opd against TRL's GKDTrainer on the toy task: same models, prompts, steps and machine, one run.
+
+    pip install -e '.[bench]'
+    python -m bench.toy_distill [--steps 60] [--batch-size 32] [--engine auto] [--out runs/toy-bench]
+
+1. Builds (or reuses) the toy teacher and SFT'd student (`examples/toy/prepare.py`).
+2. Distils the student with opd, the embedded default (local sampler + grader, `--engine`).
+3. Distils the same student with TRL `GKDTrainer` fully on-policy with reverse KL (lmbda=1,
+   beta=1), same prompts in the same order, batch, steps, learning rate, optimizer and clipping.
+4. Scores teacher, student before and both students after with one in-process greedy evaluator.
+
+Writes `<out>/results.json`, `<out>/toy_distill.png` (reverse KL and eval reward over steps for
+both) and each run's metrics.jsonl under `<out>/opd-ppo{K}` and `<out>/trl`; prints the tables that
+BENCHMARKS.md quotes. The methods differ in their loss: opd's per-token advantage
+`logp_teacher - logp_student` on the sampled token with a PPO clip; GKD's exact reverse KL over the
+whole vocabulary at every position. Step times include everything one step does in each system.
+"""
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from examples.toy.evaluate import MAX_NEW_TOKENS, greedy_rewards
+from examples.toy.prepare import NUM_EVAL, ToyFiles, distill_problems, prepare, sft_summary
+from examples.toy.task import SortItem, eval_problems, to_items
+from learner import OnPolicyDistillationTrainer
+from learner.metrics import read_metrics
+from learner.plot import plot_runs
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--batch-size", type=int, default=128, help="prompts per step, one sample each, both systems")
+    parser.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate, both systems")
+    parser.add_argument("--eval-steps", type=int, default=10)
+    parser.add_argument(
+        "--ppo-steps",
+        type=int,
+        nargs="+",
+        default=[1, 2],
+        help="one opd run per value: clipped updates per batch (GKD takes one)",
+    )
+    parser.add_argument("--engine", choices=["auto", "vllm", "torch"], default="auto", help="opd's local servers")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip-trl", action="store_true", help="opd only (TRL not installed)")
+    parser.add_argument("--models", type=Path, default=Path("runs/toy"), help="toy models cache (prepare --out)")
+    parser.add_argument("--out", type=Path, default=Path("runs/toy-bench"))
+    return parser.parse_args()
+
+
+def run_opd(
+    files: ToyFiles,
+    train: list[SortItem],
+    eval_: list[SortItem],
+    args: argparse.Namespace,
+    ppo_steps: int,
+    run_dir: Path,
+) -> dict:
+    """Distil with opd's Python API; returns wall times and the final checkpoint."""
+    start = time.perf_counter()
+    (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    trainer = OnPolicyDistillationTrainer(
+        student=str(files.student), teacher=str(files.teacher), train_dataset=train, eval_dataset=eval_,
+        run_dir=str(run_dir), data={"shuffle": False},
+        sampling={"n": 1, "temperature": 1.0, "max_tokens": MAX_NEW_TOKENS},
+        train={"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
+               "ppo_steps": ppo_steps},
+        eval={"eval_steps": args.eval_steps, "n": 1, "max_tokens": MAX_NEW_TOKENS}, services={"engine": args.engine},
+        logging={"progress": False},
+    )  # fmt: skip
+    trainer.train()
+    wall = time.perf_counter() - start
+    return {
+        "wall_s": wall,
+        "run_dir": str(run_dir),
+        "final_dir": str(run_dir / "checkpoints" / f"step_{args.steps:06d}"),
+    }
+
+
+def step_stats(rows: list[dict], batch_size: int) -> dict:
+    """Per-step means over the training steps after the first (which pays one-time warm-up)."""
+    steps = [row for row in rows if "time/step" in row][1:]
+    seconds = statistics.mean(row["time/step"] for row in steps)
+    phases = {key: statistics.mean(row[key] for row in steps)
+              for key in steps[0] if key.startswith("time/") and key != "time/step"}  # fmt: skip
+    tokens = statistics.mean(row["throughput/tokens_per_s"] for row in steps)
+    return {"step_s": seconds, "samples_per_s": batch_size / seconds, "tokens_per_s": tokens, "phases": phases}
+
+
+def final_rewards(files: ToyFiles, eval_: list[SortItem], finals: dict[str, str]) -> dict[str, float]:
+    """Mean greedy eval reward of the teacher, the student before, and each distilled student."""
+    tokenizer = AutoTokenizer.from_pretrained(files.student)
+    dirs = {"teacher": str(files.teacher), "student before": str(files.student), **finals}
+    scores = {}
+    for name, path in dirs.items():
+        rewards = greedy_rewards(AutoModelForCausalLM.from_pretrained(path), tokenizer, eval_)
+        scores[name] = sum(rewards) / len(rewards)
+    return scores
+
+
+def gap_closed(after: float, before: float, teacher: float) -> float:
+    """Share of the teacher-student reward gap that distillation closed, in percent."""
+    return 100.0 * (after - before) / (teacher - before) if teacher != before else float("nan")
+
+
+def report(results: dict) -> str:
+    """The markdown tables BENCHMARKS.md quotes."""
+    scores, systems = results["rewards"], results["systems"]
+    lines = ["| model | eval reward | gap closed |", "|---|---|---|"]
+    before, teacher = scores["student before"], scores["teacher"]
+    for name, value in scores.items():
+        closed = f"{gap_closed(value, before, teacher):.0f}%" if name not in ("teacher", "student before") else ""
+        lines.append(f"| {name} | {value:.3f} | {closed} |")
+    lines += ["", "| system | s/step | samples/s | completion tok/s | wall (incl. start) | phases (s/step) |",
+              "|---|---|---|---|---|---|"]  # fmt: skip
+    for name, info in systems.items():
+        stats = info["stats"]
+        phases = ", ".join(f"{k.removeprefix('time/')} {v:.3f}" for k, v in stats["phases"].items())
+        lines.append(f"| {name} | {stats['step_s']:.3f} | {stats['samples_per_s']:.1f} | "
+                     f"{stats['tokens_per_s']:.0f} | {info['wall_s']:.0f} s | {phases} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def main() -> None:
+    args = parse_args()
+    files = prepare(args.models)
+    tokenizer = AutoTokenizer.from_pretrained(files.student)
+    held_out = eval_problems(NUM_EVAL)
+    prompts = distill_problems(held_out)
+    train, eval_ = to_items(prompts, tokenizer), to_items(held_out, tokenizer)
+    systems = {
+        f"opd ppo_steps={k}": run_opd(files, train, eval_, args, k, args.out / f"opd-ppo{k}") for k in args.ppo_steps
+    }
+    if not args.skip_trl:
+        from bench.toy_trl import run_trl  # the bench extra: TRL is not an opd dependency
+
+        systems["trl gkd"] = run_trl(files, prompts, eval_, args)
+    for info in systems.values():
+        info["stats"] = step_stats(read_metrics(Path(info["run_dir"]) / "metrics.jsonl"), args.batch_size)
+    finals = {f"{name} after": info["final_dir"] for name, info in systems.items()}
+    results = {
+        "date": date.today().isoformat(), "machine": f"{platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} torch threads", "args": {k: str(v) for k, v in vars(args).items()},
+        "sft": {name: sft_summary(getattr(files, name)) for name in ("teacher", "student")},
+        "rewards": final_rewards(files, eval_, finals), "systems": systems,
+    }  # fmt: skip
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(results, indent=2))
+    curves = [(name, read_metrics(Path(info["run_dir"]) / "metrics.jsonl")) for name, info in systems.items()]
+    plot = plot_runs(
+        curves, args.out / "toy_distill.png", title="toy task (sort 8 digits): opd vs TRL GKD (lmbda=1, beta=1)"
+    )
+    print(report(results))
+    print(f"\nwrote {args.out / 'results.json'} and {plot}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""The peer in the toy benchmark: TRL's GKDTrainer, fully on-policy with reverse KL.
+
+lmbda=1 makes every batch the student's own samples; beta=1 makes the generalised JSD the reverse
+KL(student || teacher). Everything else is set to match opd's run: one sample per prompt at
+temperature 1, at most MAX_NEW_TOKENS new tokens, AdamW at a constant learning rate, gradient norm 1.0, the same
+prompts in the same order. A callback times each step and, at opd's eval steps, scores the student
+with the same evaluator the final table uses, writing opd's metric names to `<out>/trl/metrics.jsonl`
+so `opd plot` and the benchmark's plot read both runs alike.
+"""
+
+import argparse
+import time
+from typing import Any
+
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+from examples.toy.evaluate import MAX_NEW_TOKENS, greedy_rewards, reverse_kl_per_token
+from examples.toy.prepare import ToyFiles
+from examples.toy.task import Problem, SortItem
+from learner.evaluate import EVAL_SEED_OFFSET
+from learner.metrics import JsonlLogger
+
+
+class MeasuredGKDTrainer(GKDTrainer):
+    """GKDTrainer that records, per step, its generation time, completion tokens and per-token KL."""
+
+    record: dict[str, float]
+
+    def generate_on_policy_outputs(self, model, inputs, generation_config):  # type: ignore[override]
+        start = time.perf_counter()
+        outputs = GKDTrainer.generate_on_policy_outputs(model, inputs, generation_config)
+        self.record["time/generate"] = time.perf_counter() - start
+        self.record["tokens"] = float((outputs[2] != -100).sum())
+        return outputs
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[override]
+        loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        value = loss[0] if return_outputs else loss
+        # GKD divides the summed KL by num_items_in_batch when given; log the mean per sampled token.
+        tokens = float((inputs["labels"][:, 1:] != -100).sum())
+        scale = float(num_items_in_batch) / tokens if num_items_in_batch is not None else 1.0
+        self.record["kl/reverse_per_token"] = float(value.detach()) * scale
+        return loss
+
+
+class StepMetrics(TrainerCallback):
+    """Times steps and evaluates every `eval_steps` (and before the first, after the last)."""
+
+    def __init__(self, trainer_ref: list, teacher: Any, tokenizer: Any, eval_items: list[SortItem],
+                 eval_steps: int, seed: int, logger: JsonlLogger) -> None:  # fmt: skip
+        self.trainer_ref, self.teacher, self.tokenizer = trainer_ref, teacher, tokenizer
+        self.eval_items, self.eval_steps, self.seed, self.logger = eval_items, eval_steps, seed, logger
+        self.start = 0.0
+
+    def evaluate(self, model: Any) -> dict[str, float]:
+        rewards = greedy_rewards(model, self.tokenizer, self.eval_items)
+        kl = reverse_kl_per_token(model, self.teacher, self.tokenizer, self.eval_items, self.seed + EVAL_SEED_OFFSET)
+        return {"eval/reward": sum(rewards) / len(rewards), "eval/reverse_kl_per_token": kl}
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):  # type: ignore[no-untyped-def]
+        self.logger.log(self.evaluate(model), step=0)
+
+    def on_step_begin(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        self.trainer_ref[0].record = {}
+        self.start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):  # type: ignore[no-untyped-def]
+        step_s = time.perf_counter() - self.start
+        record = dict(self.trainer_ref[0].record)
+        tokens = record.pop("tokens")
+        metrics = {**record, "time/learn": step_s - record["time/generate"], "time/step": step_s,
+                   "throughput/tokens_per_s": tokens / step_s,
+                   "completion/mean_length": tokens / args.train_batch_size}  # fmt: skip
+        if state.global_step % self.eval_steps == 0 or state.global_step == state.max_steps:
+            metrics |= self.evaluate(model)
+        self.logger.log(metrics, step=state.global_step)
+
+
+def chat_rows(problems: list[Problem]) -> Dataset:
+    """GKD's collator takes chat messages; the prompt is everything before the last (assistant) turn."""
+    rows = [[{"role": "user", "content": p.prompt}, {"role": "assistant", "content": p.answer}] for p in problems]
+    return Dataset.from_list([{"messages": messages} for messages in rows])
+
+
+def gkd_config(args: argparse.Namespace, out: str) -> GKDConfig:
+    return GKDConfig(
+        output_dir=out, lmbda=1.0, beta=1.0, temperature=1.0, max_new_tokens=MAX_NEW_TOKENS,
+        per_device_train_batch_size=args.batch_size, max_steps=args.steps, learning_rate=args.lr,
+        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
+        train_sampling_strategy="sequential", seed=args.seed, use_cpu=True, report_to="none",
+        save_strategy="no", logging_steps=args.steps, disable_tqdm=True, dataloader_num_workers=0,
+    )  # fmt: skip
+
+
+def run_trl(
+    files: ToyFiles, train_problems: list[Problem], eval_items: list[SortItem], args: argparse.Namespace
+) -> dict:
+    """Distil with GKDTrainer; returns wall time and the directory of the final student."""
+    start = time.perf_counter()
+    out = args.out / "trl"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.jsonl").unlink(missing_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(files.student)
+    teacher = AutoModelForCausalLM.from_pretrained(files.teacher).eval()
+    logger, ref = JsonlLogger(out / "metrics.jsonl"), [None]
+    trainer = MeasuredGKDTrainer(
+        model=AutoModelForCausalLM.from_pretrained(files.student), teacher_model=teacher,
+        args=gkd_config(args, str(out)), train_dataset=chat_rows(train_problems), processing_class=tokenizer,
+        callbacks=[StepMetrics(ref, teacher, tokenizer, eval_items, args.eval_steps, args.seed, logger)],
+    )  # fmt: skip
+    ref[0] = trainer
+    try:
+        trainer.train()
+    finally:
+        logger.close()
+    final = out / "final"
+    trainer.save_model(str(final))
+    return {"wall_s": time.perf_counter() - start, "run_dir": str(out), "final_dir": str(final)}

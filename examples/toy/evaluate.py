@@ -1,0 +1,82 @@
+"""One evaluator for every model in the toy comparison, run in-process with transformers.
+
+The teacher, the students before and after, and the TRL student are all scored here, with the same
+greedy decoding and the same `SortItem.get_reward`, so their rewards compare directly. The
+reverse-KL estimate matches the learner's: sample the student at temperature 1 and average
+`logp_student - logp_teacher` over the sampled completion tokens.
+"""
+
+from collections.abc import Sequence
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from examples.toy.task import NUM_DIGITS, SortItem
+from opd.modeling import completion_logprobs, pack_left_padded
+
+MAX_NEW_TOKENS = NUM_DIGITS + 2
+"""The digits and the end token, plus one: a completion that runs on is cut, and scored wrong."""
+
+
+def _left_padded(prompts: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    length = max(len(p) for p in prompts)
+    ids_BL = torch.full((len(prompts), length), pad_id, dtype=torch.long)
+    mask_BL = torch.zeros_like(ids_BL)
+    for b, prompt in enumerate(prompts):
+        ids_BL[b, length - len(prompt) :] = torch.tensor(prompt)
+        mask_BL[b, length - len(prompt) :] = 1
+    return ids_BL, mask_BL
+
+
+@torch.no_grad()
+def generate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[list[int]],
+    sample: bool,
+    seed: int = 0,
+) -> list[list[int]]:
+    """Completion ids (up to and including the end token) for each prompt: greedy, or sampled at T=1."""
+    ids_BL, mask_BL = _left_padded(prompts, int(tokenizer.pad_token_id))
+    torch.manual_seed(seed)
+    out = model.generate(input_ids=ids_BL, attention_mask=mask_BL, max_new_tokens=MAX_NEW_TOKENS,  # type: ignore[operator]
+                         do_sample=sample, temperature=1.0 if sample else None, top_k=0 if sample else None,
+                         top_p=1.0, pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+    completions = []
+    for row in out[:, ids_BL.shape[1] :].tolist():
+        end = row.index(tokenizer.eos_token_id) + 1 if tokenizer.eos_token_id in row else len(row)
+        completions.append(row[:end])
+    return completions
+
+
+def greedy_rewards(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, items: Sequence[SortItem]
+) -> list[float]:
+    """`item.get_reward(greedy completion)` for each item, in order."""
+    was_training = model.training
+    model.eval()
+    completions = generate(model, tokenizer, [item.prompt_ids for item in items], sample=False)
+    model.train(was_training)
+    texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
+    return [item.get_reward(text) for item, text in zip(items, texts, strict=True)]
+
+
+@torch.no_grad()
+def reverse_kl_per_token(
+    student: PreTrainedModel,
+    teacher: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    items: Sequence[SortItem],
+    seed: int,
+) -> float:
+    """Monte-Carlo KL(student || teacher) per completion token on the student's own samples."""
+    was_training = student.training
+    student.eval()
+    prompts = [item.prompt_ids for item in items]
+    completions = generate(student, tokenizer, prompts, sample=True, seed=seed)
+    student.train(was_training)
+    packed = pack_left_padded(prompts, completions, int(tokenizer.pad_token_id))
+    gap_BT = completion_logprobs(student, packed) - completion_logprobs(teacher, packed)
+    mask_BT = torch.arange(gap_BT.shape[1]) < packed.completion_lengths_B[:, None]  # right-padded
+    return float((gap_BT * mask_BT).sum() / mask_BT.sum())

@@ -1,0 +1,62 @@
+"""Plot reverse KL and eval reward over steps from one or more runs' metrics.jsonl.
+
+    opd plot runs/toy/opd                         # writes runs/toy/opd/plot.png
+    opd plot runs/a runs/b --out compare.png      # several runs on the same axes
+
+Reads the keys the trainer logs: `kl/reverse_per_token` (the training batch), and at eval steps
+`eval/reverse_kl_per_token` and `eval/reward`. A run without eval items still gets its KL curve.
+"""
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from learner.metrics import read_metrics
+from opd.errors import ConfigError
+
+TRAIN_KL = "kl/reverse_per_token"
+EVAL_KL = "eval/reverse_kl_per_token"
+EVAL_REWARD = "eval/reward"
+
+
+def series(rows: Sequence[dict], key: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of the rows that carry `key`, in step order."""
+    points = sorted((row["step"], row[key]) for row in rows if key in row)
+    return [step for step, _ in points], [value for _, value in points]
+
+
+def run_metrics(run_dir: Path) -> list[dict]:
+    """The rows of `run_dir/metrics.jsonl` (or of that file itself); errors say what is missing."""
+    path = run_dir if run_dir.is_file() else run_dir / "metrics.jsonl"
+    if not path.is_file():
+        raise ConfigError(f"no metrics at {path}: pass a run directory (the trainer's run_dir) or a metrics.jsonl")
+    rows = read_metrics(path)
+    if not any(TRAIN_KL in row or EVAL_KL in row for row in rows):
+        raise ConfigError(f"{path} has no reverse-KL metrics to plot")
+    return rows
+
+
+def plot_runs(runs: Sequence[tuple[str, Sequence[dict]]], out: Path, title: str | None = None) -> Path:
+    """Two panels, reverse KL per token and eval reward, one colour per (label, rows) run; writes a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on servers and CI
+    import matplotlib.pyplot as plt
+
+    fig, (kl_ax, reward_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    for index, (label, rows) in enumerate(runs):
+        colour = f"C{index}"
+        kl_ax.plot(*series(rows, TRAIN_KL), color=colour, alpha=0.5, label=f"{label}: training batch")
+        kl_ax.plot(*series(rows, EVAL_KL), "o--", color=colour, label=f"{label}: held-out")
+        reward_ax.plot(*series(rows, EVAL_REWARD), "o-", color=colour, label=label)
+    kl_ax.set(xlabel="step", ylabel="nats per completion token", title="reverse KL(student || teacher)")
+    reward_ax.set(xlabel="step", ylabel="mean reward", title="eval reward (greedy)")
+    for ax in (kl_ax, reward_ax):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out

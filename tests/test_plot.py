@@ -1,0 +1,65 @@
+"""`opd plot`: reverse KL and eval reward from any run's metrics.jsonl, as a PNG."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+from matplotlib.image import imread
+
+from learner.plot import series
+
+BLUE, ORANGE = (0x1F, 0x77, 0xB4), (0xFF, 0x7F, 0x0E)  # matplotlib's C0 and C1: run 1 and run 2
+
+
+def write_run(run_dir, kl_start: float) -> None:
+    rows = [{"step": 0, "eval/reverse_kl_per_token": kl_start, "eval/reward": 0.1}]
+    rows += [{"step": s, "kl/reverse_per_token": kl_start / s} for s in range(1, 11)]
+    rows[-1] |= {"eval/reverse_kl_per_token": kl_start / 10, "eval/reward": 0.8}
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def opd_plot(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "opd.cli", "plot", *args], capture_output=True, text=True, timeout=120)
+
+
+def has_colour(image: np.ndarray, rgb: tuple[int, int, int]) -> bool:
+    pixels = (image[..., :3] * 255).round().astype(int)
+    return bool((np.abs(pixels - np.array(rgb)).sum(-1) <= 6).any())
+
+
+def test_series_takes_rows_with_the_key_in_step_order():
+    rows = [{"step": 2, "a": 0.5}, {"step": 0, "a": 1.0}, {"step": 1, "b": 3.0}]
+    assert series(rows, "a") == ([0, 2], [1.0, 0.5])
+    assert series(rows, "missing") == ([], [])
+
+
+def test_plot_of_one_run_lands_in_its_run_dir(tmp_path):
+    write_run(tmp_path / "run", kl_start=3.0)
+    result = opd_plot(str(tmp_path / "run"))
+    assert result.returncode == 0, result.stderr
+    image = imread(tmp_path / "run" / "plot.png")
+    assert image.shape[:2] == (480, 1320)  # 11 x 4 inches at 120 dpi
+    assert has_colour(image, BLUE) and not has_colour(image, ORANGE)
+
+
+def test_two_runs_on_the_same_axes(tmp_path):
+    write_run(tmp_path / "a", kl_start=3.0)
+    write_run(tmp_path / "b", kl_start=2.0)
+    out = tmp_path / "both.png"
+    result = opd_plot(str(tmp_path / "a"), str(tmp_path / "b" / "metrics.jsonl"), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    image = imread(out)
+    assert has_colour(image, BLUE) and has_colour(image, ORANGE)
+
+
+def test_nothing_to_plot_is_a_clear_error(tmp_path):
+    missing = opd_plot(str(tmp_path / "nope"))
+    assert missing.returncode == 1
+    assert "no metrics at" in missing.stderr and "Traceback" not in missing.stderr
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "metrics.jsonl").write_text(json.dumps({"step": 1, "time/step": 0.1}) + "\n")
+    empty = opd_plot(str(tmp_path / "empty"))
+    assert empty.returncode == 1
+    assert "no reverse-KL metrics" in empty.stderr
