@@ -18,6 +18,7 @@ whole vocabulary at every position. Step times include everything one step does 
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -129,6 +130,14 @@ def report(results: dict) -> str:
     return "\n".join(lines)
 
 
+def machine() -> str:
+    """CPU model, core count and torch threads, for the record."""
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), platform.machine())
+    return f"{model}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+
+
 def main() -> None:
     args = parse_args()
     files = prepare(args.models)
@@ -147,8 +156,7 @@ def main() -> None:
         info["stats"] = step_stats(read_metrics(Path(info["run_dir"]) / "metrics.jsonl"), args.batch_size)
     finals = {f"{name} after": info["final_dir"] for name, info in systems.items()}
     results = {
-        "date": date.today().isoformat(), "machine": f"{platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} torch threads", "args": {k: str(v) for k, v in vars(args).items()},
+        "date": date.today().isoformat(), "machine": machine(), "args": {k: str(v) for k, v in vars(args).items()},
         "sft": {name: sft_summary(getattr(files, name)) for name in ("teacher", "student")},
         "rewards": final_rewards(files, eval_, finals), "systems": systems,
     }  # fmt: skip

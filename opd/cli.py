@@ -15,6 +15,7 @@ import logging
 import sys
 
 from opd.errors import OpdError
+from opd.launch import bind_listener
 
 
 def setup_logging(level: str = "INFO") -> None:
@@ -139,6 +140,7 @@ def run_sampler(args: argparse.Namespace) -> None:
 
     api_key = load_api_key(args.api_key_file)
     require_key_off_loopback(args.host, api_key)
+    listener = bind_listener(args.host, args.port)
     from opd.serving import serve
     from sampler.app import SamplerSettings, create_app
     from sampler.engine import SamplerEngine
@@ -153,11 +155,12 @@ def run_sampler(args: argparse.Namespace) -> None:
 
         engine = TorchSamplerEngine(args.model, args.dtype, args.device, args.max_model_len)
     settings = SamplerSettings(args.max_weights_bytes, args.max_request_sequences, api_key)
-    serve(create_app(engine, settings), args.host, args.port)
+    serve(create_app(engine, settings), listener)
 
 
 def run_grader(args: argparse.Namespace) -> None:
     _require_model(args.model)
+    listener = bind_listener(args.host, args.port)
     from grader.app import GraderSettings, create_app
     from grader.engine import GraderEngine
     from opd.serving import serve
@@ -171,7 +174,7 @@ def run_grader(args: argparse.Namespace) -> None:
         from grader.engines.torch import TorchGraderEngine
 
         engine = TorchGraderEngine(args.model, args.dtype, args.device, args.max_model_len, args.max_batch_tokens)
-    serve(create_app(engine, GraderSettings(args.max_request_sequences)), args.host, args.port)
+    serve(create_app(engine, GraderSettings(args.max_request_sequences)), listener)
 
 
 def run_learner(config_path: str, overrides: list[str], resume: str | None) -> None:

@@ -10,6 +10,7 @@ alone is signalled (SIGTERM, then SIGKILL after a grace period).
 
 import contextlib
 import ctypes
+import errno
 import logging
 import os
 import signal
@@ -35,12 +36,30 @@ STOP_GRACE_S = 10.0
 MAX_RESTARTS = 5
 """A child that dies more often than this is left dead: it is crash-looping, not unlucky."""
 WATCHDOG_INTERVAL_S = 0.5
+EXIT_PORT_IN_USE = 98
+"""Exit status of a server whose port is taken (errno EADDRINUSE on Linux); the launcher retries."""
+PORT_ATTEMPTS = 4
+"""A free port can be taken between our probe and the child's bind: vLLM engines starting next to
+it pick their own ports the same way. Each retry probes a new port."""
 
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def bind_listener(host: str, port: int) -> socket.socket:
+    """The server's listening socket, bound before the model loads so the port is claimed early.
+    A taken port ends the process with EXIT_PORT_IN_USE and a one-line message."""
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    try:
+        return socket.create_server((host, port), family=family)
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        print(f"opd: port {port} on {host} is already in use; pick another with --port", file=sys.stderr)
+        raise SystemExit(EXIT_PORT_IN_USE) from None
 
 
 def _log_tail(path: Path, lines: int = 30) -> str:
@@ -99,18 +118,30 @@ class LocalServer:
     """One `opd ROLE ARGS --port P` child process on loopback."""
 
     def __init__(
-        self, role: str, args: list[str], log_dir: Path | None = None, env: dict[str, str] | None = None
+        self,
+        role: str,
+        args: list[str],
+        log_dir: Path | None = None,
+        env: dict[str, str] | None = None,
+        port: int | None = None,
     ) -> None:
         self.role = role
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.args = args
+        self.port = port if port is not None else free_port()
         log_dir = Path(log_dir) if log_dir is not None else Path(tempfile.mkdtemp(prefix="opd-"))
         log_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = log_dir / f"{role}.log"
-        self.cmd = [sys.executable, "-m", "opd.cli", role, *args, "--host", "127.0.0.1", "--port", str(self.port)]
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen | None = None
         self.restarts = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def cmd(self) -> list[str]:
+        return [sys.executable, "-m", "opd.cli", self.role, *self.args, "--host", "127.0.0.1", "--port", str(self.port)]
 
     def start(self) -> "LocalServer":
         with open(self.log_path, "ab") as log:
@@ -122,7 +153,17 @@ class LocalServer:
         return self
 
     def wait_ready(self, timeout: float = STARTUP_TIMEOUT_S) -> None:
-        wait_healthy(self.url, self.proc, self.role, self.log_path, timeout)
+        """Wait until healthy; a child that lost its port to another process starts again on a new one."""
+        for attempt in range(1, PORT_ATTEMPTS + 1):
+            try:
+                wait_healthy(self.url, self.proc, self.role, self.log_path, timeout)
+                return
+            except ServiceError:
+                if self.proc is None or self.proc.returncode != EXIT_PORT_IN_USE or attempt == PORT_ATTEMPTS:
+                    raise
+            logger.warning("%s: port %d was taken before it bound; starting on another port", self.role, self.port)
+            self.port = free_port()
+            self.start()
 
     def stop(self) -> None:
         if self.proc is not None:

@@ -9,6 +9,7 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -111,9 +112,10 @@ def add_body_limit(
         return await call_next(request)
 
 
-def serve(app: FastAPI, host: str, port: int) -> None:
-    """Run `app` with uvicorn until SIGINT/SIGTERM."""
-    uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)
+def serve(app: FastAPI, listener: socket.socket) -> None:
+    """Run `app` with uvicorn on an already bound socket (`opd.launch.bind_listener`) until SIGINT/SIGTERM."""
+    config = uvicorn.Config(app, log_level="info", access_log=False)
+    uvicorn.Server(config).run(sockets=[listener])
 
 
 class InfoResponse(BaseModel):

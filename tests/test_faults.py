@@ -120,3 +120,23 @@ def test_weight_push_cut_off_mid_stream_keeps_the_old_weights(student_dir, tmp_p
     assert after == before
     log = (tmp_path / "sampler.log").read_text()
     assert "Traceback" not in log, log[-2000:]
+
+
+def test_a_port_taken_before_the_server_binds_is_retried_on_another(tmp_path, teacher_dir):
+    with socket.create_server(("127.0.0.1", 0)) as squatter:  # what a vLLM engine next door did
+        taken = squatter.getsockname()[1]
+        server = LocalServer("grader", ["--model", str(teacher_dir), "--engine", "torch"], tmp_path, port=taken)
+        with local_servers([server]) as (url,):
+            assert server.port != taken
+            assert httpx.get(f"{url}/health").status_code == 200
+    assert "already in use" in (tmp_path / "grader.log").read_text()
+
+
+def test_a_taken_port_on_the_command_line_is_one_clear_line(teacher_dir):
+    with socket.create_server(("127.0.0.1", 0)) as squatter:
+        port = str(squatter.getsockname()[1])
+        cmd = [sys.executable, "-m", "opd.cli", "grader", "--model", str(teacher_dir), "--port", port]
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 98
+    assert f"port {port} on 127.0.0.1 is already in use" in result.stderr
+    assert "Traceback" not in result.stderr
