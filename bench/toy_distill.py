@@ -1,7 +1,7 @@
 """opd against TRL's GKDTrainer on the toy task: same models, prompts, steps and machine, one run.
 
     pip install -e '.[bench]'
-    python -m bench.toy_distill [--steps 60] [--batch-size 32] [--engine auto] [--out runs/toy-bench]
+    python -m bench.toy_distill [--steps 60] [--batch-size 128] [--engine torch] [--out runs/toy-bench]
 
 1. Builds (or reuses) the toy teacher and SFT'd student (`examples/toy/prepare.py`).
 2. Distils the student with opd, the embedded default (local sampler + grader, `--engine`).
@@ -41,7 +41,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--batch-size", type=int, default=128, help="prompts per step, one sample each, both systems")
     parser.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate, both systems")
-    parser.add_argument("--eval-steps", type=int, default=10)
+    parser.add_argument("--eval-steps", type=int, default=10, help="evaluate every N steps (N > 0)")
     parser.add_argument(
         "--ppo-steps",
         type=int,
@@ -54,7 +54,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--skip-trl", action="store_true", help="opd only (TRL not installed)")
     parser.add_argument("--models", type=Path, default=Path("runs/toy"), help="toy models cache (prepare --out)")
     parser.add_argument("--out", type=Path, default=Path("runs/toy-bench"))
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.eval_steps <= 0:
+        parser.error("--eval-steps must be positive: the plot and table need the eval curve")
+    return args
 
 
 def run_opd(
@@ -144,6 +147,9 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(files.student)
     held_out = eval_problems(NUM_EVAL)
     prompts = distill_problems(held_out)
+    if args.steps * args.batch_size > len(prompts):
+        # past one epoch opd's batches run across the epoch boundary and TRL's last one is short
+        raise SystemExit(f"--steps x --batch-size must be at most {len(prompts)} (one pass over the prompts)")
     train, eval_ = to_items(prompts, tokenizer), to_items(held_out, tokenizer)
     systems = {
         f"opd ppo_steps={k}": run_opd(files, train, eval_, args, k, args.out / f"opd-ppo{k}") for k in args.ppo_steps

@@ -36,12 +36,12 @@ class MeasuredGKDTrainer(GKDTrainer):
         return outputs
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[override]
-        loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        # Trainer counts num_items_in_batch on the dataset's labels, before generation replaced
+        # them (10 answer tokens per row, not the ~9 sampled); without it GKD takes the mean over
+        # the sampled tokens, the normaliser opd uses too.
+        loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch=None)
         value = loss[0] if return_outputs else loss
-        # GKD divides the summed KL by num_items_in_batch when given; log the mean per sampled token.
-        tokens = float((inputs["labels"][:, 1:] != -100).sum())
-        scale = float(num_items_in_batch) / tokens if num_items_in_batch is not None else 1.0
-        self.record["kl/reverse_per_token"] = float(value.detach()) * scale
+        self.record["kl/reverse_per_token"] = float(value.detach())
         return loss
 
 
@@ -73,7 +73,7 @@ class StepMetrics(TrainerCallback):
         metrics = {**record, "time/learn": step_s - record["time/generate"], "time/step": step_s,
                    "throughput/tokens_per_s": tokens / step_s,
                    "completion/mean_length": tokens / args.train_batch_size}  # fmt: skip
-        if state.global_step % self.eval_steps == 0 or state.global_step == state.max_steps:
+        if (self.eval_steps and state.global_step % self.eval_steps == 0) or state.global_step == state.max_steps:
             metrics |= self.evaluate(model)
         self.logger.log(metrics, step=state.global_step)
 
@@ -89,6 +89,9 @@ def gkd_config(args: argparse.Namespace, out: str) -> GKDConfig:
         output_dir=out, lmbda=1.0, beta=1.0, temperature=1.0, max_new_tokens=MAX_NEW_TOKENS,
         per_device_train_batch_size=args.batch_size, max_steps=args.steps, learning_rate=args.lr,
         lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
+        # SFTConfig's defaults would train in bf16 autocast with gradient checkpointing, which
+        # also turns off the KV cache in generation; opd runs float32 with a cache.
+        bf16=False, gradient_checkpointing=False,
         train_sampling_strategy="sequential", seed=args.seed, use_cpu=True, report_to="none",
         save_strategy="no", logging_steps=args.steps, disable_tqdm=True, dataloader_num_workers=0,
     )  # fmt: skip
@@ -111,6 +114,8 @@ def run_trl(
         callbacks=[StepMetrics(ref, teacher, tokenizer, eval_items, args.eval_steps, args.seed, logger)],
     )  # fmt: skip
     ref[0] = trainer
+    if trainer.accelerator.native_amp or trainer.generation_config.use_cache is not True:
+        raise RuntimeError("the TRL run must use float32 and a KV cache, as opd does")
     try:
         trainer.train()
     finally:

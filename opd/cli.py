@@ -15,7 +15,6 @@ import logging
 import sys
 
 from opd.errors import OpdError
-from opd.launch import bind_listener
 
 
 def setup_logging(level: str = "INFO") -> None:
@@ -140,6 +139,8 @@ def run_sampler(args: argparse.Namespace) -> None:
 
     api_key = load_api_key(args.api_key_file)
     require_key_off_loopback(args.host, api_key)
+    from opd.launch import bind_listener
+
     listener = bind_listener(args.host, args.port)
     from opd.serving import serve
     from sampler.app import SamplerSettings, create_app
@@ -160,6 +161,8 @@ def run_sampler(args: argparse.Namespace) -> None:
 
 def run_grader(args: argparse.Namespace) -> None:
     _require_model(args.model)
+    from opd.launch import bind_listener
+
     listener = bind_listener(args.host, args.port)
     from grader.app import GraderSettings, create_app
     from grader.engine import GraderEngine

@@ -51,7 +51,8 @@ def free_port() -> int:
 
 def bind_listener(host: str, port: int) -> socket.socket:
     """The server's listening socket, bound before the model loads so the port is claimed early.
-    A taken port ends the process with EXIT_PORT_IN_USE and a one-line message."""
+    `host` is an IP address or a name bound at its first address (`localhost` may be ::1); "0.0.0.0"
+    is every IPv4 interface. A taken port ends the process with EXIT_PORT_IN_USE and one line."""
     family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
     try:
         return socket.create_server((host, port), family=family)

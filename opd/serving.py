@@ -114,6 +114,8 @@ def add_body_limit(
 
 def serve(app: FastAPI, listener: socket.socket) -> None:
     """Run `app` with uvicorn on an already bound socket (`opd.launch.bind_listener`) until SIGINT/SIGTERM."""
+    host, port = listener.getsockname()[:2]
+    logger.info("listening on http://%s:%d", host, port)  # uvicorn does not say so for a given socket
     config = uvicorn.Config(app, log_level="info", access_log=False)
     uvicorn.Server(config).run(sockets=[listener])
 

@@ -52,8 +52,8 @@ def prepare_cpu_env() -> None:
     """Environment the CPU build needs; set before the engine (and its child process) starts."""
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
     # Idle OpenMP threads of the engine processes sleep instead of spinning: on 2 cores, with a
-    # sampler, a grader and the learner sharing them, spinning halved the learner's speed (toy
-    # benchmark: 2.0 -> 1.0 s per step). Read when the engine's child processes start.
+    # sampler, a grader and the learner sharing them, spinning starved the learner (20 toy steps:
+    # 2.03 -> 1.48 s per step; BENCHMARKS.md). Read when the engine's child processes start.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
     os.environ.setdefault("VLLM_DO_NOT_TRACK", "1")

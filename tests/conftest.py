@@ -44,3 +44,11 @@ def servers(
         ]
     ) as (sampler_url, grader_url):
         yield sampler_url, grader_url
+
+
+@pytest.fixture(scope="session")
+def toy_models(tmp_path_factory: pytest.TempPathFactory):
+    """The toy task's SFT teacher and student and prompt files, built once (~40 s) for the session."""
+    from examples.toy.prepare import prepare
+
+    return prepare(tmp_path_factory.mktemp("toy"))

@@ -10,7 +10,7 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from examples.toy.evaluate import greedy_rewards
-from examples.toy.prepare import NUM_EVAL, prepare, sft_summary
+from examples.toy.prepare import NUM_EVAL, sft_summary
 from examples.toy.task import eval_problems, to_items
 from learner.config import load_config
 from learner.metrics import read_metrics
@@ -32,8 +32,8 @@ def test_paired_z_hand_values():
 
 
 @pytest.mark.slow
-def test_distillation_lifts_the_students_reward_on_held_out_lists(tmp_path):
-    files = prepare(tmp_path / "toy")
+def test_distillation_lifts_the_students_reward_on_held_out_lists(tmp_path, toy_models):
+    files = toy_models
     tokenizer = AutoTokenizer.from_pretrained(files.student)
     items = to_items(eval_problems(NUM_EVAL), tokenizer)
     assert sft_summary(files.teacher)["eval_reward"] >= 0.9  # a teacher that knows the task

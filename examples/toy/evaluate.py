@@ -38,11 +38,12 @@ def generate(
 ) -> list[list[int]]:
     """Completion ids (up to and including the end token) for each prompt: greedy, or sampled at T=1."""
     ids_BL, mask_BL = _left_padded(prompts, int(tokenizer.pad_token_id))
-    torch.manual_seed(seed)
-    out = model.generate(input_ids=ids_BL, attention_mask=mask_BL, max_new_tokens=MAX_NEW_TOKENS,  # type: ignore[operator]
-                         do_sample=sample, temperature=1.0 if sample else None, top_k=0 if sample else None,
-                         top_p=1.0, pad_token_id=tokenizer.pad_token_id,
-                         eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+    with torch.random.fork_rng():  # the caller's RNG (e.g. a trainer's sampling) is left as it was
+        torch.manual_seed(seed)
+        out = model.generate(input_ids=ids_BL, attention_mask=mask_BL, max_new_tokens=MAX_NEW_TOKENS,  # type: ignore[operator]
+                             do_sample=sample, temperature=1.0 if sample else None, top_k=0 if sample else None,
+                             top_p=1.0, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=tokenizer.eos_token_id)  # fmt: skip
     completions = []
     for row in out[:, ids_BL.shape[1] :].tolist():
         end = row.index(tokenizer.eos_token_id) + 1 if tokenizer.eos_token_id in row else len(row)

@@ -1,11 +1,12 @@
 """Build the toy task's teacher and student by supervised learning on CPU, and its prompt files.
 
-    python -m examples.toy.prepare [--out runs/toy]     # ~1.5 min on 2 cores the first time
+    python -m examples.toy.prepare [--out runs/toy]     # ~40 s on 2 cores the first time
 
-The teacher (Qwen2-style, 1.1M parameters) trains until it solves nearly every held-out sum; the
-student (0.36M, the `tiny:student` shape) gets a brief SFT so it knows the format but gets most sums
-wrong. Both share the locally built tiny tokenizer. Everything is seeded, and the outputs are cached
-under `--out`: a model is rebuilt only when its recipe (shapes, steps, seeds) changes.
+The teacher (Qwen2-style, 1.1M parameters) trains for 200 steps, after which it sorts 99% of the
+held-out lists; the student (0.36M, the `tiny:student` shape) gets 50 steps, so it knows the format
+but gets most lists wrong. Both share the locally built tiny tokenizer. Everything is seeded, and
+the outputs are cached under `--out`: a model is rebuilt when its recipe (shapes, steps, seeds) or
+the data it is built from (list counts, seeds, tokenizer recipe) changes.
 
 Writes `<out>/teacher/`, `<out>/student/` (Hugging Face dirs, each with `sft.json`: eval reward and
 SFT time) and `<out>/train.jsonl`, `<out>/eval.jsonl` for `opd run examples/toy/config.yml`.
@@ -27,7 +28,8 @@ import torch
 from transformers import PreTrainedTokenizerBase, Qwen2Config, Qwen2ForCausalLM
 
 from examples.toy.evaluate import greedy_rewards
-from examples.toy.task import Problem, eval_problems, to_items, train_problems, write_jsonl
+from examples.toy.task import EVAL_SEED, Problem, eval_problems, to_items, train_problems, write_jsonl
+from opd.tiny import RECIPE_VERSION as TINY_RECIPE
 from opd.tiny import build_tokenizer
 
 NUM_EVAL = 200
@@ -123,7 +125,8 @@ def ensure_model(name: str, out: Path, train: list[Problem], eval_: list[Problem
     """`out/name`, trained now unless a directory with the same recipe is already there."""
     recipe, target = RECIPES[name], out / name
     marker = target / "sft.json"
-    if marker.exists() and json.loads(marker.read_text())["recipe"] == asdict(recipe):
+    key = {**asdict(recipe), **data_key()}
+    if marker.exists() and json.loads(marker.read_text())["recipe"] == key:
         return target
     print(f"training the toy {name} ({recipe.hidden_size} hidden x {recipe.layers} layers, {recipe.steps} steps)")
     tokenizer = build_tokenizer()
@@ -131,7 +134,7 @@ def ensure_model(name: str, out: Path, train: list[Problem], eval_: list[Problem
     sft(model, tokenizer, train, recipe)
     seconds = time.perf_counter() - start
     rewards = greedy_rewards(model, tokenizer, to_items(eval_, tokenizer))
-    summary = {"recipe": asdict(recipe), "eval_reward": sum(rewards) / len(rewards), "sft_seconds": seconds}
+    summary = {"recipe": key, "eval_reward": sum(rewards) / len(rewards), "sft_seconds": seconds}
     print(f"  {name}: eval reward {summary['eval_reward']:.3f} after {seconds:.0f} s")
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=out))
@@ -144,6 +147,11 @@ def ensure_model(name: str, out: Path, train: list[Problem], eval_: list[Problem
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def data_key() -> dict:
+    """What a model depends on besides its recipe: part of the cache key."""
+    return {"num_sft": NUM_SFT, "num_eval": NUM_EVAL, "eval_seed": EVAL_SEED, "tokenizer": TINY_RECIPE}
 
 
 def sft_summary(model_dir: Path) -> dict:
@@ -159,15 +167,19 @@ class ToyFiles:
     eval_jsonl: Path
 
 
+def sft_problems(eval_: list[Problem]) -> list[Problem]:
+    return train_problems(NUM_SFT, 0, eval_)
+
+
 def distill_problems(eval_: list[Problem]) -> list[Problem]:
-    """The distillation prompts (train.jsonl): lists the student never saw in SFT."""
-    return train_problems(NUM_TRAIN_PROMPTS, DISTILL_SEED, eval_)
+    """The distillation prompts (train.jsonl): lists that are neither eval lists nor SFT lists."""
+    return train_problems(NUM_TRAIN_PROMPTS, DISTILL_SEED, [*eval_, *sft_problems(eval_)])
 
 
 def prepare(out: Path) -> ToyFiles:
     """Teacher, student and prompt files under `out`, built or reused."""
     eval_ = eval_problems(NUM_EVAL)
-    sft_lists = train_problems(NUM_SFT, 0, eval_)
+    sft_lists = sft_problems(eval_)
     files = ToyFiles(ensure_model("teacher", out, sft_lists, eval_), ensure_model("student", out, sft_lists, eval_),
                      out / "train.jsonl", out / "eval.jsonl")  # fmt: skip
     write_jsonl(distill_problems(eval_), files.train_jsonl)
