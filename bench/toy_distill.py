@@ -10,7 +10,8 @@
 4. Scores teacher, student before and both students after with one in-process greedy evaluator.
 
 Writes `<out>/results.json`, `<out>/toy_distill.png` (reverse KL and eval reward over steps for
-both) and each run's metrics.jsonl under `<out>/opd-ppo{K}` and `<out>/trl`; prints the tables that
+both) and each run's metrics.jsonl under `<out>/opd-ppo{K}` and `<out>/trl`; prints every run
+step by step (reverse KL, eval reward, tokens/s, time per phase), then the tables that
 BENCHMARKS.md quotes. The methods differ in their loss: opd's per-token advantage
 `logp_teacher - logp_student` on the sampled token with a PPO clip; GKD's exact reverse KL over the
 whole vocabulary at every position. Step times include everything one step does in each system.
@@ -78,7 +79,7 @@ def run_opd(
         train={"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
                "ppo_steps": ppo_steps},
         eval={"eval_steps": args.eval_steps, "n": 1, "max_tokens": MAX_NEW_TOKENS}, services={"engine": args.engine},
-        logging={"progress": False},
+        logging={"progress": True},
     )  # fmt: skip
     trainer.train()
     wall = time.perf_counter() - start
@@ -113,6 +114,22 @@ def final_rewards(files: ToyFiles, eval_: list[SortItem], finals: dict[str, str]
 def gap_closed(after: float, before: float, teacher: float) -> float:
     """Share of the teacher-student reward gap that distillation closed, in percent."""
     return 100.0 * (after - before) / (teacher - before) if teacher != before else float("nan")
+
+
+def per_step(name: str, rows: list[dict]) -> str:
+    """One line per step of a run: reverse KL, tokens/s and phase times; eval columns where evaluated."""
+    lines = [f"{name}:", "  step  train KL  eval KL  reward  tok/s  s/step  phases"]
+    for row in rows:
+        evals = (f"{row['eval/reverse_kl_per_token']:7.3f}  {row['eval/reward']:6.3f}" if "eval/reward" in row
+                 else " " * 15)  # fmt: skip
+        if "time/step" not in row:
+            lines.append(f"  {row['step']:4d}  {'':8s}  {evals}")
+            continue
+        phases = " ".join(f"{k.removeprefix('time/')} {v:.3f}" for k, v in row.items()
+                          if k.startswith("time/") and k != "time/step")  # fmt: skip
+        lines.append(f"  {row['step']:4d}  {row['kl/reverse_per_token']:8.3f}  {evals}  "
+                     f"{row['throughput/tokens_per_s']:5.0f}  {row['time/step']:6.3f}  {phases}")  # fmt: skip
+    return "\n".join(lines)
 
 
 def report(results: dict) -> str:
@@ -172,6 +189,8 @@ def main() -> None:
     plot = plot_runs(
         curves, args.out / "toy_distill.png", title="toy task (sort 8 digits): opd vs TRL GKD (lmbda=1, beta=1)"
     )
+    for name, rows in curves:
+        print(per_step(name, rows), end="\n\n")
     print(report(results))
     print(f"\nwrote {args.out / 'results.json'} and {plot}")
 

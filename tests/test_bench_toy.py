@@ -44,3 +44,4 @@ def test_benchmark_runs_both_systems_and_writes_results(tmp_path, toy_models):
     assert evals["opd-ppo1"]["eval/reward"] == pytest.approx(evals["trl"]["eval/reward"], abs=0.02)
     assert (out / "toy_distill.png").stat().st_size > 10_000
     assert "| trl gkd |" in result.stdout
+    assert result.stdout.count("step  train KL  eval KL  reward") == 2  # each run, step by step
