@@ -18,16 +18,6 @@ MAX_NEW_TOKENS = NUM_DIGITS + 2
 """The digits and the end token, plus one: a completion that runs on is cut, and scored wrong."""
 
 
-def _left_padded(prompts: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    length = max(len(p) for p in prompts)
-    ids_BL = torch.full((len(prompts), length), pad_id, dtype=torch.long)
-    mask_BL = torch.zeros_like(ids_BL)
-    for b, prompt in enumerate(prompts):
-        ids_BL[b, length - len(prompt) :] = torch.tensor(prompt)
-        mask_BL[b, length - len(prompt) :] = 1
-    return ids_BL, mask_BL
-
-
 @torch.no_grad()
 def generate(
     model: PreTrainedModel,
@@ -37,7 +27,8 @@ def generate(
     seed: int = 0,
 ) -> list[list[int]]:
     """Completion ids (up to and including the end token) for each prompt: greedy, or sampled at T=1."""
-    ids_BL, mask_BL = _left_padded(prompts, int(tokenizer.pad_token_id))
+    prompts_only = pack_left_padded(list(prompts), [[] for _ in prompts], int(tokenizer.pad_token_id))
+    ids_BL, mask_BL = prompts_only.input_ids_BL, prompts_only.attention_mask_BL
     with torch.random.fork_rng():  # the caller's RNG (e.g. a trainer's sampling) is left as it was
         torch.manual_seed(seed)
         out = model.generate(input_ids=ids_BL, attention_mask=mask_BL, max_new_tokens=MAX_NEW_TOKENS,  # type: ignore[operator]
