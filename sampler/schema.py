@@ -9,7 +9,7 @@ GET  /health       200 when ready
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from opd.serving import ErrorResponse, InfoResponse
 
@@ -36,6 +36,11 @@ class ChatMessage(BaseModel):
     content: str
 
 
+GREEDY_BELOW = 1e-5
+"""Temperatures below this sample greedily, as vLLM does: logits divided by a denormal like 5e-324
+overflow to inf and the distribution to NaN (a fuzzer found that 500)."""
+
+
 class GenerateRequest(BaseModel):
     """Either `prompt_ids` (token ids, preferred) or `messages` (chat, templated by the sampler)."""
 
@@ -46,12 +51,17 @@ class GenerateRequest(BaseModel):
     n: int = Field(default=1, ge=1, le=64)
     """Completions per prompt."""
     temperature: float = Field(default=1.0, ge=0.0, le=10.0, allow_inf_nan=False)
-    """0 means greedy."""
+    """0 means greedy; so does anything below GREEDY_BELOW."""
     top_p: float = Field(default=1.0, gt=0.0, le=1.0, allow_inf_nan=False)
     max_tokens: int = Field(default=64, ge=1)
     seed: int | None = Field(default=None, ge=0)
     """Sample j of prompt i is drawn with seed + i * n + j, so the same seed and request give the
     same completions, whatever else the engine is doing. Random when omitted."""
+
+    @field_validator("temperature")
+    @classmethod
+    def _tiny_temperature_is_greedy(cls, temperature: float) -> float:
+        return 0.0 if temperature < GREEDY_BELOW else temperature
 
     @model_validator(mode="after")
     def _one_prompt_source(self) -> "GenerateRequest":

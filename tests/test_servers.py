@@ -83,6 +83,14 @@ def test_greedy_matches_reference_decoding(servers, student_dir):
         assert result.completions[0].completion_ids == reference.greedy(model, prompt, 10, EOS)
 
 
+def test_a_vanishing_temperature_is_greedy_not_an_overflow(servers):
+    sampler_url, _ = servers
+    greedy = generate(sampler_url, prompt_ids=PROMPTS, n=1, temperature=0.0, max_tokens=10)
+    for temperature in (5e-324, 1e-300, 9e-6):  # 5e-324 made the torch engine answer 500
+        tiny = generate(sampler_url, prompt_ids=PROMPTS, n=1, temperature=temperature, top_p=5e-324, max_tokens=10)
+        assert tiny.results == greedy.results
+
+
 def test_chat_messages_are_templated_by_the_sampler(servers, student_dir):
     sampler_url, _ = servers
     messages = [{"role": "user", "content": "what is 1 + 2?"}]
