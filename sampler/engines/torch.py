@@ -34,8 +34,10 @@ def sample_next(
     if top_p < 1.0:
         sorted_BV, order_BV = scaled_BV.sort(dim=-1, descending=True)
         probs_BV = torch.softmax(sorted_BV, dim=-1)
-        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+        # Keep the smallest prefix whose mass reaches top_p. The first token always stays, also when
+        # top_p is below float32's range (1e-147 rounds to 0 and would drop every token).
         drop_sorted_BV = (probs_BV.cumsum(-1) - probs_BV) >= top_p
+        drop_sorted_BV[:, 0] = False
         drop_BV = torch.zeros_like(drop_sorted_BV).scatter(-1, order_BV, drop_sorted_BV)
         scaled_BV = scaled_BV.masked_fill(drop_BV, float("-inf"))
     logprobs_BV = torch.log_softmax(scaled_BV, dim=-1)
