@@ -81,3 +81,12 @@ class Processes:
     def wait(self) -> None:
         if self.accelerator:
             self.accelerator.wait_for_everyone()
+
+    def finish(self) -> None:
+        """End the process group once every process is done. Left to interpreter exit, gloo's
+        worker threads die with the interpreter and abort the process now and then ("terminate
+        called without an active exception", SIGABRT after a finished run). Only on success: a
+        failed process would leave the others stuck in this barrier until the timeout."""
+        if self.accelerator:
+            self.accelerator.wait_for_everyone()
+            self.accelerator.end_training()

@@ -93,11 +93,15 @@ class OnPolicyDistillationTrainer:
     # ---- the loop ---------------------------------------------------------------------------
 
     def train(self) -> list[dict[str, float]]:
-        """Run `train.steps` steps (starting local servers if the config names none)."""
+        """Run `train.steps` steps (starting local servers if the config names none). Under
+        `use_accelerate`, a run that finishes also ends the process group: one `train()` per
+        launch."""
         if self.processes.is_main:
             dump_config(self.config, self.run_dir / "config.yml")
         with service_urls(self.config, self.run_dir / "logs", self.processes.world_size) as (sampler_url, grader_url):
-            return asyncio.run(self._train(sampler_url, grader_url))
+            history = asyncio.run(self._train(sampler_url, grader_url))
+        self.processes.finish()
+        return history
 
     async def _train(self, sampler_url: str, grader_url: str) -> list[dict[str, float]]:
         services = self.config.services

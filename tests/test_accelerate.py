@@ -51,3 +51,26 @@ def test_two_processes_of_batch_2_equal_one_process_of_batch_4(tmp_path, student
     kl_two = [m["kl/reverse_per_token"] for m in read_metrics(tmp_path / "two" / "metrics.jsonl")]
     assert kl_two == pytest.approx(kl_one, rel=1e-4)  # metrics averaged over processes
     assert not (tmp_path / "two" / "checkpoints" / "step_000003.rank1").exists()
+
+
+PROCESS_GROUP_AFTER_FINISH = """
+import torch, torch.distributed as dist
+from learner.distributed import Processes
+processes = Processes(use_accelerate=True, device="cpu")
+total = processes.sum(torch.tensor([1.0]))
+processes.finish()
+print(f"rank {processes.rank}: sum {total.item():.0f}, process group alive {dist.is_initialized()}")
+"""
+
+
+@pytest.mark.slow
+def test_finish_ends_the_process_group_on_every_process(tmp_path):
+    # Left to interpreter exit, gloo's threads now and then abort a finished run with SIGABRT.
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    script = tmp_path / "finish.py"
+    script.write_text(PROCESS_GROUP_AFTER_FINISH)
+    result = subprocess.run([str(torchrun), "--nproc_per_node", "2", str(script)], capture_output=True, text=True,
+                            timeout=300, cwd=Path(__file__).parents[1])  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    lines = sorted(line for line in result.stdout.splitlines() if line.startswith("rank"))
+    assert lines == [f"rank {r}: sum 2, process group alive False" for r in (0, 1)]
