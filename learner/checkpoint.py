@@ -8,11 +8,9 @@ Each is written to a temporary directory and renamed into place, so a crash mid-
 a directory that looks complete; only the newest `keep_last` are kept.
 """
 
-import os
 import random
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +19,7 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from opd.errors import ConfigError
+from opd.files import directory_written_aside
 
 STATE_FILE = "trainer_state.pt"
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
@@ -54,18 +53,11 @@ def save_checkpoint(
 ) -> Path:
     """Save to `root/step_{step:06d}` atomically, then prune to the newest `keep_last`.
     `weights` replaces the model's own state dict (the gathered parameters under FSDP)."""
-    root.mkdir(parents=True, exist_ok=True)
     target = root / f"step_{state.step:06d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".step_{state.step:06d}-", dir=root))
-    try:
-        model.save_pretrained(tmp, state_dict=weights)
-        tokenizer.save_pretrained(tmp)
-        torch.save(vars(state), tmp / STATE_FILE)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with directory_written_aside(target) as aside:
+        model.save_pretrained(aside, state_dict=weights)
+        tokenizer.save_pretrained(aside)
+        torch.save(vars(state), aside / STATE_FILE)
     if keep_last is not None:
         for old in list_checkpoints(root)[:-keep_last]:
             shutil.rmtree(old)

@@ -13,14 +13,14 @@ Qwen2.5-0.5B; the teacher does not, so both weight layouts get exercised.
 
 import os
 import random
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+from opd.files import directory_written_aside
 
 # Bump when the recipe below changes so cached directories are rebuilt, not silently reused.
 RECIPE_VERSION = "v2"
@@ -192,18 +192,10 @@ def ensure_tiny_model(name: str, root: Path | None = None) -> Path:
     target = root / f"{name}-{RECIPE_VERSION}"
     if (target / "config.json").exists():
         return target
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
-    try:
+    with directory_written_aside(target, keep_existing=True) as aside:
         tokenizer = build_tokenizer()
-        build_model(name, tokenizer).save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)
-    except OSError:
-        if not (target / "config.json").exists():
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        build_model(name, tokenizer).save_pretrained(aside)
+        tokenizer.save_pretrained(aside)
     return target
 
 

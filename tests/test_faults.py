@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save
 from learner.config import load_config
 from learner.metrics import read_metrics
 from learner.trainer import OnPolicyDistillationTrainer
+from opd.files import directory_written_aside
 from opd.launch import LocalServer, local_server, local_servers
 from tests.test_servers import PROMPTS, generate
 
@@ -140,3 +141,43 @@ def test_a_taken_port_on_the_command_line_is_one_clear_line(teacher_dir):
     assert result.returncode == 98
     assert f"port {port} on 127.0.0.1 is already in use" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_directory_written_aside_appears_whole_or_not_at_all(tmp_path):
+    target = tmp_path / "model"
+    target.mkdir()
+    (target / "weights").write_text("old")
+    with pytest.raises(RuntimeError), directory_written_aside(target) as aside:
+        (aside / "weights").write_text("half")
+        raise RuntimeError("crashed mid-write")
+    assert (target / "weights").read_text() == "old"
+    with directory_written_aside(target) as aside:
+        (aside / "weights").write_text("new")
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]  # nothing left beside it
+    assert [p.name for p in target.iterdir()] == ["weights"] and (target / "weights").read_text() == "new"
+
+
+def test_a_directory_written_aside_keeps_a_concurrent_builders_copy(tmp_path):
+    target = tmp_path / "model"
+    with directory_written_aside(target, keep_existing=True) as aside:
+        (aside / "weights").write_text("ours")
+        target.mkdir()  # another process finished first, and may be loading it now
+        (target / "weights").write_text("theirs")
+    assert (target / "weights").read_text() == "theirs"
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+def test_kill_9_while_writing_aside_leaves_no_target(tmp_path):
+    target = tmp_path / "model"
+    script = (f"from pathlib import Path; import time; from opd.files import directory_written_aside\n"
+              f"with directory_written_aside(Path({str(target)!r})) as aside:\n"
+              f"    (aside / 'weights').write_text('half')\n"
+              f"    print('writing', flush=True); time.sleep(60)\n")  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline() == "writing\n"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert not target.exists()
+    with directory_written_aside(target) as aside:  # the next run writes it whole, beside the debris
+        (aside / "weights").write_text("whole")
+    assert (target / "weights").read_text() == "whole"

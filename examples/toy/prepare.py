@@ -15,10 +15,7 @@ SFT time) and `<out>/train.jsonl`, `<out>/eval.jsonl` for `opd run examples/toy/
 import argparse
 import json
 import math
-import os
 import random
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,6 +26,7 @@ from transformers import PreTrainedTokenizerBase, Qwen2Config, Qwen2ForCausalLM
 
 from examples.toy.evaluate import greedy_rewards
 from examples.toy.task import EVAL_SEED, Problem, eval_problems, to_items, train_problems, write_jsonl
+from opd.files import directory_written_aside
 from opd.tiny import RECIPE_VERSION as TINY_RECIPE
 from opd.tiny import build_tokenizer
 
@@ -136,16 +134,10 @@ def ensure_model(name: str, out: Path, train: list[Problem], eval_: list[Problem
     rewards = greedy_rewards(model, tokenizer, to_items(eval_, tokenizer))
     summary = {"recipe": key, "eval_reward": sum(rewards) / len(rewards), "sft_seconds": seconds}
     print(f"  {name}: eval reward {summary['eval_reward']:.3f} after {seconds:.0f} s")
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=out))
-    try:  # written aside and renamed, so an interrupted run never leaves a dir that looks done
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "sft.json").write_text(json.dumps(summary, indent=2))
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with directory_written_aside(target) as aside:  # an interrupted run never leaves a dir that looks done
+        model.save_pretrained(aside)
+        tokenizer.save_pretrained(aside)
+        (aside / "sft.json").write_text(json.dumps(summary, indent=2))
     return target
 
 
