@@ -38,6 +38,8 @@ class ScoredBatch:
     old_logprobs_BT: torch.Tensor
     teacher_logprobs_BT: torch.Tensor
     advantages_BT: torch.Tensor
+    # old_logprobs_BT still attached to its graph (score(..., keep_graph=True)), or None
+    graph_logprobs_BT: torch.Tensor | None = None
 
 
 async def sample(sampler: SamplerClient, prompts: list[list[int]], request: GenerateRequest, eos_id: int) -> Rollouts:
@@ -78,13 +80,20 @@ def score(
     discount: float,
     temperature: float,
     device: str,
+    keep_graph: bool = False,
 ) -> ScoredBatch:
-    """Old student logprobs (no grad), the completion mask and the per-token advantages."""
+    """Old student logprobs, the completion mask and the per-token advantages.
+
+    With `keep_graph` the forward runs with autograd and the batch keeps its graph: before the
+    first optimizer step the policy is still the old one, so the first PPO update backpropagates
+    through this forward instead of running the same one again.
+    """
     packed = pack_left_padded(rollouts.prompt_ids, rollouts.completion_ids, pad_id, device)
     width = packed.targets_BT.shape[1]
     mask_BT = completion_mask(packed.completion_lengths_B, width)
-    with torch.no_grad():
-        old_BT = completion_logprobs(student, packed, temperature)
+    with torch.set_grad_enabled(keep_graph):
+        graph_BT = completion_logprobs(student, packed, temperature)
+    old_BT = graph_BT.detach()
     teacher_BT = right_padded(teacher_logprobs, width).to(device)
     return ScoredBatch(
         packed=packed,
@@ -93,4 +102,5 @@ def score(
         old_logprobs_BT=old_BT,
         teacher_logprobs_BT=teacher_BT,
         advantages_BT=advantages(teacher_BT, old_BT, mask_BT, kl_coef, discount),
+        graph_logprobs_BT=graph_BT if keep_graph else None,
     )

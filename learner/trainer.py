@@ -185,15 +185,17 @@ class OnPolicyDistillationTrainer:
     def score(self, rollouts: Rollouts, teacher: list[list[float]]) -> ScoredBatch:
         t = self.config.train
         return score(self.model, rollouts, teacher, self.pad_id, t.kl_coef, t.discount, t.logprob_temperature,
-                     str(self.processes.device))  # fmt: skip
+                     str(self.processes.device), keep_graph=True)  # fmt: skip
 
     def update(self, batch: ScoredBatch) -> dict[str, float]:
         """`ppo_steps` clipped updates on one batch; metrics are those of the last update."""
         t, processes = self.config.train, self.processes
         # Normalise by the global token count so N processes take the step one process would.
         num_tokens = processes.sum(batch.mask_BT.sum()) / processes.world_size
-        for _ in range(t.ppo_steps):
-            new_BT = completion_logprobs(self.model, batch.packed, t.logprob_temperature)
+        for ppo_step in range(t.ppo_steps):
+            new_BT = batch.graph_logprobs_BT
+            if ppo_step > 0 or new_BT is None:  # the first update reuses score's forward
+                new_BT = completion_logprobs(self.model, batch.packed, t.logprob_temperature)
             policy = clipped_policy_loss(new_BT, batch.old_logprobs_BT, batch.advantages_BT, batch.mask_BT,
                                          t.clip_eps, num_tokens)  # fmt: skip
             self.optimizer.zero_grad(set_to_none=True)
