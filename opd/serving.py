@@ -16,6 +16,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, ValidationError
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from transformers import PreTrainedTokenizerBase
 
 from opd.errors import EngineDeadError, RequestError
@@ -102,14 +104,51 @@ MAX_JSON_BYTES = 64 * 2**20
 def add_body_limit(
     app: FastAPI, max_bytes: int = MAX_JSON_BYTES, exempt: frozenset[str] | set[str] = frozenset()
 ) -> None:
-    """Refuse, by their Content-Length, bodies over `max_bytes` with 413 before reading them."""
+    """Answer 413 to request bodies over `max_bytes` on every path but `exempt` (which cap their
+    own bodies while streaming them)."""
+    app.add_middleware(BodyLimit, max_bytes=max_bytes, exempt=frozenset(exempt))
 
-    @app.middleware("http")
-    async def _limit(request: Request, call_next):  # type: ignore[no-untyped-def]
-        declared = request.headers.get("content-length", "")
-        if request.url.path not in exempt and declared.isdigit() and int(declared) > max_bytes:
-            return error_json(f"request body of {declared} bytes exceeds {max_bytes}", "too_large", 413, "body")
-        return await call_next(request)
+
+class BodyLimit:
+    """ASGI middleware: a body declared too large is refused before a byte is read; a chunked
+    one (no Content-Length) is read up to `max_bytes` and refused as soon as it passes it, so
+    no client makes the server buffer more than the limit."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, exempt: frozenset[str]) -> None:
+        self.app, self.max_bytes, self.exempt = app, max_bytes, exempt
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in self.exempt:
+            return await self.app(scope, receive, send)
+        declared = Headers(scope=scope).get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            return await self._refuse(
+                f"request body of {declared} bytes exceeds {self.max_bytes}", scope, receive, send
+            )
+        body, message = bytearray(), await receive()
+        while message["type"] == "http.request":
+            body += message.get("body", b"")
+            if len(body) > self.max_bytes:
+                return await self._refuse(f"request body exceeds {self.max_bytes} bytes", scope, receive, send)
+            if not message.get("more_body", False):
+                break
+            message = await receive()
+        await self.app(scope, _replay(bytes(body), message, receive), send)
+
+    @staticmethod
+    async def _refuse(message: str, scope: Scope, receive: Receive, send: Send) -> None:
+        await error_json(message, "too_large", 413, "body")(scope, receive, send)
+
+
+def _replay(body: bytes, last: Message, receive: Receive) -> Receive:
+    """A `receive` that hands the app the buffered body once (or the disconnect that cut it
+    short), then defers to the server's."""
+    pending = [last if last["type"] != "http.request" else {"type": "http.request", "body": body, "more_body": False}]
+
+    async def replayed() -> Message:
+        return pending.pop() if pending else await receive()
+
+    return replayed
 
 
 def serve(app: FastAPI, listener: socket.socket) -> None:

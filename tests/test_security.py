@@ -3,6 +3,7 @@
 import asyncio
 import subprocess
 import sys
+from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -15,6 +16,7 @@ from schemathesis.checks import not_a_server_error
 from learner.clients import SamplerClient
 from opd.errors import SamplerError
 from opd.launch import LocalServer, local_server, local_servers
+from opd.serving import MAX_JSON_BYTES
 from tests.test_servers import _new_student_weights
 
 KEY = "s3cret-token"
@@ -56,6 +58,14 @@ def test_sampler_refuses_to_listen_beyond_loopback_without_a_key(student_dir):
     assert "set OPD_API_KEY or --api-key-file" in result.stderr
 
 
+def json_past_the_limit() -> Iterator[bytes]:
+    """A JSON body streamed in 1 MiB chunks, 1 MiB longer than the servers' JSON limit."""
+    yield b'{"sequences": ['
+    for _ in range(MAX_JSON_BYTES // 2**20 + 1):
+        yield b" " * 2**20
+    yield b"]}"
+
+
 def test_size_limits_answer_413(student_dir, teacher_dir, tmp_path):
     limits = ["--engine", "torch", "--max-request-sequences", "4"]
     sampler = LocalServer("sampler", ["--model", str(student_dir), *limits, "--max-weights-bytes", "1000"], tmp_path)
@@ -66,7 +76,9 @@ def test_size_limits_answer_413(student_dir, teacher_dir, tmp_path):
         sequences = [{"prompt_ids": [1], "completion_ids": [2]}] * 5
         graded = httpx.post(f"{grader_url}/v1/logprobs", json={"sequences": sequences})
         ok = httpx.post(f"{grader_url}/v1/logprobs", json={"sequences": sequences[:4]})
+        chunked = httpx.post(f"{grader_url}/v1/logprobs", content=json_past_the_limit())  # no Content-Length
     assert (many.status_code, weights.status_code, graded.status_code, ok.status_code) == (413, 413, 413, 200)
+    assert chunked.status_code == 413 and chunked.json()["error"]["type"] == "too_large"
     assert many.json()["error"]["param"] == "n"
     assert graded.json()["error"]["param"] == "sequences"
 
