@@ -118,18 +118,19 @@ async def push_weights(request: Request, version: int | None = Query(default=Non
     """Swap in new weights: a safetensors body, or JSON naming a file on a shared volume."""
     check_bearer(request.headers.get("authorization"), request.app.state.settings.api_key)
     engine: SamplerEngine = request.app.state.engine
+    origin: str | bytes  # what the tensors were decoded from; the engine may load from it
     if request.headers.get("content-type", "").startswith("application/json"):
         source = WeightsFromPath.model_validate_json(await request.body())
-        version, path = source.version, source.path
-        tensors = await asyncio.to_thread(read_safetensors_file, path)
+        version, origin = source.version, source.path
+        tensors = await asyncio.to_thread(read_safetensors_file, source.path)
     else:
-        path = None
         payload = await _read_capped(request, request.app.state.settings.max_weights_bytes)
         tensors = await asyncio.to_thread(decode_safetensors, payload, request.headers.get("x-content-sha256"))
+        origin = payload
     # Decoding, hashing and checking a multi-GB push takes seconds: off the event loop.
     await asyncio.to_thread(check_weights, tensors, engine.weight_specs())
     new_version = version if version is not None else engine.policy_version + 1
-    await engine.load_weights(tensors, new_version, source_path=path)
+    await engine.load_weights(tensors, new_version, origin)
     logger.info("loaded %d weight tensors, policy_version=%d", len(tensors), new_version)
     return WeightsResponse(policy_version=new_version)
 

@@ -56,11 +56,11 @@ class SamplerEngine(Protocol):
 
     def weight_specs(self) -> dict[str, WeightSpec]: ...
 
-    async def load_weights(
-        self, tensors: dict[str, torch.Tensor], version: int, source_path: str | None = None
-    ) -> None:
-        """Swap in already validated tensors and set policy_version = version. `source_path` is the
-        file they were read from, when they came from a shared volume (an engine may reload from it)."""
+    async def load_weights(self, tensors: dict[str, torch.Tensor], version: int, source: str | bytes) -> None:
+        """Swap in already validated tensors and set policy_version = version. `source` is what
+        they were decoded from: the safetensors file's path on a shared volume, or the pushed
+        safetensors bytes; an engine whose model lives in another process (vLLM's worker) sends
+        that on rather than encoding the tensors again."""
         ...
 
     async def close(self) -> None: ...

@@ -19,7 +19,6 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import torch
-from safetensors.torch import save as save_safetensors
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from opd.modeling import DTYPES, load_tokenizer
@@ -136,22 +135,20 @@ class VllmSamplerEngine:
     def weight_specs(self) -> dict[str, WeightSpec]:
         return self._specs
 
-    async def load_weights(
-        self, tensors: dict[str, torch.Tensor], version: int, source_path: str | None = None
-    ) -> None:
+    async def load_weights(self, tensors: dict[str, torch.Tensor], version: int, source: str | bytes) -> None:
+        # The worker process reloads from `source`: the tensors decoded here were for checking.
         async with self._gate.writing():
             with engine_errors():
-                await self._swap(tensors, source_path)
+                await self._swap(source)
             self.policy_version = version
 
-    async def _swap(self, tensors: dict[str, torch.Tensor], source_path: str | None) -> None:
+    async def _swap(self, source: str | bytes) -> None:
         await self.engine.pause_generation(mode="wait", clear_cache=True)
         try:
-            if source_path is not None:
-                await self.engine.collective_rpc("opd_load_safetensors_file", args=(source_path,))
+            if isinstance(source, str):
+                await self.engine.collective_rpc("opd_load_safetensors_file", args=(source,))
             else:
-                payload = save_safetensors({k: t.contiguous() for k, t in tensors.items()})
-                await self.engine.collective_rpc("opd_load_safetensors_bytes", args=(payload,))
+                await self.engine.collective_rpc("opd_load_safetensors_bytes", args=(source,))
             await self.engine.reset_prefix_cache()
         finally:
             await self.engine.resume_generation()
