@@ -28,7 +28,13 @@ def decode_safetensors(payload: bytes, sha256: str | None) -> dict[str, torch.Te
 
 def read_safetensors_file(path: str) -> dict[str, torch.Tensor]:
     """Tensors from a safetensors file on a shared volume."""
-    if not Path(path).is_file():
+    try:
+        found = Path(path).is_file()
+    except OSError as exc:  # a name the filesystem refuses outright, e.g. a component over 255 bytes
+        raise RequestError(
+            f"cannot look up that path on the sampler's filesystem: {exc.strerror}", param="path"
+        ) from exc
+    if not found:
         raise RequestError(f"no such file on the sampler's filesystem: {path}", param="path")
     try:
         return load_file(path)

@@ -1,6 +1,7 @@
 """Who may write weights, and how much a request may ask for: real servers on loopback."""
 
 import asyncio
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -97,7 +98,13 @@ def fuzz_servers(student_dir, teacher_dir, tmp_path_factory):
         yield urls
 
 
-FUZZ = settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+# OPD_FUZZ_EXAMPLES=2000 for a longer hunt than CI's
+FUZZ = settings(
+    max_examples=int(os.environ.get("OPD_FUZZ_EXAMPLES", "80")),
+    deadline=None,
+    suppress_health_check=list(HealthCheck),
+    database=None,
+)
 
 
 def fuzz(url: str) -> list[str]:

@@ -276,8 +276,10 @@ def test_weight_push_stream_then_path_then_refusal(student_dir, tmp_path):
             response = httpx.post(f"{url}/v1/weights", content=body, timeout=60)
             assert 400 <= response.status_code < 500, response.text
             assert response.json()["error"]["param"] == param
-        response = httpx.post(f"{url}/v1/weights", json={"path": str(tmp_path / "missing.safetensors")})
-        assert response.status_code == 400
+        for path in [tmp_path / "missing.safetensors", tmp_path / ("\u1e70" * 200)]:  # 600 bytes: a name too long
+            response = httpx.post(f"{url}/v1/weights", json={"path": str(path)})
+            assert response.status_code == 400, response.text
+            assert response.json()["error"]["param"] == "path"
         assert httpx.get(f"{url}/v1/info").json()["policy_version"] == 4
         assert _greedy_all(url) == serving
 
