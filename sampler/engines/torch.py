@@ -18,11 +18,17 @@ from sampler.engine import Sample, SamplingParams, WeightSpec, sample_seed
 
 
 def sample_next(
-    logits_BV: torch.Tensor, temperature: float, top_p: float, generators: list[torch.Generator]
+    logits_BV: torch.Tensor,
+    temperature: float,
+    top_p: float,
+    uniforms_B: torch.Tensor,
+    generators: list[torch.Generator],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Next token per row and its logprob under the distribution actually sampled.
 
-    Each row draws from its own generator, so a sample does not depend on what else is in the batch.
+    Row b inverts its CDF at `uniforms_B[b]`, a draw from its own generator, so a sample does not
+    depend on what else is in the batch, and the whole batch samples in one vectorised step (a
+    multinomial call per row took half of the decode time at batch 128).
 
     temperature 0 is greedy and reports the raw (temperature 1) logprob of the argmax token.
     """
@@ -42,8 +48,24 @@ def sample_next(
         scaled_BV = scaled_BV.masked_fill(drop_BV, float("-inf"))
     logprobs_BV = torch.log_softmax(scaled_BV, dim=-1)
     probs_BV = logprobs_BV.exp()
-    ids_B = torch.cat([torch.multinomial(probs_BV[b], 1, generator=g) for b, g in enumerate(generators)])
+    ids_B = inverse_cdf(probs_BV, uniforms_B)
+    # A parallel cumsum (CUDA) may round so that a token of probability 0 gets picked; redraw those rows.
+    for b in (probs_BV.gather(-1, ids_B[:, None]).squeeze(-1) == 0).nonzero().flatten().tolist():
+        ids_B[b] = torch.multinomial(probs_BV[b], 1, generator=generators[b])[0]
     return ids_B, logprobs_BV.gather(-1, ids_B[:, None]).squeeze(-1)
+
+
+def inverse_cdf(probs_BV: torch.Tensor, uniforms_B: torch.Tensor) -> torch.Tensor:
+    """Per row, the first token whose cumulative probability exceeds u x (total mass): token v is
+    drawn with probability p_v (u uniform on [0, 1)). The target stays strictly below the total,
+    so the search always lands on a token; a token with p = 0 adds nothing to the CDF and so is
+    never the first to exceed it."""
+    cdf_BV = probs_BV.cumsum(-1)
+    total_B1 = cdf_BV[:, -1:]
+    target_B1 = torch.minimum(
+        uniforms_B[:, None].to(cdf_BV) * total_B1, torch.nextafter(total_B1, total_B1.new_zeros(()))
+    )
+    return torch.searchsorted(cdf_BV, target_B1, right=True).squeeze(-1)
 
 
 class TorchSamplerEngine:
@@ -106,8 +128,11 @@ class TorchSamplerEngine:
         ids: list[list[int]] = [[] for _ in rows]
         logprobs: list[list[float]] = [[] for _ in rows]
         finished = [False] * len(rows)
-        for _ in range(params.max_tokens):
-            next_B, next_lp_B = sample_next(out.logits[:, -1], params.temperature, params.top_p, generators)
+        # Every uniform a row may need, drawn up front from the row's own generator.
+        uniforms_BN = torch.stack([torch.rand(params.max_tokens, generator=g, device=self.device) for g in generators])
+        for t in range(params.max_tokens):
+            next_B, next_lp_B = sample_next(out.logits[:, -1], params.temperature, params.top_p, uniforms_BN[:, t],
+                                            generators)  # fmt: skip
             for b, (token, lp) in enumerate(zip(next_B.tolist(), next_lp_B.tolist(), strict=True)):
                 if not finished[b]:
                     ids[b].append(token)
