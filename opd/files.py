@@ -21,9 +21,9 @@ def directory_written_aside(target: Path, keep_existing: bool = False) -> Iterat
     aside = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         yield aside
-        if target.exists() and keep_existing:
-            return
         if target.exists():
+            if keep_existing:
+                return
             shutil.rmtree(target)
         try:
             os.replace(aside, target)
