@@ -84,6 +84,18 @@ class TrainConfig(Section):
     """0: each token's advantage is its own reverse-KL term; >0: discounted sum of later terms."""
     logprob_temperature: float = Field(default=1.0, gt=0.0)
     """Temperature of the learner's own (old and new) student logprobs."""
+    micro_batch_tokens: int = Field(default=16384, gt=0)
+    """Padded tokens (prompt + completion) per forward/backward; a step's samples are packed into
+    micro-batches of at most this many and their gradients accumulated into one optimizer step, so
+    memory follows this budget, not the batch. A longer sample goes alone."""
+    logprob_chunk_tokens: int = Field(default=512, gt=0)
+    """Positions projected onto the vocabulary at once; memory of the LM head is about 4 x this x
+    vocabulary floats (512 x 151,936: ~1.2 GB), recomputed in backward."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """bf16: forward and backward under bf16 autocast, float32 master weights and optimizer state
+    (GPUs); fp32: float32 throughout."""
+    gradient_checkpointing: bool = False
+    """Recompute the model's layer activations in backward instead of keeping them."""
     seed: int = 0
     """Seeds torch, the prompt order and the sampler's per-step seeds."""
     device: str = "cpu"

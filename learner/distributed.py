@@ -9,10 +9,13 @@ at a barrier. Without it, every method is the plain single-process equivalent.
     torchrun --nproc_per_node 2 -m opd.cli run config.yml --train.use_accelerate true   # CPU, gloo
 """
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 
+from learner.policy import LM_PREFIX
 from opd.errors import ConfigError
 
 
@@ -53,15 +56,31 @@ class Processes:
     def unwrap(self, model: Any) -> Any:
         return self.accelerator.unwrap_model(model) if self.accelerator else model
 
-    def full_parameters(self, model: Any) -> dict[str, torch.Tensor]:
-        """Every parameter under its HF name, once (tied weights once), gathered whole on the main
-        process: under FSDP each process holds only shards, so unwrapping is not enough."""
-        unwrapped = self.unwrap(model)
-        if self.accelerator is None or self.accelerator.distributed_type.name != "FSDP":
-            return {name: p.detach() for name, p in unwrapped.named_parameters()}
-        state = self.accelerator.get_state_dict(model)  # full state dict on the main process
-        tied = set(getattr(unwrapped, "_tied_weights_keys", None) or {})
-        return {name: t for name, t in state.items() if name not in tied}
+    @property
+    def is_fsdp(self) -> bool:
+        return self.accelerator is not None and self.accelerator.distributed_type.name == "FSDP"
+
+    def full_parameters(self, policy: Any) -> dict[str, torch.Tensor]:
+        """Every parameter of the policy's Hugging Face model (`policy.lm`) under its HF name, once
+        (tied weights once), gathered whole on the main process: under FSDP each process holds
+        only shards, so unwrapping is not enough."""
+        lm = self.unwrap(policy).lm
+        if not self.is_fsdp:
+            return {name: p.detach() for name, p in lm.named_parameters()}
+        state = self.accelerator.get_state_dict(policy)  # full state dict on the main process
+        tied = set(getattr(lm, "_tied_weights_keys", None) or {})
+        named = {name.removeprefix(LM_PREFIX): t for name, t in state.items()}
+        return {name: t for name, t in named.items() if name not in tied}
+
+    @contextmanager
+    def no_sync(self, model: Any, sync: bool) -> Iterator[None]:
+        """Gradient accumulation: under DDP, skip the all-reduce of backwards until `sync` (the last
+        micro-batch). FSDP reduce-scatters every micro-batch: skipping would keep full gradients."""
+        if self.accelerator is None or sync or self.is_fsdp:
+            yield
+        else:
+            with self.accelerator.no_sync(model):
+                yield
 
     def backward(self, loss: torch.Tensor) -> None:
         if self.accelerator:

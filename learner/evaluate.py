@@ -2,18 +2,20 @@
 
 The KL estimate samples the student at temperature 1 (the unbiased Monte-Carlo estimator of
 KL(student || teacher) needs the student's own distribution) with a fixed seed, so two evals
-differ only through the weights. Rewards use greedy completions of the items with an `answer`.
+differ only through the weights; the learner scores the samples in the same micro-batches as
+training. Rewards use greedy completions of the items with an `answer`.
 """
 
 from collections.abc import Sequence
 
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+import torch
+from transformers import PreTrainedTokenizerBase
 
 from learner.api import EvalItem
 from learner.clients import GraderClient, SamplerClient
 from learner.config import EvalConfig
-from learner.loss import reverse_kl_per_token
-from learner.rollout import grade, sample, score
+from learner.rollout import grade, sample
+from learner.update import distillation_metrics, micro_batches, old_logprobs
 from sampler.schema import GenerateRequest
 
 EVAL_SEED_OFFSET = 7_777_777
@@ -21,28 +23,31 @@ EVAL_SEED_OFFSET = 7_777_777
 
 
 async def evaluate(
+    *,
     sampler: SamplerClient,
     grader: GraderClient,
-    student: PreTrainedModel,
+    policy: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     items: Sequence[EvalItem],
     config: EvalConfig,
     pad_id: int,
     seed: int,
     temperature: float,
-    device: str,
+    micro_batch_tokens: int,
+    device: torch.device | str,
 ) -> dict[str, float]:
+    """Eval metrics of `policy` (a `learner.policy.Policy`, unwrapped) on `items`."""
     prompts = [item.prompt_ids for item in items]
     request = GenerateRequest(
         prompt_ids=prompts, n=config.n, temperature=1.0, max_tokens=config.max_tokens, seed=seed + EVAL_SEED_OFFSET
     )
     rollouts = await sample(sampler, prompts, request, tokenizer.eos_token_id)
     teacher = await grade(grader, rollouts)
-    batch = score(student, rollouts, teacher, pad_id, 1.0, 0.0, temperature, device)
+    batches = micro_batches(rollouts, teacher, pad_id=pad_id, max_tokens=micro_batch_tokens, device=device)
+    tokens = torch.stack([b.mask_BT.sum() for b in batches]).sum()
+    kl = distillation_metrics(batches, old_logprobs(policy, batches, temperature), tokens)["kl/reverse_per_token"]
     metrics = {
-        "eval/reverse_kl_per_token": reverse_kl_per_token(
-            batch.old_logprobs_BT, batch.teacher_logprobs_BT, batch.mask_BT
-        ).item(),
+        "eval/reverse_kl_per_token": kl.item(),
         "eval/completion_length": rollouts.num_tokens / len(rollouts.completion_ids),
     }
     answered = [item for item in items if item.answer is not None]

@@ -1,8 +1,9 @@
 """`OnPolicyDistillationTrainer`: the on-policy distillation loop.
 
 Each step: sample completions from the sampler (the student's current weights), grade them with
-the teacher, score them with the learner's own student (old logprobs, mask, advantages), take
-`ppo_steps` clipped updates, push the new weights to the sampler, log. See ../shared/DESIGN.md.
+the teacher, take `ppo_steps` clipped updates over micro-batches (the first one also scores the
+samples: old logprobs, mask, advantages; `learner/update.py`), push the new weights to the
+sampler, log.
 
     trainer = OnPolicyDistillationTrainer("examples/tiny/config.yml", train={"steps": 10})
     trainer.train()
@@ -27,14 +28,15 @@ from learner.config import OpdConfig, dump_config
 from learner.data import PromptStream
 from learner.distributed import Processes
 from learner.evaluate import evaluate
-from learner.loss import clipped_policy_loss, reverse_kl_per_token, sampler_mismatch
 from learner.metrics import JsonlLogger, MetricsLogger, NullLogger, timed, truncate_metrics
-from learner.rollout import Rollouts, ScoredBatch, grade, sample, score
+from learner.policy import Policy
+from learner.rollout import Rollouts, grade, sample
 from learner.services import service_urls
+from learner.update import MicroBatch, Scored, distillation_metrics, global_token_count, micro_batches, ppo_update
 from opd.auth import load_api_key
 from opd.errors import ConfigError, SamplerError
-from opd.modeling import completion_logprobs, load_causal_lm, load_tokenizer
-from opd.tokenizer import check_same_tokenizer, pad_token_id, tokenizer_fingerprint
+from opd.modeling import load_causal_lm, load_tokenizer
+from opd.tokenizer import check_same_tokenizer, check_vocabularies, pad_token_id, tokenizer_fingerprint
 from sampler.schema import GenerateRequest
 
 logger = logging.getLogger(__name__)
@@ -65,9 +67,11 @@ class OnPolicyDistillationTrainer:
         torch.manual_seed(cfg.train.seed)
         self.tokenizer = load_tokenizer(cfg.student.path)
         self.pad_id = pad_token_id(self.tokenizer)
-        self.model = load_causal_lm(cfg.student.path, "float32", str(self.processes.device)).train()
+        lm = load_causal_lm(cfg.student.path, "float32", str(self.processes.device))
+        self.policy = Policy(lm, cfg.train.precision, cfg.train.logprob_chunk_tokens,
+                             cfg.train.gradient_checkpointing).train()  # fmt: skip
         self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
+            self.policy.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
         )
         warmup = cfg.train.warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -86,7 +90,7 @@ class OnPolicyDistillationTrainer:
         self.step_count = 0
         if resume_from is not None:
             self._resume(Path(resume_from))
-        self.model, self.optimizer = self.processes.prepare(self.model, self.optimizer)
+        self.policy, self.optimizer = self.processes.prepare(self.policy, self.optimizer)
         main = self.processes.is_main
         self.metrics = metrics or (JsonlLogger(self.run_dir / "metrics.jsonl") if main else NullLogger())
 
@@ -141,22 +145,25 @@ class OnPolicyDistillationTrainer:
     async def step(self) -> dict[str, float]:
         """One on-policy distillation step; returns its metrics (averaged over processes)."""
         metrics: dict[str, float] = {}
+        t = self.config.train
         start = time.perf_counter()
         prompts = [item.prompt_ids for item in self._my_share(self.prompts.next_batch())]
         with timed("generate", metrics):
             rollouts = await self.sample(prompts)
         with timed("grade", metrics):
             teacher = await grade(self.grader, rollouts)
-        with timed("score", metrics):
-            batch = self.score(rollouts, teacher)
         with timed("learn", metrics):
-            metrics |= self.update(batch)
+            batches = micro_batches(
+                rollouts, teacher, pad_id=self.pad_id, max_tokens=t.micro_batch_tokens, device=self.processes.device
+            )
+            scored, update_metrics = self.update(batches)
+        metrics |= update_metrics
         metrics["policy/lag"] = float(self.step_count - rollouts.policy_version)
         self.step_count += 1
         with timed("push", metrics):
             await self.push_weights()
         metrics["time/step"] = time.perf_counter() - start
-        return self._mean_over_processes(metrics) | self._batch_metrics(rollouts, batch, metrics["time/step"])
+        return self._mean_over_processes(metrics) | self._batch_metrics(rollouts, batches, scored, metrics["time/step"])
 
     def _my_share(self, global_batch: list) -> list:
         size = self.config.train.batch_size
@@ -182,39 +189,17 @@ class OnPolicyDistillationTrainer:
                                f"expected {self.policy_version}: samples are off-policy")  # fmt: skip
         return rollouts
 
-    def score(self, rollouts: Rollouts, teacher: list[list[float]]) -> ScoredBatch:
-        t = self.config.train
-        return score(self.model, rollouts, teacher, self.pad_id, t.kl_coef, t.discount, t.logprob_temperature,
-                     str(self.processes.device), keep_graph=True)  # fmt: skip
-
-    def update(self, batch: ScoredBatch) -> dict[str, float]:
-        """`ppo_steps` clipped updates on one batch; metrics are those of the last update."""
-        t, processes = self.config.train, self.processes
-        # Normalise by the global token count so N processes take the step one process would.
-        num_tokens = processes.sum(batch.mask_BT.sum()) / processes.world_size
-        for ppo_step in range(t.ppo_steps):
-            new_BT = batch.graph_logprobs_BT
-            if ppo_step > 0 or new_BT is None:  # the first update reuses score's forward
-                new_BT = completion_logprobs(self.model, batch.packed, t.logprob_temperature)
-            policy = clipped_policy_loss(new_BT, batch.old_logprobs_BT, batch.advantages_BT, batch.mask_BT,
-                                         t.clip_eps, num_tokens)  # fmt: skip
-            self.optimizer.zero_grad(set_to_none=True)
-            processes.backward(policy.loss)
-            grad_norm = processes.clip_grad_norm(self.model, t.max_grad_norm)
-            self.optimizer.step()
-        lr = float(self.scheduler.get_last_lr()[0])
+    def update(self, batches: list[MicroBatch]) -> tuple[list[Scored], dict[str, float]]:
+        """`ppo_steps` clipped updates on one step's micro-batches; metrics are those of the last."""
+        scored, metrics = ppo_update(self.policy, self.optimizer, batches, train=self.config.train,
+                                     processes=self.processes)  # fmt: skip
+        metrics["optim/lr"] = float(self.scheduler.get_last_lr()[0])
         self.scheduler.step()
-        return {
-            "ppo/loss": policy.loss.item(),
-            "ppo/clip_frac": policy.clip_frac.item(),
-            "ppo/approx_kl": policy.approx_kl.item(),
-            "optim/grad_norm": grad_norm.item(),
-            "optim/lr": lr,
-        }
+        return scored, metrics
 
     async def push_weights(self) -> None:
         """Main process: send the student, cast to the sampler's dtype, as version `step_count`."""
-        full = self.processes.full_parameters(self.model)  # a collective under FSDP: every process joins
+        full = self.processes.full_parameters(self.policy)  # a collective under FSDP: every process joins
         if self.processes.is_main:
             dtype = getattr(torch, self.sampler_dtype)
             tensors = {name: t.to(dtype) for name, t in full.items()}
@@ -226,16 +211,17 @@ class OnPolicyDistillationTrainer:
         self.processes.wait()
         self.policy_version = self.step_count
 
-    def _batch_metrics(self, rollouts: Rollouts, batch: ScoredBatch, step_time: float) -> dict[str, float]:
+    def _batch_metrics(
+        self, rollouts: Rollouts, batches: list[MicroBatch], scored: list[Scored], step_time: float
+    ) -> dict[str, float]:
         """Token- and sample-level means over the whole global batch (sums and counts all-reduced)."""
-        mask, sum_ = batch.mask_BT, self.processes.sum
-        tokens = sum_(mask.sum())
-        kl = sum_(reverse_kl_per_token(batch.old_logprobs_BT, batch.teacher_logprobs_BT, mask, tokens))
-        gap = sum_(sampler_mismatch(batch.sampler_logprobs_BT, batch.old_logprobs_BT, mask, tokens))
-        counts = sum_(torch.tensor([rollouts.num_tokens, len(rollouts.completion_ids)], device=mask.device))
-        return {
-            "kl/reverse_per_token": kl.item(),
-            "mismatch/sampler_vs_old": gap.item(),
+        tokens = global_token_count(batches, self.processes) * self.processes.world_size
+        olds = [s.old_logprobs_BT for s in scored]
+        means = {key: self.processes.sum(value).item()
+                 for key, value in distillation_metrics(batches, olds, tokens).items()}  # fmt: skip
+        device = self.processes.device
+        counts = self.processes.sum(torch.tensor([rollouts.num_tokens, len(rollouts.completion_ids)], device=device))
+        return means | {
             "completion/mean_length": (counts[0] / counts[1]).item(),
             "throughput/tokens_per_s": counts[0].item() / step_time,
         }
@@ -258,6 +244,7 @@ class OnPolicyDistillationTrainer:
         check_same_tokenizer(f"sampler ({sampler_info.model})", sampler_fp, f"grader ({grader_info.model})", grader_fp)
         check_same_tokenizer(f"learner student ({self.config.student.path})", own,
                              f"sampler ({sampler_info.model})", sampler_fp)  # fmt: skip
+        check_vocabularies(self.processes.unwrap(self.policy).lm.config.vocab_size, sampler_info, grader_info)
         self.sampler_dtype = sampler_info.dtype
 
     def _eval_due(self) -> bool:
@@ -269,29 +256,41 @@ class OnPolicyDistillationTrainer:
         results: dict[str, float] = {}
         if self.processes.is_main:
             e, t = self.config.eval, self.config.train
-            results = await evaluate(self.sampler, self.grader, self.processes.unwrap(self.model), self.tokenizer,
-                                     self.eval_items[: e.max_items], e, pad_id=self.pad_id, seed=t.seed,
-                                     temperature=t.logprob_temperature, device=str(self.processes.device))  # fmt: skip
+            results = await evaluate(
+                sampler=self.sampler,
+                grader=self.grader,
+                policy=self.processes.unwrap(self.policy),
+                tokenizer=self.tokenizer,
+                items=self.eval_items[: e.max_items],
+                config=e,
+                pad_id=self.pad_id,
+                seed=t.seed,
+                temperature=t.logprob_temperature,
+                micro_batch_tokens=t.micro_batch_tokens,
+                device=self.processes.device,
+            )
         self.processes.wait()
         return results
 
     def _maybe_save(self) -> None:
         every = self.config.checkpoint.save_steps
         if (every and self.step_count % every == 0) or self.step_count == self.config.train.steps:
-            weights = self.processes.full_parameters(self.model)  # collective under FSDP
+            weights = self.processes.full_parameters(self.policy)  # collective under FSDP
             if self.processes.is_main:
                 state = TrainerState(step=self.step_count, optimizer=self.optimizer.state_dict(),
                                      scheduler=self.scheduler.state_dict(), data=self.prompts.state_dict(),
                                      rng=rng_state())  # fmt: skip
                 root, keep = self.run_dir / "checkpoints", self.config.checkpoint.keep_last
-                path = save_checkpoint(self.processes.unwrap(self.model), self.tokenizer, state, root, keep, weights)
+                path = save_checkpoint(
+                    self.processes.unwrap(self.policy).lm, self.tokenizer, state, root, keep, weights
+                )
                 logger.info("saved checkpoint %s", path)
             self.processes.wait()
 
     def _resume(self, path: Path) -> None:
         """Continue exactly where the checkpoint left off: weights, optimizer, scheduler, RNG,
         data position; metrics logged after the checkpoint's step are dropped (they will be redone)."""
-        state = load_checkpoint(self.model, path)
+        state = load_checkpoint(self.policy.lm, path)
         self.optimizer.load_state_dict(state.optimizer)
         self.scheduler.load_state_dict(state.scheduler)
         self.prompts.load_state_dict(state.data)

@@ -3,9 +3,10 @@
 Shared by the torch engines of both services and by the learner, so the grader's teacher
 logprobs and the learner's student logprobs come from the same packing and gather code.
 
-Shape suffixes: B = sequences, L = padded full length, T = completion tokens, K = top-k.
-Batches are left-padded so every completion ends at the last position: the model then only
-has to project the last T + 1 hidden states onto the vocabulary (`logits_to_keep`).
+Shape suffixes: B = sequences, L = padded full length, T = completion tokens, K = top-k,
+N = completion tokens of all rows flattened, H = hidden size. Batches are left-padded (so a
+sampler's rows all end where decoding continues); only the N positions that predict completion
+tokens go through the LM head, a chunk at a time (`opd.logprobs`), so [B, T, V] logits never exist.
 """
 
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from opd.logprobs import token_logprobs, top_k_logprobs
 from opd.tiny import resolve_model_path
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -37,7 +39,6 @@ class PackedBatch:
     attention_mask_BL: torch.Tensor
     position_ids_BL: torch.Tensor
     completion_lengths_B: torch.Tensor
-    targets_BT: torch.Tensor  # completion ids, left-padded to T = max completion length
 
 
 def pack_left_padded(
@@ -46,15 +47,11 @@ def pack_left_padded(
     """Left-pad `prompt + completion` rows; position ids skip the padding."""
     rows = [p + c for p, c in zip(prompts, completions, strict=True)]
     length = max(len(r) for r in rows)
-    max_completion = max(len(c) for c in completions)
     input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
-    targets = torch.full((len(rows), max_completion), pad_id, dtype=torch.long)
-    for b, (row, completion) in enumerate(zip(rows, completions, strict=True)):
+    for b, row in enumerate(rows):
         input_ids[b, length - len(row) :] = torch.tensor(row)
         attention_mask[b, length - len(row) :] = 1
-        if completion:
-            targets[b, max_completion - len(completion) :] = torch.tensor(completion)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     lengths = torch.tensor([len(c) for c in completions], dtype=torch.long)
     return PackedBatch(
@@ -62,60 +59,98 @@ def pack_left_padded(
         attention_mask.to(device),
         position_ids.to(device),
         lengths.to(device),
-        targets.to(device),
     )
 
 
-def completion_logits(model: PreTrainedModel, batch: PackedBatch) -> torch.Tensor:
-    """Logits that predict each completion token, left-padded: shape [B, T, V].
+def length_sorted_chunks(lengths: list[int], max_batch_tokens: int) -> list[list[int]]:
+    """Row indices grouped so that rows x longest row <= max_batch_tokens (a longer row alone),
+    rows of similar length together (little padding); shortest first."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    chunks: list[list[int]] = [[]]
+    for i in order:
+        if chunks[-1] and (len(chunks[-1]) + 1) * lengths[i] > max_batch_tokens:
+            chunks.append([])
+        chunks[-1].append(i)
+    return chunks
 
-    Row b's completion token i sits at position L - C_b + i and is predicted by the logits one
-    position earlier; keeping the last T + 1 positions and dropping the final one lines these up
-    with `batch.targets_BT`.
+
+def completion_positions(batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, column) in the [B, L] batch of the position predicting each completion token, [N] each,
+    in right-padded order (row 0's tokens, then row 1's, ...): row b's completion token i sits at
+    column L - C_b + i and is predicted one position earlier."""
+    length = batch.input_ids_BL.shape[1]
+    lengths_B = batch.completion_lengths_B
+    rows_N = torch.repeat_interleave(torch.arange(len(lengths_B), device=lengths_B.device), lengths_B)
+    starts_B = torch.cumsum(lengths_B, 0) - lengths_B
+    index_N = torch.arange(int(lengths_B.sum()), device=lengths_B.device) - starts_B[rows_N]
+    return rows_N, length - lengths_B[rows_N] + index_N - 1
+
+
+def completion_targets(batch: PackedBatch) -> torch.Tensor:
+    """The completion token ids in right-padded order, [N]."""
+    rows_N, columns_N = completion_positions(batch)
+    return batch.input_ids_BL[rows_N, columns_N + 1]
+
+
+def completion_hidden_states(model: PreTrainedModel, batch: PackedBatch) -> torch.Tensor:
+    """Final hidden states (after the last norm) of the positions predicting completion tokens, [N, H].
+
+    Runs the model's body only: the LM head is left to `opd.logprobs`, which projects a chunk of
+    positions at a time, so the [B, T, V] logits never exist.
     """
-    max_completion = batch.targets_BT.shape[1]
-    out = model(
+    out = model.get_decoder()(
         input_ids=batch.input_ids_BL,
         attention_mask=batch.attention_mask_BL,
         position_ids=batch.position_ids_BL,
-        logits_to_keep=max_completion + 1,
         use_cache=False,
     )
-    return out.logits[:, :-1, :]
+    rows_N, columns_N = completion_positions(batch)
+    return out.last_hidden_state[rows_N, columns_N]
 
 
-def left_to_right_padded(values_BT: torch.Tensor, lengths_B: torch.Tensor) -> torch.Tensor:
-    """Move each row's last `length` entries to the front (left- to right-padded), zero the rest."""
-    max_len = values_BT.shape[1]
-    positions_T = torch.arange(max_len, device=values_BT.device)
-    source_BT = (positions_T[None, :] + (max_len - lengths_B)[:, None]).clamp(max=max_len - 1)
-    index = source_BT.view(*source_BT.shape, *([1] * (values_BT.dim() - 2))).expand_as(values_BT)
-    valid = (positions_T[None, :] < lengths_B[:, None]).view(*source_BT.shape, *([1] * (values_BT.dim() - 2)))
-    return values_BT.gather(1, index) * valid
+def lm_head(model: PreTrainedModel) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight [V, H], bias [V] or None) of the model's output projection."""
+    head = model.get_output_embeddings()
+    return head.weight, head.bias
 
 
-def completion_logprobs(model: PreTrainedModel, batch: PackedBatch, temperature: float = 1.0) -> torch.Tensor:
+def right_padded(values_N: torch.Tensor, lengths_B: torch.Tensor) -> torch.Tensor:
+    """Per-position values in right-padded order [N, ...] as a right-padded [B, T, ...] tensor, zeros after
+    each row's end (T = the longest row)."""
+    width = int(lengths_B.max()) if len(lengths_B) else 0
+    out = values_N.new_zeros((len(lengths_B), width, *values_N.shape[1:]))
+    mask_BT = torch.arange(width, device=lengths_B.device)[None, :] < lengths_B[:, None]
+    out[mask_BT] = values_N
+    return out
+
+
+def completion_logprobs(
+    model: PreTrainedModel, batch: PackedBatch, temperature: float = 1.0, chunk_size: int = 512
+) -> torch.Tensor:
     """Logprob of every completion token under `model` at `temperature`, right-padded [B, T].
 
-    Differentiable when called with grad enabled (the learner's update), float32 regardless of
-    the model's dtype.
+    Differentiable when called with grad enabled (the learner's update); at least float32 whatever
+    the model's dtype. Memory beyond the model's body: about 4 x chunk_size x V floats.
     """
-    logits_BTV = completion_logits(model, batch).float() / temperature
-    token_logits_BT = logits_BTV.gather(-1, batch.targets_BT.unsqueeze(-1)).squeeze(-1)
-    logprobs_BT = token_logits_BT - torch.logsumexp(logits_BTV, dim=-1)
-    return left_to_right_padded(logprobs_BT, batch.completion_lengths_B)
+    hidden_NH = completion_hidden_states(model, batch)
+    weight_VH, bias_V = lm_head(model)
+    targets_N1 = completion_targets(batch)[:, None]
+    logprobs_N = token_logprobs(hidden_NH, weight_VH, bias_V, targets_N1, temperature, chunk_size)[:, 0]
+    return right_padded(logprobs_N, batch.completion_lengths_B)
 
 
+@torch.no_grad()
 def completion_top_k(
-    model: PreTrainedModel, batch: PackedBatch, k: int
+    model: PreTrainedModel, batch: PackedBatch, k: int, chunk_size: int = 512
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Token logprobs [B, T] plus the top-k ids and logprobs [B, T, K], all right-padded."""
-    logprobs_BTV = torch.log_softmax(completion_logits(model, batch).float(), dim=-1)
-    token_BT = logprobs_BTV.gather(-1, batch.targets_BT.unsqueeze(-1)).squeeze(-1)
-    top_logprobs_BTK, top_ids_BTK = logprobs_BTV.topk(k, dim=-1)
-    lengths = batch.completion_lengths_B
+    hidden_NH = completion_hidden_states(model, batch)
+    weight_VH, bias_V = lm_head(model)
+    lengths_B = batch.completion_lengths_B
+    token_N = token_logprobs(hidden_NH, weight_VH, bias_V, completion_targets(batch)[:, None], 1.0, chunk_size)[:, 0]
+    top_ids_NK, top_logprobs_NK = top_k_logprobs(hidden_NH, weight_VH, bias_V, k, chunk_size)
     return (
-        left_to_right_padded(token_BT, lengths),
-        left_to_right_padded(top_ids_BTK, lengths),
-        left_to_right_padded(top_logprobs_BTK, lengths),
+        right_padded(token_N, lengths_B),
+        right_padded(top_ids_NK, lengths_B),
+        right_padded(top_logprobs_NK, lengths_B),
     )

@@ -6,10 +6,14 @@ map. Two tokenizers with the same fingerprint map every id to the same string.
 
 import hashlib
 import json
+from typing import TYPE_CHECKING
 
 from transformers import PreTrainedTokenizerBase
 
 from opd.errors import TokenizerMismatchError
+
+if TYPE_CHECKING:  # opd.serving imports this module
+    from opd.serving import InfoResponse
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> tuple[int, str]:
@@ -30,6 +34,24 @@ def check_same_tokenizer(
             f"{fingerprint_a[0]} (hash {fingerprint_a[1][:16]}), {name_b} has vocab size "
             f"{fingerprint_b[0]} (hash {fingerprint_b[1][:16]}). On-policy distillation sends "
             "token ids between them, so pick a teacher from the student's model family."
+        )
+
+
+def check_vocabularies(learner_vocab: int, sampler: "InfoResponse", grader: "InfoResponse") -> None:
+    """Real checkpoints have more logits than tokenizer tokens (padded vocabularies: Qwen2.5-0.5B
+    151,936 rows for 151,665 tokens, Qwen2.5-7B 152,064). Nothing masks the padded ids, on any
+    engine, so the student can sample one; the teacher must then have a row for it, and the
+    learner the same rows as the sampler, or a run would fail mid-way or score other tokens."""
+    if learner_vocab != sampler.model_vocab_size:
+        raise TokenizerMismatchError(
+            f"the learner's student has {learner_vocab} vocabulary rows, the sampler's model ({sampler.model}) "
+            f"{sampler.model_vocab_size}: they must be the same model"
+        )
+    if sampler.model_vocab_size > grader.model_vocab_size:
+        raise TokenizerMismatchError(
+            f"the student ({sampler.model}) has {sampler.model_vocab_size} vocabulary rows, more than the "
+            f"teacher ({grader.model}) with {grader.model_vocab_size}: the student could sample ids "
+            "the teacher cannot score; pick a teacher whose padded vocabulary is at least the student's"
         )
 
 

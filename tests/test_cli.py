@@ -95,6 +95,21 @@ def test_tokenizer_mismatch_fails_at_start_naming_both(tmp_path, teacher_dir):
     assert not (tmp_path / "run" / "metrics.jsonl").exists() or not (tmp_path / "run" / "metrics.jsonl").read_text()
 
 
+@pytest.mark.slow
+def test_teacher_with_fewer_vocabulary_rows_than_the_student_fails_at_start(tmp_path, teacher_dir):
+    # Same tokenizer (456 tokens), but the teacher pads its vocabulary to 480 rows where the student
+    # has 512: the student could sample ids 480-511, which the teacher cannot score.
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir)
+    teacher.resize_token_embeddings(480)
+    teacher.save_pretrained(tmp_path / "small-vocab-teacher")
+    AutoTokenizer.from_pretrained(teacher_dir).save_pretrained(tmp_path / "small-vocab-teacher")
+    result = opd_run("--run_dir", str(tmp_path / "run"), "--teacher.path", str(tmp_path / "small-vocab-teacher"),
+                     "--train.steps", "1", "--services.engine", "torch")  # fmt: skip
+    assert result.returncode != 0
+    assert "has 512 vocabulary rows, more than the teacher" in result.stderr
+    assert "with 480" in result.stderr
+
+
 def test_bad_config_fails_before_anything_starts(tmp_path):
     result = opd("run", "examples/tiny/config.yml", "--run_dir", str(tmp_path / "run"), "--train.lrr", "1", timeout=60)
     assert result.returncode != 0

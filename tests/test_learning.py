@@ -39,7 +39,7 @@ def test_reverse_kl_on_held_out_prompts_falls_by_30_percent(tmp_path, student_di
     # the student really moved, and what was saved is what was trained
     initial = reference.load(student_dir)
     saved = reference.load(tmp_path / "run" / "checkpoints" / "step_000030")
-    for (name, p1), p2 in zip(saved.named_parameters(), trainer.model.parameters(), strict=True):
+    for (name, p1), p2 in zip(saved.named_parameters(), trainer.policy.lm.parameters(), strict=True):
         assert torch.equal(p1, p2), name
     assert any(not torch.equal(p0, p1) for p0, p1 in zip(initial.parameters(), saved.parameters(), strict=True))
     # the sampler served every step's samples from the weights pushed after the previous step

@@ -15,7 +15,9 @@ from opd.tiny import build_model, build_tokenizer
 from sampler.schema import GenerateResponse
 from tests import reference
 
-PROMPTS = [[1, 365, 201, 89, 332], [1, 67, 360, 201, 44, 45, 46, 47, 48], [5, 6]]
+# 500 and 470 are padded ids: the tiny models have 512 vocabulary rows for 456 tokenizer tokens,
+# as Qwen2.5 has 151,936 for 151,665; every engine must take them like any other id.
+PROMPTS = [[1, 365, 201, 89, 332], [1, 67, 360, 201, 44, 45, 46, 47, 48], [5, 500, 6]]
 EOS = {0, 2}
 
 
@@ -146,7 +148,7 @@ def test_generate_rejects_bad_input_naming_the_field(servers, body, status, para
 SEQUENCES = [
     {"prompt_ids": [1, 365, 201, 89], "completion_ids": [332, 426, 223, 2]},
     {"prompt_ids": [1, 67, 360, 201, 44, 45, 46, 47, 48, 49, 50], "completion_ids": [19]},
-    {"prompt_ids": [5], "completion_ids": [6, 7, 8, 9, 10, 11, 12]},
+    {"prompt_ids": [5, 500], "completion_ids": [6, 7, 470, 9, 10, 511, 12]},
 ]
 
 

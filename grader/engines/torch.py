@@ -1,8 +1,9 @@
 """The torch grader engine: one transformers forward per chunk of sequences.
 
 Sequences are sorted by length and cut into chunks of at most `max_batch_tokens` padded tokens,
-so rows of similar length share a chunk (little padding) and the [rows, T, vocab] logits of a
-chunk stay bounded. Results go back in request order.
+so rows of similar length share a chunk (little padding) and the activations of a chunk stay
+bounded; the LM head then runs a few hundred positions at a time (`opd.logprobs`), so the logits
+of a whole chunk never exist. Results go back in request order.
 """
 
 import asyncio
@@ -10,20 +11,16 @@ import asyncio
 import torch
 
 from grader.engine import Scored
-from opd.modeling import completion_logprobs, completion_top_k, load_causal_lm, load_tokenizer, pack_left_padded
+from opd.modeling import (
+    completion_logprobs,
+    completion_top_k,
+    length_sorted_chunks,
+    load_causal_lm,
+    load_tokenizer,
+    pack_left_padded,
+)
 from opd.serving import InfoResponse, model_info
 from opd.tokenizer import pad_token_id
-
-
-def length_sorted_chunks(lengths: list[int], max_batch_tokens: int) -> list[list[int]]:
-    """Indices grouped so that rows x longest row <= max_batch_tokens (one row at least)."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    chunks: list[list[int]] = [[]]
-    for i in order:
-        if chunks[-1] and (len(chunks[-1]) + 1) * lengths[i] > max_batch_tokens:
-            chunks.append([])
-        chunks[-1].append(i)
-    return chunks
 
 
 class TorchGraderEngine:

@@ -1,0 +1,81 @@
+"""The student as the learner trains it: an `nn.Module` whose forward gives completion logprobs.
+
+    policy = Policy(load_causal_lm("tiny:student"), precision="fp32", chunk_size=512)
+    logprobs_BT = policy(*packed_batch_tensors, temperature=1.0)
+
+The forward runs the model's body, then the LM head a chunk of positions at a time
+(`opd.logprobs`), so no [B, T, V] logits exist; it is the module that DDP / FSDP wrap, so gradient
+sync and FSDP's unsharding of the LM head happen inside it as they must. Weights and optimizer
+state stay float32 (master weights); `precision: bf16` runs the forward under bf16 autocast.
+The Hugging Face model is `policy.lm`: pushes and checkpoints use its names and format.
+"""
+
+import torch
+from transformers import PreTrainedModel
+
+from opd.errors import ConfigError
+from opd.modeling import PackedBatch, completion_logprobs, pack_left_padded
+
+LM_PREFIX = "lm."
+"""What `Policy` puts before the Hugging Face parameter names in its own state dict."""
+
+HEAD_CHECK_ATOL = 1e-4
+"""The chunked head must reproduce the model's own logprobs this closely (float32) at start."""
+
+
+class Policy(torch.nn.Module):
+    def __init__(
+        self, lm: PreTrainedModel, precision: str = "fp32", chunk_size: int = 512, gradient_checkpointing: bool = False
+    ) -> None:
+        super().__init__()
+        self.lm = lm
+        self.precision = precision
+        self.chunk_size = chunk_size
+        # FSDP's auto-wrap policy looks here for the layers to shard one by one.
+        self._no_split_modules = getattr(lm, "_no_split_modules", None)
+        lm.config.use_cache = False
+        if gradient_checkpointing:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        check_plain_head(lm)
+
+    def forward(
+        self,
+        input_ids_BL: torch.Tensor,
+        attention_mask_BL: torch.Tensor,
+        position_ids_BL: torch.Tensor,
+        completion_lengths_B: torch.Tensor,
+        temperature: float = 1.0,
+    ) -> torch.Tensor:
+        """Logprob of each completion token at `temperature`, right-padded [B, T]."""
+        batch = PackedBatch(input_ids_BL, attention_mask_BL, position_ids_BL, completion_lengths_B)
+        device_type = input_ids_BL.device.type
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            return completion_logprobs(self.lm, batch, temperature, self.chunk_size)
+
+
+def policy_inputs(batch: PackedBatch) -> tuple[torch.Tensor, ...]:
+    """A packed batch as Policy.forward's positional tensors (DDP passes plain tensors best)."""
+    return batch.input_ids_BL, batch.attention_mask_BL, batch.position_ids_BL, batch.completion_lengths_B
+
+
+@torch.no_grad()
+def check_plain_head(lm: PreTrainedModel) -> None:
+    """Fail at start if the model's logits are not its body followed by its output projection.
+
+    The chunked head computes `hidden @ W.T + b` itself; a model that scales or soft-caps its
+    logits (Gemma 2, Cohere, Granite) would silently train on other numbers than it samples with.
+    """
+    ids = [[1, 2, 3, 4]]
+    device = lm.get_output_embeddings().weight.device
+    batch = pack_left_padded([ids[0][:2]], [ids[0][2:]], 0, str(device))
+    training = lm.training
+    lm.eval()  # no dropout in either forward
+    chunked = completion_logprobs(lm, batch)
+    logits = lm(input_ids=torch.tensor(ids, device=device)).logits[0, 1:3].float()
+    lm.train(training)
+    own = torch.log_softmax(logits, -1).gather(-1, torch.tensor([[3], [4]], device=device))[:, 0]
+    if (chunked[0].float() - own).abs().max() > HEAD_CHECK_ATOL * max(1.0, float(own.abs().max())):
+        raise ConfigError(
+            f"{type(lm).__name__}'s logits are not a plain projection of its last hidden states "
+            "(scaled or soft-capped logits?); opd's chunked LM head supports plain linear heads only"
+        )

@@ -1,0 +1,79 @@
+"""opd/logprobs.py: chunked LM-head logprobs against the full float64 log-softmax, values and
+gradients, and proof that autograd never keeps a [N, V] tensor."""
+
+import pytest
+import torch
+
+from opd.logprobs import token_logprobs, top_k_logprobs
+
+N, H, V, K = 11, 8, 97, 3
+
+
+def inputs(bias: bool = True):
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(N, H, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(V, H, generator=gen, dtype=torch.float64, requires_grad=True)
+    bias_V = torch.randn(V, generator=gen, dtype=torch.float64, requires_grad=True) if bias else None
+    ids = torch.randint(0, V, (N, K), generator=gen)
+    return hidden, weight, bias_V, ids
+
+
+def reference(hidden, weight, bias_V, ids, temperature):
+    """Plain full logits and log-softmax: the [N, V] tensor the chunked version avoids."""
+    logits = hidden @ weight.T + (bias_V if bias_V is not None else 0.0)
+    return torch.log_softmax(logits / temperature, dim=-1).gather(-1, ids)
+
+
+@pytest.mark.parametrize("chunk", [1, 4, N, 1000])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("bias", [True, False])
+def test_values_and_gradients_match_the_full_log_softmax(chunk, temperature, bias):
+    hidden, weight, bias_V, ids = inputs(bias)
+    upstream = torch.randn(N, K, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ours = token_logprobs(hidden, weight, bias_V, ids, temperature, chunk)
+    grads = torch.autograd.grad((ours * upstream).sum(), [t for t in (hidden, weight, bias_V) if t is not None])
+    ref = reference(hidden, weight, bias_V, ids, temperature)
+    ref_grads = torch.autograd.grad((ref * upstream).sum(), [t for t in (hidden, weight, bias_V) if t is not None])
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-12)
+    for mine, theirs in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-12)
+
+
+def test_hand_values():
+    # One position, vocabulary of 2, hidden 1: logits [2, 0]; log softmax = [2, 0] - log(e^2 + 1)
+    # = [-0.126928, -2.126928]; at temperature 2 the logits are [1, 0]: [-0.313262, -1.313262].
+    hidden = torch.tensor([[1.0]], dtype=torch.float64)
+    weight = torch.tensor([[2.0], [0.0]], dtype=torch.float64)
+    ids = torch.tensor([[0, 1]])
+    assert token_logprobs(hidden, weight, None, ids).tolist()[0] == pytest.approx([-0.126928, -2.126928], abs=1e-6)
+    assert token_logprobs(hidden, weight, None, ids, 2.0).tolist()[0] == pytest.approx([-0.313262, -1.313262], abs=1e-6)
+
+
+def test_autograd_never_keeps_a_full_logits_tensor():
+    hidden, weight, bias_V, ids = inputs()
+    saved: list[int] = []
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        saved.append(tensor.numel())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        token_logprobs(hidden, weight, bias_V, ids, 1.0, chunk_size=2).sum().backward()
+    # checkpointing keeps the chunk's inputs (hidden rows, the shared weight), never its logits
+    assert max(saved) == V * H
+    assert not any(numel >= 2 * V for numel in saved if numel != V * H and numel != V)
+
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        reference(hidden, weight, bias_V, ids, 1.0).sum().backward()
+    assert max(saved) >= N * V  # the reference does keep them: the check above can fail
+
+
+def test_top_k_matches_the_full_distribution():
+    hidden, weight, bias_V, _ = inputs()
+    with torch.no_grad():
+        full = torch.log_softmax(hidden @ weight.T + bias_V, dim=-1)
+        ids, logprobs = top_k_logprobs(hidden, weight, bias_V, K, chunk_size=4)
+    expected = full.topk(K, dim=-1)
+    assert torch.equal(ids, expected.indices)
+    torch.testing.assert_close(logprobs, expected.values, rtol=0, atol=1e-12)
