@@ -5,16 +5,15 @@
          -d '{"sequences": [{"prompt_ids": [1, 2, 3], "completion_ids": [4, 5]}]}'
 """
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+import math
 from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 
-from grader.engine import GraderEngine
+from grader.engine import GraderEngine, Scored
 from grader.schema import InfoResponse, LogprobsRequest, LogprobsResponse, ScoredSequence
-from opd.errors import RequestError
-from opd.serving import ERROR_RESPONSES, add_body_limit, add_error_handlers, check_token_ids
+from opd.errors import NonFiniteOutputError, RequestError
+from opd.serving import ERROR_RESPONSES, check_token_ids, create_service_app
 
 
 @dataclass(frozen=True)
@@ -23,32 +22,10 @@ class GraderSettings:
     """Largest number of sequences per /v1/logprobs call."""
 
 
-@asynccontextmanager
-async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
-    try:
-        yield
-    finally:
-        await app.state.engine.close()
-
-
 def create_app(engine: GraderEngine, settings: GraderSettings | None = None) -> FastAPI:
-    app = FastAPI(title="opd grader", lifespan=_lifespan)
-    app.state.engine = engine
-    app.state.settings = settings or GraderSettings()
-    add_error_handlers(app)
-    add_body_limit(app)
-    app.get("/health")(health)
-    app.get("/v1/info", response_model=InfoResponse)(info)
+    app = create_service_app("opd grader", engine, settings or GraderSettings())
     app.post("/v1/logprobs", response_model=LogprobsResponse, responses=ERROR_RESPONSES)(logprobs)
     return app
-
-
-async def health() -> dict[str, str]:
-    return {"status": "ok"}
-
-
-async def info(request: Request) -> InfoResponse:
-    return request.app.state.engine.info()
 
 
 async def logprobs(body: LogprobsRequest, request: Request) -> LogprobsResponse:
@@ -60,7 +37,15 @@ async def logprobs(body: LogprobsRequest, request: Request) -> LogprobsResponse:
         )
     _check_sequences(body, engine.info())
     scored = await engine.score([(s.prompt_ids, s.completion_ids) for s in body.sequences], body.top_k)
+    _check_finite(scored)
     return LogprobsResponse(results=[ScoredSequence(**vars(s)) for s in scored])
+
+
+def _check_finite(scored: list[Scored]) -> None:
+    # A logprob of -inf is possible only for a token of probability 0, which a softmax never gives;
+    # NaN or inf means the teacher's weights overflow.
+    if any(not math.isfinite(lp) for s in scored for lp in s.logprobs):
+        raise NonFiniteOutputError("the teacher produced non-finite logprobs; its weights overflow")
 
 
 def _check_sequences(body: LogprobsRequest, info: InfoResponse) -> None:

@@ -47,6 +47,7 @@ def save_checkpoint(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     state: TrainerState,
+    *,
     root: Path,
     keep_last: int | None,
     weights: dict[str, torch.Tensor] | None = None,

@@ -13,7 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from opd.errors import ConfigError
-from opd.tiny import missing_local_model
+from opd.paths import missing_local_model
 
 Dtype = Literal["float32", "bfloat16", "float16"]
 
@@ -162,6 +162,8 @@ class CheckpointConfig(Section):
 class LoggingConfig(Section):
     progress: bool = True
     """Live progress bar with reverse KL, tokens/s and step time."""
+    tensorboard: bool = False
+    """Also write every metric to RUN_DIR/tb for TensorBoard (`pip install 'opd[tensorboard]'`)."""
 
 
 class OpdConfig(Section):

@@ -97,6 +97,12 @@ class Processes:
         """Sum of `value` over all processes."""
         return self.accelerator.reduce(value.clone(), reduction="sum") if self.accelerator else value
 
+    def any(self, flag: bool) -> bool:
+        """True on every process if `flag` is True on any (a collective: all processes call it)."""
+        if self.accelerator is None:
+            return flag
+        return bool(self.sum(torch.tensor([float(flag)], device=self.device)).item() > 0)
+
     def wait(self) -> None:
         if self.accelerator:
             self.accelerator.wait_for_everyone()

@@ -14,7 +14,7 @@ from transformers import PreTrainedTokenizerBase
 from learner.api import EvalItem
 from learner.clients import GraderClient, SamplerClient
 from learner.config import EvalConfig
-from learner.rollout import grade, sample
+from learner.rollout import generate, grade, sample
 from learner.update import distillation_metrics, micro_batches, old_logprobs
 from sampler.schema import GenerateRequest
 
@@ -35,13 +35,15 @@ async def evaluate(
     temperature: float,
     micro_batch_tokens: int,
     device: torch.device | str,
+    version: int,
 ) -> dict[str, float]:
-    """Eval metrics of `policy` (a `learner.policy.Policy`, unwrapped) on `items`."""
+    """Eval metrics of `policy` (a `learner.policy.Policy`, unwrapped) on `items`; every sample
+    must come from the sampler's `version` (else StaleSamplerError)."""
     prompts = [item.prompt_ids for item in items]
     request = GenerateRequest(
         prompt_ids=prompts, n=config.n, temperature=1.0, max_tokens=config.max_tokens, seed=seed + EVAL_SEED_OFFSET
     )
-    rollouts = await sample(sampler, prompts, request, tokenizer.eos_token_id)
+    rollouts = await sample(sampler, prompts, request, eos_id=tokenizer.eos_token_id, version=version)
     teacher = await grade(grader, rollouts)
     batches = micro_batches(rollouts, teacher, pad_id=pad_id, max_tokens=micro_batch_tokens, device=device)
     tokens = torch.stack([b.mask_BT.sum() for b in batches]).sum()
@@ -52,18 +54,20 @@ async def evaluate(
     }
     answered = [item for item in items if item.answer is not None]
     if answered:
-        metrics["eval/reward"] = await mean_reward(sampler, tokenizer, answered, config.max_tokens)
+        metrics["eval/reward"] = await mean_reward(sampler, tokenizer, answered, max_tokens=config.max_tokens,
+                                                   version=version)  # fmt: skip
     return metrics
 
 
 async def mean_reward(
-    sampler: SamplerClient, tokenizer: PreTrainedTokenizerBase, items: Sequence[EvalItem], max_tokens: int
-) -> float:
+    sampler: SamplerClient, tokenizer: PreTrainedTokenizerBase, items: Sequence[EvalItem], *, max_tokens: int,
+    version: int,
+) -> float:  # fmt: skip
     """Mean `item.get_reward(greedy completion text)` over items that have an answer."""
     request = GenerateRequest(
         prompt_ids=[item.prompt_ids for item in items], n=1, temperature=0.0, max_tokens=max_tokens
     )
-    reply = await sampler.generate(request)
+    reply = await generate(sampler, request, version)
     texts = [str(tokenizer.decode(r.completions[0].completion_ids, skip_special_tokens=True)) for r in reply.results]
     rewards = [item.get_reward(text) for item, text in zip(items, texts, strict=True)]
     return sum(rewards) / len(rewards)

@@ -1,4 +1,9 @@
-"""Metrics: one dict per step with namespaced keys, written through a small sink protocol."""
+"""Metrics: one dict per step with namespaced keys, written through a small sink protocol.
+
+Sinks: `JsonlLogger` (RUN_DIR/metrics.jsonl, always), `TensorBoardLogger` (RUN_DIR/tb with
+`logging.tensorboard: true`; view with `tensorboard --logdir RUN_DIR/tb`), `NullLogger` (processes
+other than the main one), and `FanOut` to write to several.
+"""
 
 import json
 import time
@@ -6,6 +11,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Protocol
+
+from opd.errors import ConfigError
 
 
 class MetricsLogger(Protocol):
@@ -27,6 +34,43 @@ class JsonlLogger:
 
     def close(self) -> None:
         self._file.close()
+
+
+class TensorBoardLogger:
+    """The same scalars as metrics.jsonl, through TensorBoard's own event writer. A resumed run
+    passes `purge_after`, its checkpoint's step: later events of the earlier run are dropped, as
+    `truncate_metrics` drops them from metrics.jsonl."""
+
+    def __init__(self, log_dir: Path, purge_after: int | None = None) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as exc:  # torch's writer needs the tensorboard package
+            raise ConfigError(
+                "logging.tensorboard needs the tensorboard package: pip install 'opd[tensorboard]'"
+            ) from exc
+        purge_step = None if purge_after is None else purge_after + 1
+        self._writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        for key, value in metrics.items():
+            self._writer.add_scalar(key, value, global_step=step)
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+class FanOut:
+    def __init__(self, *sinks: MetricsLogger) -> None:
+        self.sinks = sinks
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        for sink in self.sinks:
+            sink.log(metrics, step)
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()
 
 
 class NullLogger:

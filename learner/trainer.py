@@ -15,8 +15,9 @@ process alone pushes weights, evaluates, checkpoints and logs (see `learner/dist
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from tqdm import tqdm
@@ -28,18 +29,20 @@ from learner.config import OpdConfig, dump_config
 from learner.data import PromptStream
 from learner.distributed import Processes
 from learner.evaluate import evaluate
-from learner.metrics import JsonlLogger, MetricsLogger, NullLogger, timed, truncate_metrics
+from learner.metrics import FanOut, JsonlLogger, MetricsLogger, NullLogger, TensorBoardLogger, timed, truncate_metrics
 from learner.policy import Policy
 from learner.rollout import Rollouts, grade, sample
 from learner.services import service_urls
 from learner.update import MicroBatch, Scored, distillation_metrics, global_token_count, micro_batches, ppo_update
 from opd.auth import load_api_key
-from opd.errors import ConfigError, SamplerError
+from opd.errors import ConfigError, SamplerError, StaleSamplerError
 from opd.modeling import load_causal_lm, load_tokenizer
 from opd.tokenizer import check_same_tokenizer, check_vocabularies, pad_token_id, tokenizer_fingerprint
 from sampler.schema import GenerateRequest
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 STEP_SEED_STRIDE = 1_000_003
 """Sampling seeds of consecutive steps are this far apart: room for a million samples per step."""
@@ -91,8 +94,15 @@ class OnPolicyDistillationTrainer:
         if resume_from is not None:
             self._resume(Path(resume_from))
         self.policy, self.optimizer = self.processes.prepare(self.policy, self.optimizer)
-        main = self.processes.is_main
-        self.metrics = metrics or (JsonlLogger(self.run_dir / "metrics.jsonl") if main else NullLogger())
+        self.metrics = metrics or self._metric_sinks()
+
+    def _metric_sinks(self) -> MetricsLogger:
+        if not self.processes.is_main:
+            return NullLogger()
+        jsonl = JsonlLogger(self.run_dir / "metrics.jsonl")
+        if not self.config.logging.tensorboard:
+            return jsonl
+        return FanOut(jsonl, TensorBoardLogger(self.run_dir / "tb", purge_after=self.step_count or None))
 
     # ---- the loop ---------------------------------------------------------------------------
 
@@ -176,18 +186,27 @@ class OnPolicyDistillationTrainer:
         seed = (t.seed * 7_919 + self.step_count) * STEP_SEED_STRIDE + self.processes.rank * t.batch_size * s.n
         request = GenerateRequest(prompt_ids=prompts, n=s.n, temperature=s.temperature, top_p=s.top_p,
                                   max_tokens=s.max_tokens, seed=seed)  # fmt: skip
-        rollouts = await sample(self.sampler, prompts, request, self.tokenizer.eos_token_id)
-        if rollouts.policy_version != self.policy_version:
-            # A restarted sampler serves its initial weights as version 0: push ours again and
-            # redo the step's sampling, so no step trains on samples of other weights.
-            logger.warning("sampler served policy_version %d, expected %d; pushing weights again",
-                           rollouts.policy_version, self.policy_version)  # fmt: skip
-            await self.push_weights()
-            rollouts = await sample(self.sampler, prompts, request, self.tokenizer.eos_token_id)
-        if rollouts.policy_version != self.policy_version:
-            raise SamplerError(f"sampler served policy_version {rollouts.policy_version}, "
-                               f"expected {self.policy_version}: samples are off-policy")  # fmt: skip
-        return rollouts
+        eos = self.tokenizer.eos_token_id
+        return await self._on_policy(
+            lambda: sample(self.sampler, prompts, request, eos_id=eos, version=self.policy_version)
+        )
+
+    async def _on_policy(self, produce: Callable[[], Awaitable[T]]) -> T:
+        """Run `produce` (a step's sampling, an eval) on every process; if any process got an answer
+        from other weights than the learner's (a restarted sampler serves its initial weights),
+        every process pushes the weights again and runs it again, so nothing is trained or
+        evaluated on samples of other weights. Collective: every process calls it."""
+        for attempt in range(2):
+            try:
+                result, stale = await produce(), False
+            except StaleSamplerError as exc:
+                logger.warning("%s; pushing weights again", exc)
+                result, stale = None, True
+            if not self.processes.any(stale):
+                return result  # type: ignore[return-value]  # None only where stale
+            if attempt == 0:
+                await self.push_weights()
+        raise SamplerError(f"the sampler still does not serve policy_version {self.policy_version} after a push")
 
     def update(self, batches: list[MicroBatch]) -> tuple[list[Scored], dict[str, float]]:
         """`ppo_steps` clipped updates on one step's micro-batches; metrics are those of the last."""
@@ -252,11 +271,14 @@ class OnPolicyDistillationTrainer:
         return bool(every and self.eval_items) and (self.step_count % every == 0 or self.step_count == steps)
 
     async def evaluate(self) -> dict[str, float]:
-        """Main process: reverse KL to the teacher on eval prompts; reward where items have answers."""
-        results: dict[str, float] = {}
+        """Main process: reverse KL to the teacher on eval prompts; reward where items have answers.
+        The others wait; all take part in a push if the sampler answered with other weights."""
+        return await self._on_policy(self._evaluate_on_main)
+
+    async def _evaluate_on_main(self) -> dict[str, float]:
         if self.processes.is_main:
             e, t = self.config.eval, self.config.train
-            results = await evaluate(
+            return await evaluate(
                 sampler=self.sampler,
                 grader=self.grader,
                 policy=self.processes.unwrap(self.policy),
@@ -268,9 +290,9 @@ class OnPolicyDistillationTrainer:
                 temperature=t.logprob_temperature,
                 micro_batch_tokens=t.micro_batch_tokens,
                 device=self.processes.device,
+                version=self.policy_version,
             )
-        self.processes.wait()
-        return results
+        return {}
 
     def _maybe_save(self) -> None:
         every = self.config.checkpoint.save_steps
@@ -280,10 +302,9 @@ class OnPolicyDistillationTrainer:
                 state = TrainerState(step=self.step_count, optimizer=self.optimizer.state_dict(),
                                      scheduler=self.scheduler.state_dict(), data=self.prompts.state_dict(),
                                      rng=rng_state())  # fmt: skip
-                root, keep = self.run_dir / "checkpoints", self.config.checkpoint.keep_last
-                path = save_checkpoint(
-                    self.processes.unwrap(self.policy).lm, self.tokenizer, state, root, keep, weights
-                )
+                path = save_checkpoint(self.processes.unwrap(self.policy).lm, self.tokenizer, state,
+                                       root=self.run_dir / "checkpoints", keep_last=self.config.checkpoint.keep_last,
+                                       weights=weights)  # fmt: skip
                 logger.info("saved checkpoint %s", path)
             self.processes.wait()
 

@@ -106,10 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _require_model(path: str) -> None:
-    from opd.tiny import missing_local_model
+    from opd.paths import check_model_source
 
-    if missing_local_model(path):
-        raise SystemExit(f"opd: model path {path} does not exist")
+    try:
+        check_model_source(path)
+    except OpdError as exc:
+        raise SystemExit(f"opd: {exc}") from None
 
 
 def _engine_name(args: argparse.Namespace) -> str:

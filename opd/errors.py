@@ -34,6 +34,11 @@ class SamplerError(ServiceError):
     service = "sampler"
 
 
+class StaleSamplerError(SamplerError):
+    """The sampler answered with other weights than the learner's (a restarted sampler serves its
+    initial weights as version 0); the learner pushes its weights again and asks again."""
+
+
 class GraderError(ServiceError):
     service = "grader"
 
@@ -48,6 +53,11 @@ class RequestError(OpdError, ValueError):
 
     def __reduce__(self) -> tuple:
         return (type(self), (self.args[0], self.param, self.status))
+
+
+class NonFiniteOutputError(OpdError, RuntimeError):
+    """The served model produced NaN or infinite logprobs (finite but absurd weights overflow);
+    answered as a 500 that says so, never handed out as a result."""
 
 
 class EngineDeadError(OpdError, RuntimeError):

@@ -15,7 +15,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from opd.logprobs import token_logprobs, top_k_logprobs
-from opd.tiny import resolve_model_path
+from opd.paths import resolve_model_path
+from opd.serving import InfoResponse
+from opd.tokenizer import tokenizer_fingerprint
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -23,6 +25,18 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
     """Tokenizer of a HF model id, a local dir, or `tiny:NAME`."""
     return AutoTokenizer.from_pretrained(resolve_model_path(path))
+
+
+def model_card(
+    model_path: str, *, engine: str, dtype: str, model_vocab_size: int, max_model_len: int
+) -> tuple[PreTrainedTokenizerBase, InfoResponse]:
+    """The served model's tokenizer and what GET /v1/info says about it, fixed when its engine
+    starts (policy_version 0): one place for all four engines."""
+    tokenizer = load_tokenizer(model_path)
+    vocab_size, digest = tokenizer_fingerprint(tokenizer)
+    card = InfoResponse(model=model_path, engine=engine, dtype=dtype, vocab_size=vocab_size, tokenizer_hash=digest,
+                        model_vocab_size=model_vocab_size, max_model_len=max_model_len)  # fmt: skip
+    return tokenizer, card
 
 
 def load_causal_lm(path: str, dtype: str = "float32", device: str = "cpu") -> PreTrainedModel:

@@ -10,18 +10,20 @@ import logging
 import os
 import signal
 import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Any, Protocol
 
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
 from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-from transformers import PreTrainedTokenizerBase
 
-from opd.errors import EngineDeadError, RequestError
-from opd.tokenizer import tokenizer_fingerprint
+from opd.errors import EngineDeadError, NonFiniteOutputError, RequestError
 
 logger = logging.getLogger(__name__)
 
@@ -47,13 +49,16 @@ ERROR_RESPONSES: dict[int | str, dict] = {
     403: {"model": ErrorResponse, "description": "Weight push with a wrong bearer token"},
     413: {"model": ErrorResponse, "description": "Request too large"},
     422: {"model": ErrorResponse, "description": "Schema validation failed"},
+    500: {"model": ErrorResponse, "description": "The model produced non-finite logprobs (broken weights)"},
     503: {"model": ErrorResponse, "description": "Engine not ready or dead"},
 }
 
 
-def error_json(message: str, kind: str, code: int, param: str | None = None) -> JSONResponse:
+def error_json(
+    message: str, kind: str, code: int, param: str | None = None, headers: dict[str, str] | None = None
+) -> JSONResponse:
     detail = ErrorDetail(message=message, type=kind, param=param, code=code)
-    return JSONResponse(ErrorResponse(error=detail).model_dump(), status_code=code)
+    return JSONResponse(ErrorResponse(error=detail).model_dump(), status_code=code, headers=headers)
 
 
 def _validation_param(exc: RequestValidationError | ValidationError) -> tuple[str, str | None]:
@@ -61,8 +66,8 @@ def _validation_param(exc: RequestValidationError | ValidationError) -> tuple[st
     if first.get("type") == "json_invalid":  # loc holds a character offset, not a field
         return f"body is not valid JSON: {first.get('ctx', {}).get('error', 'parse error')}", "body"
     loc = [str(part) for part in first.get("loc", ()) if part != "body"]
-    param = ".".join(loc) or None
-    return f"{param or 'body'}: {first.get('msg', 'invalid request')}", param
+    param = ".".join(loc) or "body"
+    return f"{param}: {first.get('msg', 'invalid request')}", param
 
 
 async def _on_validation_error(_: Request, exc: Exception) -> JSONResponse:
@@ -83,6 +88,22 @@ async def _on_engine_dead(_: Request, exc: Exception) -> JSONResponse:
     return error_json(f"engine died: {exc}; the server is restarting", "engine_dead", 503)
 
 
+async def _on_non_finite(_: Request, exc: Exception) -> JSONResponse:
+    logger.error("%s", exc)
+    return error_json(str(exc), "non_finite_output", 500)
+
+
+_HTTP_ERROR_TYPES = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
+
+
+async def _on_http_error(_: Request, exc: Exception) -> JSONResponse:
+    """The framework's own errors (unknown path, wrong method, unparsable body) in our envelope."""
+    assert isinstance(exc, StarletteHTTPException)
+    kind = _HTTP_ERROR_TYPES.get(exc.status_code, "invalid_request")
+    param = "body" if exc.status_code == 400 else None  # FastAPI's 400 is a body it could not parse
+    return error_json(str(exc.detail), kind, exc.status_code, param, headers=dict(exc.headers or {}))
+
+
 async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
     logger.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return error_json("internal server error; see the server log", "internal_error", 500)
@@ -93,7 +114,9 @@ def add_error_handlers(app: FastAPI) -> None:
     # Bodies parsed inside a route (e.g. the JSON form of POST /v1/weights) raise this one.
     app.add_exception_handler(ValidationError, _on_validation_error)
     app.add_exception_handler(RequestError, _on_request_error)
+    app.add_exception_handler(StarletteHTTPException, _on_http_error)
     app.add_exception_handler(EngineDeadError, _on_engine_dead)
+    app.add_exception_handler(NonFiniteOutputError, _on_non_finite)
     app.add_exception_handler(Exception, _on_unexpected)
 
 
@@ -183,10 +206,52 @@ def check_token_ids(ids: list[int], vocab_size: int, param: str) -> None:
         raise RequestError(f"token id {bad} is out of the vocabulary (size {vocab_size})", param=param)
 
 
-def model_info(
-    model: str, engine: str, dtype: str, tokenizer: PreTrainedTokenizerBase, model_vocab_size: int, max_model_len: int
-) -> InfoResponse:
-    """What GET /v1/info says about a served model, fixed when its engine starts (policy_version 0)."""
-    vocab_size, digest = tokenizer_fingerprint(tokenizer)
-    return InfoResponse(model=model, engine=engine, dtype=dtype, vocab_size=vocab_size, tokenizer_hash=digest,
-                        model_vocab_size=model_vocab_size, max_model_len=max_model_len)  # fmt: skip
+def _utf8_text(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:  # JSON admits "\ud800", a lone surrogate no tokenizer can take
+        raise ValueError(f"not valid Unicode text: a lone surrogate at character {exc.start}") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_utf8_text)]
+"""Text from a request: a str that encodes as UTF-8 (tokenizers refuse lone surrogates with a 500)."""
+
+
+class ServedEngine(Protocol):
+    """What the shared routes need of either service's engine."""
+
+    def info(self) -> InfoResponse: ...
+
+    async def close(self) -> None: ...
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    try:
+        yield
+    finally:
+        await app.state.engine.close()
+
+
+async def health() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+async def info(request: Request) -> InfoResponse:
+    return request.app.state.engine.info()
+
+
+def create_service_app(
+    title: str, engine: ServedEngine, settings: Any, body_limit_exempt: frozenset[str] = frozenset()
+) -> FastAPI:
+    """The part both servers share: engine and settings on `app.state`, the engine closed at
+    shutdown, the error envelope for every error, the JSON body limit, GET /health and /v1/info."""
+    app = FastAPI(title=title, lifespan=_lifespan)
+    app.state.engine = engine
+    app.state.settings = settings
+    add_error_handlers(app)
+    add_body_limit(app, exempt=body_limit_exempt)
+    app.get("/health")(health)
+    app.get("/v1/info", response_model=InfoResponse)(info)
+    return app

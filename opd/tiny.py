@@ -199,19 +199,6 @@ def ensure_tiny_model(name: str, root: Path | None = None) -> Path:
     return target
 
 
-def missing_local_model(path: str) -> bool:
-    """True for a path that can only be local (absolute, ./, ../, ~) and does not exist.
-    `org/name` may be a Hugging Face hub id, so it is left for the loader to judge."""
-    return path.startswith(("/", "./", "../", "~")) and not Path(path).expanduser().exists()
-
-
-def resolve_model_path(path: str) -> str:
-    """`tiny:NAME` -> the cached tiny model dir; anything else (HF id or local dir) unchanged."""
-    if path.startswith("tiny:"):
-        return str(ensure_tiny_model(path.removeprefix("tiny:")))
-    return path
-
-
 if __name__ == "__main__":
     out = Path(sys.argv[1]) if len(sys.argv) > 1 else None
     for model_name in TINY_SPECS:

@@ -5,22 +5,21 @@ opd sampler --model tiny:student --port 8001
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+import math
 from dataclasses import dataclass
 
 from fastapi import FastAPI, Query, Request
 from starlette.requests import ClientDisconnect
 
 from opd.auth import check_bearer
-from opd.errors import RequestError
-from opd.serving import ERROR_RESPONSES, add_body_limit, add_error_handlers, check_token_ids
-from sampler.engine import SamplerEngine, SamplingParams
+from opd.errors import NonFiniteOutputError, RequestError
+from opd.serving import ERROR_RESPONSES, check_token_ids, create_service_app
+from sampler.engine import Sample, SamplerEngine, SamplingParams
 from sampler.schema import (
+    ChatMessage,
     Completion,
     GenerateRequest,
     GenerateResponse,
-    InfoResponse,
     PromptResult,
     WeightsFromPath,
     WeightsResponse,
@@ -38,24 +37,15 @@ class SamplerSettings:
     """Largest prompts x n per generate call."""
     api_key: str | None = None
     """Bearer token required by POST /v1/weights; None: no check (loopback only)."""
-
-
-@asynccontextmanager
-async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
-    try:
-        yield
-    finally:
-        await app.state.engine.close()
+    chars_per_token: int = 32
+    """Chat messages longer than this x the model's context (in characters) are refused before
+    tokenising: tokenising 12 MiB of text took ~17 s and 1.5 GB, and no token spans 32 characters
+    often enough for a prompt that fits the context to be that long."""
 
 
 def create_app(engine: SamplerEngine, settings: SamplerSettings | None = None) -> FastAPI:
-    app = FastAPI(title="opd sampler", lifespan=_lifespan)
-    app.state.engine = engine
-    app.state.settings = settings or SamplerSettings()
-    add_error_handlers(app)
-    add_body_limit(app, exempt={"/v1/weights"})  # weights have their own, larger limit
-    app.get("/health")(health)
-    app.get("/v1/info", response_model=InfoResponse)(info)
+    # weights have their own, larger limit, checked while streaming
+    app = create_service_app("opd sampler", engine, settings or SamplerSettings(), frozenset({"/v1/weights"}))
     app.post("/v1/generate", response_model=GenerateResponse, responses=ERROR_RESPONSES)(generate)
     app.post("/v1/weights", response_model=WeightsResponse, responses=ERROR_RESPONSES, openapi_extra=_WEIGHTS_BODY)(
         push_weights
@@ -63,21 +53,16 @@ def create_app(engine: SamplerEngine, settings: SamplerSettings | None = None) -
     return app
 
 
-async def health() -> dict[str, str]:
-    return {"status": "ok"}
-
-
-async def info(request: Request) -> InfoResponse:
-    return request.app.state.engine.info()
-
-
 async def generate(body: GenerateRequest, request: Request) -> GenerateResponse:
     engine: SamplerEngine = request.app.state.engine
-    prompts = _prompt_ids(body, engine)
-    if len(prompts) * body.n > request.app.state.settings.max_prompts:
-        raise RequestError(f"prompts x n exceeds {request.app.state.settings.max_prompts}", param="n", status=413)
+    settings: SamplerSettings = request.app.state.settings
+    count = len(body.prompt_ids or body.messages or [])
+    if count * body.n > settings.max_prompts:
+        raise RequestError(f"prompts x n exceeds {settings.max_prompts}", param="n", status=413)
+    prompts = await _prompt_ids(body, engine, settings)
     params = SamplingParams(body.n, body.temperature, body.top_p, body.max_tokens, body.seed)
     version, samples = await engine.generate(prompts, params)
+    _check_finite(samples, version)
     results = [
         PromptResult(prompt_ids=prompt, completions=[Completion(**vars(s)) for s in per_prompt])
         for prompt, per_prompt in zip(prompts, samples, strict=True)
@@ -85,13 +70,26 @@ async def generate(body: GenerateRequest, request: Request) -> GenerateResponse:
     return GenerateResponse(policy_version=version, results=results)
 
 
-def _prompt_ids(body: GenerateRequest, engine: SamplerEngine) -> list[list[int]]:
+def _check_finite(samples: list[list[Sample]], version: int) -> None:
+    """Weights that are finite but absurd (say 3e38) overflow inside the model: refuse to hand
+    out completions whose logprobs are NaN or infinite as if they were samples."""
+    if any(not math.isfinite(lp) for per_prompt in samples for s in per_prompt for lp in s.logprobs):
+        raise NonFiniteOutputError(
+            f"the model served as policy_version {version} produced non-finite logprobs; its weights "
+            "overflow: push sane weights"
+        )
+
+
+async def _prompt_ids(body: GenerateRequest, engine: SamplerEngine, settings: SamplerSettings) -> list[list[int]]:
     """Token ids of every prompt, checked against the vocabulary and the context length."""
+    info = engine.info()
     if body.messages is not None:
-        prompts = [engine.chat_to_ids([m.model_dump() for m in chat]) for chat in body.messages]
+        _check_chat_lengths(body.messages, settings.chars_per_token * info.max_model_len)
+        # Tokenising long chats takes a while: off the event loop, so other requests go on.
+        chats = [[m.model_dump() for m in chat] for chat in body.messages]
+        prompts = await asyncio.to_thread(lambda: [engine.chat_to_ids(chat) for chat in chats])
     else:
         prompts = body.prompt_ids or []
-    info = engine.info()
     for i, prompt in enumerate(prompts):
         check_token_ids(prompt, info.model_vocab_size, param=f"prompt_ids.{i}")
         if len(prompt) + body.max_tokens > info.max_model_len:
@@ -101,6 +99,17 @@ def _prompt_ids(body: GenerateRequest, engine: SamplerEngine) -> list[list[int]]
                 param=f"prompt_ids.{i}",
             )
     return prompts
+
+
+def _check_chat_lengths(chats: list[list[ChatMessage]], max_chars: int) -> None:
+    for i, chat in enumerate(chats):
+        chars = sum(len(m.content) for m in chat)
+        if chars > max_chars:
+            raise RequestError(
+                f"chat {i} has {chars} characters, more than any prompt that fits the model's context ({max_chars})",
+                param=f"messages.{i}",
+                status=413,
+            )
 
 
 _WEIGHTS_BODY = {

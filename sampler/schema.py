@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from opd.serving import ErrorResponse, InfoResponse
+from opd.serving import ErrorResponse, InfoResponse, Text
 
 __all__ = [
     "ChatMessage",
@@ -33,7 +33,7 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: Text
 
 
 GREEDY_BELOW = 1e-5

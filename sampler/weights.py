@@ -15,6 +15,10 @@ from safetensors.torch import load_file
 from opd.errors import RequestError
 from sampler.engine import WeightSpec
 
+UNREADABLE = (SafetensorError, ValueError, KeyError, TypeError, OverflowError)
+"""What safetensors raises on a malformed file: its own error, or KeyError for a dtype torch
+lacks (`F8_E8M0`), ValueError/TypeError/OverflowError for odd headers and shapes."""
+
 
 def decode_safetensors(payload: bytes, sha256: str | None) -> dict[str, torch.Tensor]:
     """Tensors from a safetensors byte string, after checking the optional SHA-256."""
@@ -22,8 +26,8 @@ def decode_safetensors(payload: bytes, sha256: str | None) -> dict[str, torch.Te
         raise RequestError("body does not match the X-Content-SHA256 header", param="body")
     try:
         return load_safetensors_bytes(payload)
-    except (SafetensorError, ValueError) as exc:
-        raise RequestError(f"body is not a valid safetensors file: {exc}", param="body") from exc
+    except UNREADABLE as exc:
+        raise RequestError(f"body is not a valid safetensors file: {exc!r}", param="body") from exc
 
 
 def read_safetensors_file(path: str) -> dict[str, torch.Tensor]:
@@ -38,8 +42,8 @@ def read_safetensors_file(path: str) -> dict[str, torch.Tensor]:
         raise RequestError(f"no such file on the sampler's filesystem: {path}", param="path")
     try:
         return load_file(path)
-    except (SafetensorError, ValueError, OSError) as exc:
-        raise RequestError(f"{path} is not a valid safetensors file: {exc}", param="path") from exc
+    except (*UNREADABLE, OSError) as exc:
+        raise RequestError(f"{path} is not a valid safetensors file: {exc!r}", param="path") from exc
 
 
 def check_weights(tensors: dict[str, torch.Tensor], specs: dict[str, WeightSpec]) -> None:

@@ -19,7 +19,6 @@ STEP_METRICS = {
     "throughput/tokens_per_s",
     "time/generate",
     "time/grade",
-    "time/score",
     "time/learn",
     "time/push",
     "time/step",

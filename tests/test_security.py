@@ -84,7 +84,7 @@ def test_size_limits_answer_413(student_dir, teacher_dir, tmp_path):
     assert graded.json()["error"]["param"] == "sequences"
 
 
-# ---- schema-driven fuzzing: no input the OpenAPI schemas allow may produce a 5xx -------------------
+# ---- schema-driven fuzzing: no 5xx, no answer slower than 2 s, every error in the envelope ---------
 
 
 @pytest.fixture(scope="module")
@@ -107,11 +107,22 @@ FUZZ = settings(
 )
 
 
+def error_in_the_envelope(ctx, response, case) -> None:
+    if response.status_code >= 400:
+        body = response.json()
+        assert set(body) == {"error"}, body
+        assert set(body["error"]) == {"message", "type", "param", "code"}, body
+
+
+def answered_within_2_s(ctx, response, case) -> None:
+    assert response.elapsed < 2.0, f"{case.operation.label} took {response.elapsed:.1f} s"
+
+
 def fuzz(url: str) -> list[str]:
     """Run every operation of the server's OpenAPI schema on generated inputs; list what was fuzzed.
 
     Uses schemathesis's strategies under plain hypothesis (its pytest plugin does not load under
-    this pytest); the check is that nothing the schema allows gets a 5xx.
+    this pytest); the checks: no 5xx, every error in the envelope, every answer within 2 s.
     """
     schema = schemathesis.openapi.from_url(f"{url}/openapi.json")
     fuzzed = []
@@ -124,7 +135,7 @@ def fuzz(url: str) -> list[str]:
         @given(case=st.one_of(modes))
         @FUZZ
         def check(case: schemathesis.Case) -> None:
-            case.call_and_validate(checks=[not_a_server_error], timeout=60)
+            case.call_and_validate(checks=[not_a_server_error, error_in_the_envelope, answered_within_2_s], timeout=60)
 
         check()
         fuzzed.append(f"{operation.method.upper()} {operation.path}")

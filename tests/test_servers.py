@@ -127,7 +127,7 @@ def test_chat_messages_are_templated_by_the_sampler(servers, student_dir):
         ('{"prompt_ids": [[1]', 422, "body"),  # not JSON at all
         ({"prompt_ids": [[1.5]]}, 422, "prompt_ids.0.0"),
         ({"prompt_ids": [[1]], "max_tokens": 5000}, 400, "prompt_ids.0"),
-        ({"prompt_ids": [[1]], "messages": [[{"role": "user", "content": "x"}]]}, 422, None),
+        ({"prompt_ids": [[1]], "messages": [[{"role": "user", "content": "x"}]]}, 422, "body"),  # one or the other
     ],
 )
 def test_generate_rejects_bad_input_naming_the_field(servers, body, status, param):

@@ -16,10 +16,10 @@ from opd.modeling import (
     completion_top_k,
     length_sorted_chunks,
     load_causal_lm,
-    load_tokenizer,
+    model_card,
     pack_left_padded,
 )
-from opd.serving import InfoResponse, model_info
+from opd.serving import InfoResponse
 from opd.tokenizer import pad_token_id
 
 
@@ -35,13 +35,14 @@ class TorchGraderEngine:
         self.model_path = model_path
         self.dtype = dtype
         self.device = device
-        self.tokenizer = load_tokenizer(model_path)
         self.model = load_causal_lm(model_path, dtype, device)
         self.max_model_len = max_model_len or self.model.config.max_position_embeddings
         self.max_batch_tokens = max_batch_tokens
+        self.tokenizer, self.card = model_card(
+            model_path, engine="torch", dtype=dtype, max_model_len=self.max_model_len,
+            model_vocab_size=self.model.config.vocab_size,
+        )  # fmt: skip
         self.pad_id = pad_token_id(self.tokenizer)
-        self.card = model_info(model_path, "torch", dtype, self.tokenizer, self.model.config.vocab_size,
-                                 self.max_model_len)  # fmt: skip
         self._lock = asyncio.Lock()
 
     def info(self) -> InfoResponse:

@@ -11,14 +11,11 @@ import asyncio
 import uuid
 from typing import Any
 
-from transformers import AutoConfig
-
 from grader.engine import Scored
 from grader.schema import MAX_TOP_K
-from opd.modeling import load_tokenizer
-from opd.serving import InfoResponse, model_info
-from opd.tiny import resolve_model_path
-from opd.vllm_engine import VllmOptions, build_async_llm, engine_errors
+from opd.paths import resolve_model_path
+from opd.serving import InfoResponse
+from opd.vllm_engine import VllmOptions, build_async_llm, engine_errors, vllm_model_card
 
 MAX_TOKENS_IN_FLIGHT = 65536
 """Prompt tokens submitted to the engine at once; bounds the logprob results held in memory."""
@@ -55,10 +52,7 @@ class VllmGraderEngine:
         local = resolve_model_path(model_path)
         extra = {"max_logprobs": MAX_TOP_K, "max_num_batched_tokens": max_batch_tokens, **options.extra}
         self.engine = build_async_llm(local, VllmOptions(**{**vars(options), "extra": extra}))
-        self.tokenizer = load_tokenizer(model_path)
-        self.card = model_info(model_path, "vllm", options.dtype, self.tokenizer,
-                                 AutoConfig.from_pretrained(local).vocab_size,
-                                 self.engine.model_config.max_model_len)  # fmt: skip
+        self.tokenizer, self.card = vllm_model_card(model_path, self.engine, options.dtype)
         self._params = {
             k: SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=k, detokenize=False)
             for k in range(MAX_TOP_K + 1)

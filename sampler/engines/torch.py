@@ -11,8 +11,8 @@ import random
 import torch
 from transformers import DynamicCache
 
-from opd.modeling import load_causal_lm, load_tokenizer, pack_left_padded
-from opd.serving import InfoResponse, model_info
+from opd.modeling import load_causal_lm, model_card, pack_left_padded
+from opd.serving import InfoResponse
 from opd.tokenizer import chat_prompt_ids, pad_token_id
 from sampler.engine import Sample, SamplingParams, WeightSpec, sample_seed
 
@@ -65,7 +65,9 @@ def inverse_cdf(probs_BV: torch.Tensor, uniforms_B: torch.Tensor) -> torch.Tenso
     target_B1 = torch.minimum(
         uniforms_B[:, None].to(cdf_BV) * total_B1, torch.nextafter(total_B1, total_B1.new_zeros(()))
     )
-    return torch.searchsorted(cdf_BV, target_B1, right=True).squeeze(-1)
+    # Clamped: NaN probabilities (weights that overflow) put the search past the end; such rows
+    # get some token and a NaN logprob, which the app refuses to hand out.
+    return torch.searchsorted(cdf_BV, target_B1, right=True).squeeze(-1).clamp(max=probs_BV.shape[-1] - 1)
 
 
 class TorchSamplerEngine:
@@ -75,17 +77,18 @@ class TorchSamplerEngine:
         self.model_path = model_path
         self.dtype = dtype
         self.device = device
-        self.tokenizer = load_tokenizer(model_path)
         self.model = load_causal_lm(model_path, dtype, device)
         self.max_model_len = max_model_len or self.model.config.max_position_embeddings
+        self.tokenizer, self.card = model_card(
+            model_path, engine="torch", dtype=dtype, max_model_len=self.max_model_len,
+            model_vocab_size=self.model.config.vocab_size,
+        )  # fmt: skip
         eos = self.model.generation_config.eos_token_id
         eos = eos if eos is not None else self.tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos])
         self.pad_id = pad_token_id(self.tokenizer)
         self.policy_version = 0
         self._lock = asyncio.Lock()
-        self.card = model_info(model_path, "torch", dtype, self.tokenizer, self.model.config.vocab_size,
-                                 self.max_model_len)  # fmt: skip
 
     def info(self) -> InfoResponse:
         return self.card.model_copy(update={"policy_version": self.policy_version})

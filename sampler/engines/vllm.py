@@ -21,11 +21,11 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from opd.modeling import DTYPES, load_tokenizer
-from opd.serving import InfoResponse, model_info
-from opd.tiny import resolve_model_path
+from opd.modeling import DTYPES
+from opd.paths import resolve_model_path
+from opd.serving import InfoResponse
 from opd.tokenizer import chat_prompt_ids
-from opd.vllm_engine import VllmOptions, build_async_llm, cuda_available, engine_errors
+from opd.vllm_engine import VllmOptions, build_async_llm, cuda_available, engine_errors, vllm_model_card
 from sampler.engine import Sample, SamplingParams, WeightSpec, sample_seed
 
 WORKER_EXTENSION = "sampler.engines.vllm_worker.OpdWeightLoader"
@@ -88,10 +88,7 @@ class VllmSamplerEngine:
             extra["enable_chunked_prefill"] = False
         extra |= options.extra
         self.engine = build_async_llm(local, VllmOptions(**{**vars(options), "extra": extra}))
-        self.tokenizer = load_tokenizer(model_path)
-        self.card = model_info(model_path, "vllm", options.dtype, self.tokenizer,
-                                 AutoConfig.from_pretrained(local).vocab_size,
-                                 self.engine.model_config.max_model_len)  # fmt: skip
+        self.tokenizer, self.card = vllm_model_card(model_path, self.engine, options.dtype)
         self._specs = checkpoint_specs(local, options.dtype)
         self._gate = DrainGate()
         self.policy_version = 0
