@@ -50,6 +50,11 @@ def parse_args() -> argparse.Namespace:
         default=[1, 2],
         help="one opd run per value: clipped updates per batch (GKD takes one)",
     )
+    parser.add_argument(
+        "--losses", nargs="+", choices=["sampled", "topk"], default=["sampled", "topk"],
+        help="opd's train.loss: one run per loss and ppo_steps value",
+    )  # fmt: skip
+    parser.add_argument("--top-k", type=int, default=16, help="train.top_k of the topk runs")
     parser.add_argument("--engine", choices=["auto", "vllm", "torch"], default="auto", help="opd's local servers")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-trl", action="store_true", help="opd only (TRL not installed)")
@@ -67,6 +72,7 @@ def run_opd(
     eval_: list[SortItem],
     args: argparse.Namespace,
     ppo_steps: int,
+    loss: str,
     run_dir: Path,
 ) -> dict:
     """Distil with opd's Python API; returns wall times and the final checkpoint."""
@@ -77,7 +83,7 @@ def run_opd(
         run_dir=str(run_dir), data={"shuffle": False},
         sampling={"n": 1, "temperature": 1.0, "max_tokens": MAX_NEW_TOKENS},
         train={"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
-               "ppo_steps": ppo_steps},
+               "ppo_steps": ppo_steps, "loss": loss, "top_k": args.top_k},
         eval={"eval_steps": args.eval_steps, "n": 1, "max_tokens": MAX_NEW_TOKENS}, services={"engine": args.engine},
         logging={"progress": True},
     )  # fmt: skip
@@ -169,7 +175,9 @@ def main() -> None:
         raise SystemExit(f"--steps x --batch-size must be at most {len(prompts)} (one pass over the prompts)")
     train, eval_ = to_items(prompts, tokenizer), to_items(held_out, tokenizer)
     systems = {
-        f"opd ppo_steps={k}": run_opd(files, train, eval_, args, k, args.out / f"opd-ppo{k}") for k in args.ppo_steps
+        run_name(loss, k): run_opd(files, train, eval_, args, k, loss, args.out / run_dir_name(loss, k))
+        for loss in args.losses
+        for k in args.ppo_steps
     }
     if not args.skip_trl:
         from bench.toy_trl import run_trl  # the bench extra: TRL is not an opd dependency
@@ -186,13 +194,21 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
     curves = [(name, read_metrics(Path(info["run_dir"]) / "metrics.jsonl")) for name, info in systems.items()]
-    plot = plot_runs(
-        curves, args.out / "toy_distill.png", title="toy task (sort 8 digits): opd vs TRL GKD (lmbda=1, beta=1)"
-    )
+    title = "toy task (sort 8 digits): opd vs TRL GKD (lmbda=1, beta=1)"
+    plot = plot_runs(curves, args.out / "toy_distill.png", title=title)
+    wall = plot_runs(curves, args.out / "toy_distill_wall.png", title=title, x="wall")
     for name, rows in curves:
         print(per_step(name, rows), end="\n\n")
     print(report(results))
-    print(f"\nwrote {args.out / 'results.json'} and {plot}")
+    print(f"\nwrote {args.out / 'results.json'}, {plot} and {wall}")
+
+
+def run_name(loss: str, ppo_steps: int) -> str:
+    return f"opd ppo_steps={ppo_steps}" if loss == "sampled" else f"opd {loss} ppo_steps={ppo_steps}"
+
+
+def run_dir_name(loss: str, ppo_steps: int) -> str:
+    return f"opd-ppo{ppo_steps}" if loss == "sampled" else f"opd-{loss}-ppo{ppo_steps}"
 
 
 if __name__ == "__main__":

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 
-from grader.engine import GraderEngine, Scored
-from grader.schema import InfoResponse, LogprobsRequest, LogprobsResponse, ScoredSequence
+from grader.engine import GraderEngine, Scored, ToScore
+from grader.schema import InfoResponse, LogprobsRequest, LogprobsResponse, ScoredSequence, Sequence
 from opd.errors import NonFiniteOutputError, RequestError
 from opd.serving import ERROR_RESPONSES, check_token_ids, create_service_app
 
@@ -36,9 +36,20 @@ async def logprobs(body: LogprobsRequest, request: Request) -> LogprobsResponse:
             f"{len(body.sequences)} sequences exceed the limit of {limit}", param="sequences", status=413
         )
     _check_sequences(body, engine.info())
-    scored = await engine.score([(s.prompt_ids, s.completion_ids) for s in body.sequences], body.top_k)
+    sequences = [ToScore(s.prompt_ids, s.completion_ids, s.candidate_ids) for s in body.sequences]
+    scored = await engine.score(sequences, body.top_k)
     _check_finite(scored)
     return LogprobsResponse(results=[ScoredSequence(**vars(s)) for s in scored])
+
+
+def _check_candidates(seq: Sequence, info: InfoResponse, param: str) -> None:
+    if seq.candidate_ids is None:
+        return
+    if len(seq.candidate_ids[0]) > info.max_logprobs:
+        raise RequestError(f"{len(seq.candidate_ids[0])} candidates per position are over this server's "
+                           f"--max-logprobs {info.max_logprobs}", param=param, status=422)  # fmt: skip
+    for row in seq.candidate_ids:
+        check_token_ids(row, info.model_vocab_size, param=param)
 
 
 def _check_finite(scored: list[Scored]) -> None:
@@ -49,9 +60,13 @@ def _check_finite(scored: list[Scored]) -> None:
 
 
 def _check_sequences(body: LogprobsRequest, info: InfoResponse) -> None:
+    if body.top_k > info.max_logprobs:
+        raise RequestError(f"top_k {body.top_k} is over this server's --max-logprobs {info.max_logprobs}",
+                           param="top_k", status=422)  # fmt: skip
     for i, seq in enumerate(body.sequences):
         check_token_ids(seq.prompt_ids, info.model_vocab_size, param=f"sequences.{i}.prompt_ids")
         check_token_ids(seq.completion_ids, info.model_vocab_size, param=f"sequences.{i}.completion_ids")
+        _check_candidates(seq, info, param=f"sequences.{i}.candidate_ids")
         total = len(seq.prompt_ids) + len(seq.completion_ids)
         if total > info.max_model_len:
             raise RequestError(

@@ -7,17 +7,26 @@ from opd.serving import InfoResponse
 
 
 @dataclass(frozen=True)
+class ToScore:
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    candidate_ids: list[list[int]] | None = None
+    """Per completion position, ids whose logprobs are wanted too (the same number at each)."""
+
+
+@dataclass(frozen=True)
 class Scored:
     logprobs: list[float]
     top_ids: list[list[int]] | None = None
     top_logprobs: list[list[float]] | None = None
+    candidate_logprobs: list[list[float]] | None = None
 
 
 class GraderEngine(Protocol):
     def info(self) -> InfoResponse: ...
 
-    async def score(self, sequences: list[tuple[list[int], list[int]]], top_k: int) -> list[Scored]:
-        """Teacher logprobs of each (prompt_ids, completion_ids) pair's completion tokens."""
+    async def score(self, sequences: list[ToScore], top_k: int) -> list[Scored]:
+        """Teacher logprobs of each sequence's completion tokens (and candidates, and the top-k)."""
         ...
 
     async def close(self) -> None: ...

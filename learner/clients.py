@@ -149,10 +149,8 @@ class SamplerClient(_Client):
 class GraderClient(_Client):
     error_cls = GraderError
 
-    async def logprobs(self, sequences: list[tuple[list[int], list[int]]], top_k: int = 0) -> LogprobsResponse:
-        request = LogprobsRequest(
-            sequences=[Sequence(prompt_ids=p, completion_ids=c) for p, c in sequences], top_k=top_k
-        )
-        reply = await self._post_model("/v1/logprobs", request, LogprobsResponse)
+    async def logprobs(self, sequences: list[Sequence], top_k: int = 0) -> LogprobsResponse:
+        reply = await self._post_model("/v1/logprobs", LogprobsRequest(sequences=sequences, top_k=top_k),
+                                       LogprobsResponse)  # fmt: skip
         assert isinstance(reply, LogprobsResponse)
         return reply

@@ -76,6 +76,12 @@ class TrainConfig(Section):
     """Gradients are clipped to this global norm before each update."""
     ppo_steps: int = Field(default=1, ge=1)
     """Clipped updates per batch of samples."""
+    loss: Literal["sampled", "topk"] = "sampled"
+    """sampled: the seed method, the teacher's logprob of each sampled token; topk: the exact reverse
+    KL over a head of tokens (the teacher's and the student's top_k at each position) plus the
+    sampled token's estimate of the rest, unbiased with less variance (docs/design.md)."""
+    top_k: int = Field(default=16, gt=0)
+    """Head size per side for loss topk; at most the servers' --max-logprobs."""
     clip_eps: float = Field(default=0.2, gt=0.0, lt=1.0)
     """PPO clip range: ratios outside [1 - clip_eps, 1 + clip_eps] stop pushing further."""
     kl_coef: float = Field(default=1.0, gt=0.0)
@@ -104,6 +110,12 @@ class TrainConfig(Section):
     """Data-parallel learning under `accelerate launch` / torchrun; batch_size is per process."""
     fsdp: bool = False
     """With use_accelerate: shard the student with FSDP instead of replicating it (DDP)."""
+
+    @model_validator(mode="after")
+    def _topk_is_per_position(self) -> "TrainConfig":
+        if self.loss == "topk" and self.discount > 0:
+            raise ValueError("train.loss topk is a per-position divergence: it needs train.discount 0")
+        return self
 
 
 class EvalConfig(Section):

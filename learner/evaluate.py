@@ -44,8 +44,8 @@ async def evaluate(
         prompt_ids=prompts, n=config.n, temperature=1.0, max_tokens=config.max_tokens, seed=seed + EVAL_SEED_OFFSET
     )
     rollouts = await sample(sampler, prompts, request, eos_id=tokenizer.eos_token_id, version=version)
-    teacher = await grade(grader, rollouts)
-    batches = micro_batches(rollouts, teacher, pad_id=pad_id, max_tokens=micro_batch_tokens, device=device)
+    graded = await grade(grader, rollouts)
+    batches = micro_batches(rollouts, graded, pad_id=pad_id, max_tokens=micro_batch_tokens, device=device)
     tokens = torch.stack([b.mask_BT.sum() for b in batches]).sum()
     kl = distillation_metrics(batches, old_logprobs(policy, batches, temperature), tokens)["kl/reverse_per_token"]
     metrics = {

@@ -1,6 +1,7 @@
 """The math of on-policy distillation: pure functions of tensors, no I/O, no hidden constants.
 
-Shape suffixes on names: B = samples in the batch, T = completion tokens (right-padded).
+Shape suffixes on names: B = samples in the batch, T = completion tokens (right-padded),
+K = head tokens per position (top-k loss).
 Logprob tensors are named by their source:
   sampler_logprobs_BT  logprob of each sampled token under the sampler's sampling distribution
   old_logprobs_BT      the learner's student before this step's update (no grad)
@@ -97,6 +98,27 @@ def clipped_policy_loss(
         clip_frac = masked_mean(outside_BT, mask_BT)
         approx_kl = masked_mean((ratio_BT - 1.0) - log_ratio_BT, mask_BT)
     return PolicyLoss(loss=loss, clip_frac=clip_frac, approx_kl=approx_kl)
+
+
+def head_reverse_kl(
+    new_head_logprobs_BTK: torch.Tensor,
+    teacher_head_logprobs_BTK: torch.Tensor,
+    head_mask_BTK: torch.Tensor,
+    mask_BT: torch.Tensor,
+    num_tokens: torch.Tensor,
+) -> torch.Tensor:
+    """The exact head of the top-k reverse KL: sum over the tokens v of each position's head of
+    p_v * stopgrad(log p_v - log q_v), divided by `num_tokens`.
+
+    Its gradient is sum_v grad(p_v) * (log p_v - log q_v), the head's share of the full reverse
+    KL's gradient (the sum_v p_v grad(log p_v) term of the product rule sums to grad(1) = 0 over the
+    vocabulary, so it is left out of every share). Heads are padded to K; `head_mask_BTK` is 1 on
+    real, distinct entries. The tail (tokens outside the head) is the sampled token's job: see
+    `learner/topk.py` for the estimator and why the two together are unbiased.
+    """
+    gap_BTK = (new_head_logprobs_BTK - teacher_head_logprobs_BTK).detach()
+    terms_BTK = new_head_logprobs_BTK.exp() * gap_BTK * head_mask_BTK
+    return (terms_BTK.sum(-1) * mask_BT).sum() / num_tokens
 
 
 def reverse_kl_per_token(

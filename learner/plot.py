@@ -18,10 +18,17 @@ EVAL_KL = "eval/reverse_kl_per_token"
 EVAL_REWARD = "eval/reward"
 
 
-def series(rows: Sequence[dict], key: str) -> tuple[list[int], list[float]]:
-    """(steps, values) of the rows that carry `key`, in step order."""
+def series(rows: Sequence[dict], key: str, x: str = "step") -> tuple[list[float], list[float]]:
+    """(x, values) of the rows that carry `key`, in step order; x is the step, or with x="wall" the
+    training seconds up to that step (the sum of `time/step`, evals and start-up excluded)."""
     points = sorted((row["step"], row[key]) for row in rows if key in row)
-    return [step for step, _ in points], [value for _, value in points]
+    if x == "step":
+        return [float(step) for step, _ in points], [value for _, value in points]
+    seconds, clock = 0.0, {0: 0.0}
+    for row in sorted((row for row in rows if "time/step" in row), key=lambda row: row["step"]):
+        seconds += row["time/step"]
+        clock[row["step"]] = seconds
+    return [clock[step] for step, _ in points if step in clock], [value for step, value in points if step in clock]
 
 
 def run_metrics(run_dir: Path) -> list[dict]:
@@ -35,8 +42,9 @@ def run_metrics(run_dir: Path) -> list[dict]:
     return rows
 
 
-def plot_runs(runs: Sequence[tuple[str, Sequence[dict]]], out: Path, title: str | None = None) -> Path:
-    """Two panels, reverse KL per token and eval reward, one colour per (label, rows) run; writes a PNG."""
+def plot_runs(runs: Sequence[tuple[str, Sequence[dict]]], out: Path, title: str | None = None, x: str = "step") -> Path:
+    """Two panels, reverse KL per token and eval reward, one colour per (label, rows) run, over steps
+    or (x="wall") training seconds; writes a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display on servers and CI
@@ -45,11 +53,12 @@ def plot_runs(runs: Sequence[tuple[str, Sequence[dict]]], out: Path, title: str 
     fig, (kl_ax, reward_ax) = plt.subplots(1, 2, figsize=(11, 4))
     for index, (label, rows) in enumerate(runs):
         colour = f"C{index}"
-        kl_ax.plot(*series(rows, TRAIN_KL), color=colour, alpha=0.5, label=f"{label}: training batch")
-        kl_ax.plot(*series(rows, EVAL_KL), "o--", color=colour, label=f"{label}: held-out")
-        reward_ax.plot(*series(rows, EVAL_REWARD), "o-", color=colour, label=label)
-    kl_ax.set(xlabel="step", ylabel="nats per completion token", title="reverse KL(student || teacher)")
-    reward_ax.set(xlabel="step", ylabel="mean reward", title="eval reward (greedy)")
+        kl_ax.plot(*series(rows, TRAIN_KL, x), color=colour, alpha=0.5, label=f"{label}: training batch")
+        kl_ax.plot(*series(rows, EVAL_KL, x), "o--", color=colour, label=f"{label}: held-out")
+        reward_ax.plot(*series(rows, EVAL_REWARD, x), "o-", color=colour, label=label)
+    xlabel = "step" if x == "step" else "training seconds (sum of time/step)"
+    kl_ax.set(xlabel=xlabel, ylabel="nats per completion token", title="reverse KL(student || teacher)")
+    reward_ax.set(xlabel=xlabel, ylabel="mean reward", title="eval reward (greedy)")
     for ax in (kl_ax, reward_ax):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

@@ -45,12 +45,14 @@ class Policy(torch.nn.Module):
         position_ids_BL: torch.Tensor,
         completion_lengths_B: torch.Tensor,
         temperature: float = 1.0,
+        extra_ids_BTK: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logprob of each completion token at `temperature`, right-padded [B, T]."""
+        """Logprob of each completion token at `temperature`, right-padded [B, T]; with
+        `extra_ids_BTK`, [B, T, 1 + K]: the completion token's, then those of the K extra ids."""
         batch = PackedBatch(input_ids_BL, attention_mask_BL, position_ids_BL, completion_lengths_B)
         device_type = input_ids_BL.device.type
         with torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
-            return completion_logprobs(self.lm, batch, temperature, self.chunk_size)
+            return completion_logprobs(self.lm, batch, temperature, self.chunk_size, extra_ids_BTK)
 
 
 def policy_inputs(batch: PackedBatch) -> tuple[torch.Tensor, ...]:

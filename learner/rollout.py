@@ -6,6 +6,7 @@ learns from what they return.
 
 from dataclasses import dataclass
 
+from grader.schema import Sequence
 from learner.clients import GraderClient, SamplerClient
 from opd.errors import GraderError, StaleSamplerError
 from sampler.schema import GenerateRequest, GenerateResponse
@@ -19,6 +20,8 @@ class Rollouts:
     completion_ids: list[list[int]]
     sampler_logprobs: list[list[float]]
     policy_version: int
+    student_top_ids: list[list[list[int]]] | None = None
+    """With the sampler's `top_logprobs` (top-k loss): per sample and position, the student's top ids."""
 
     @property
     def num_tokens(self) -> int:
@@ -42,18 +45,42 @@ async def sample(
     one real token to learn from."""
     reply = await generate(sampler, request.model_copy(update={"prompt_ids": prompts}), version)
     rows = [(r.prompt_ids, c) for r in reply.results for c in r.completions]
+    k = request.top_logprobs
     return Rollouts(
         prompt_ids=[p for p, _ in rows],
         completion_ids=[c.completion_ids or [eos_id] for _, c in rows],
         sampler_logprobs=[c.logprobs or [0.0] for _, c in rows],
         policy_version=reply.policy_version,
+        student_top_ids=[c.top_ids or [[eos_id] * k] for _, c in rows] if k else None,
     )
 
 
-async def grade(grader: GraderClient, rollouts: Rollouts) -> list[list[float]]:
-    """Teacher logprob of every completion token."""
-    reply = await grader.logprobs(list(zip(rollouts.prompt_ids, rollouts.completion_ids, strict=True)))
+@dataclass(frozen=True)
+class Graded:
+    """The teacher's view of each sample: the logprob of every completion token and, for the top-k
+    loss, each position's head (the teacher's top-k ids, then the student's) with its logprobs."""
+
+    logprobs: list[list[float]]
+    head_ids: list[list[list[int]]] | None = None
+    head_logprobs: list[list[list[float]]] | None = None
+
+
+async def grade(grader: GraderClient, rollouts: Rollouts, top_k: int = 0) -> Graded:
+    """Teacher logprobs of every completion token; with `top_k` (and the student's top ids in the
+    rollouts) also each position's head: the teacher's top-k, and its logprobs at the student's."""
+    candidates = rollouts.student_top_ids if top_k else None
+    sequences = [
+        Sequence(prompt_ids=p, completion_ids=c, candidate_ids=None if candidates is None else candidates[i])
+        for i, (p, c) in enumerate(zip(rollouts.prompt_ids, rollouts.completion_ids, strict=True))
+    ]
+    reply = await grader.logprobs(sequences, top_k=top_k if candidates is not None else 0)
     teacher = [r.logprobs for r in reply.results]
     if [len(t) for t in teacher] != [len(c) for c in rollouts.completion_ids]:
         raise GraderError("grader returned a different number of logprobs than completion tokens")
-    return teacher
+    if candidates is None:
+        return Graded(teacher)
+    head_ids = [[top + cand for top, cand in zip(r.top_ids or [], c, strict=True)]
+                for r, c in zip(reply.results, candidates, strict=True)]  # fmt: skip
+    head_logprobs = [[top + cand for top, cand in zip(r.top_logprobs or [], r.candidate_logprobs or [], strict=True)]
+                     for r in reply.results]  # fmt: skip
+    return Graded(teacher, head_ids, head_logprobs)

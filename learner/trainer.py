@@ -161,10 +161,10 @@ class OnPolicyDistillationTrainer:
         with timed("generate", metrics):
             rollouts = await self.sample(prompts)
         with timed("grade", metrics):
-            teacher = await grade(self.grader, rollouts)
+            graded = await grade(self.grader, rollouts, top_k=t.top_k if t.loss == "topk" else 0)
         with timed("learn", metrics):
             batches = micro_batches(
-                rollouts, teacher, pad_id=self.pad_id, max_tokens=t.micro_batch_tokens, device=self.processes.device
+                rollouts, graded, pad_id=self.pad_id, max_tokens=t.micro_batch_tokens, device=self.processes.device
             )
             scored, update_metrics = self.update(batches)
         metrics |= update_metrics
@@ -185,7 +185,8 @@ class OnPolicyDistillationTrainer:
         # N processes draw the same samples as one process holding the whole batch.
         seed = (t.seed * 7_919 + self.step_count) * STEP_SEED_STRIDE + self.processes.rank * t.batch_size * s.n
         request = GenerateRequest(prompt_ids=prompts, n=s.n, temperature=s.temperature, top_p=s.top_p,
-                                  max_tokens=s.max_tokens, seed=seed)  # fmt: skip
+                                  max_tokens=s.max_tokens, seed=seed,
+                                  top_logprobs=t.top_k if t.loss == "topk" else 0)  # fmt: skip
         eos = self.tokenizer.eos_token_id
         return await self._on_policy(
             lambda: sample(self.sampler, prompts, request, eos_id=eos, version=self.policy_version)
@@ -264,6 +265,11 @@ class OnPolicyDistillationTrainer:
         check_same_tokenizer(f"learner student ({self.config.student.path})", own,
                              f"sampler ({sampler_info.model})", sampler_fp)  # fmt: skip
         check_vocabularies(self.processes.unwrap(self.policy).lm.config.vocab_size, sampler_info, grader_info)
+        t = self.config.train
+        for info in (sampler_info, grader_info):
+            if t.loss == "topk" and t.top_k > info.max_logprobs:
+                raise ConfigError(f"train.top_k {t.top_k} is over {info.model}'s --max-logprobs {info.max_logprobs}: "
+                                  "start the servers with a larger --max-logprobs or lower train.top_k")  # fmt: skip
         self.sampler_dtype = sampler_info.dtype
 
     def _eval_due(self) -> bool:

@@ -19,10 +19,18 @@ import torch
 
 from learner.config import TrainConfig
 from learner.distributed import Processes
-from learner.loss import advantages, clipped_policy_loss, completion_mask, reverse_kl_per_token, sampler_mismatch
+from learner.loss import (
+    PolicyLoss,
+    advantages,
+    clipped_policy_loss,
+    completion_mask,
+    reverse_kl_per_token,
+    sampler_mismatch,
+)
 from learner.policy import policy_inputs
-from learner.rollout import Rollouts
-from opd.modeling import PackedBatch, length_sorted_chunks, pack_left_padded
+from learner.rollout import Graded, Rollouts
+from learner.topk import Head, head_tensors, sampled_in_head, topk_policy_loss
+from opd.modeling import PackedBatch, completion_targets, length_sorted_chunks, pack_left_padded, right_padded
 
 
 @dataclass(frozen=True)
@@ -35,6 +43,8 @@ class MicroBatch:
     mask_BT: torch.Tensor
     sampler_logprobs_BT: torch.Tensor
     teacher_logprobs_BT: torch.Tensor
+    head: Head | None = None
+    """Each position's head for the top-k loss (`learner/topk.py`)."""
 
 
 @dataclass(frozen=True)
@@ -45,7 +55,7 @@ class Scored:
     advantages_BT: torch.Tensor
 
 
-def right_padded(rows: list[list[float]], width: int, device: torch.device | str) -> torch.Tensor:
+def padded_rows(rows: list[list[float]], width: int, device: torch.device | str) -> torch.Tensor:
     out = torch.zeros(len(rows), width, dtype=torch.float32)
     for b, row in enumerate(rows):
         out[b, : len(row)] = torch.tensor(row, dtype=torch.float32)
@@ -53,34 +63,55 @@ def right_padded(rows: list[list[float]], width: int, device: torch.device | str
 
 
 def micro_batches(
-    rollouts: Rollouts, teacher_logprobs: list[list[float]], *, pad_id: int, max_tokens: int,
-    device: torch.device | str,
-) -> list[MicroBatch]:  # fmt: skip
+    rollouts: Rollouts, graded: Graded, *, pad_id: int, max_tokens: int, device: torch.device | str
+) -> list[MicroBatch]:
     """Pack the samples by length into micro-batches of at most `max_tokens` padded tokens."""
     lengths = [len(p) + len(c) for p, c in zip(rollouts.prompt_ids, rollouts.completion_ids, strict=True)]
-    return [
-        _micro_batch(rollouts, teacher_logprobs, rows, pad_id, device)
-        for rows in length_sorted_chunks(lengths, max_tokens)
-    ]
+    return [_micro_batch(rollouts, graded, rows, pad_id, device) for rows in length_sorted_chunks(lengths, max_tokens)]
 
 
 def _micro_batch(
-    rollouts: Rollouts, teacher_logprobs: list[list[float]], rows: list[int], pad_id: int, device: torch.device | str
+    rollouts: Rollouts, graded: Graded, rows: list[int], pad_id: int, device: torch.device | str
 ) -> MicroBatch:
     completions = [rollouts.completion_ids[r] for r in rows]
     packed = pack_left_padded([rollouts.prompt_ids[r] for r in rows], completions, pad_id, str(device))
     width = max(len(c) for c in completions)
+    head = None
+    if graded.head_ids is not None and graded.head_logprobs is not None:
+        head = head_tensors([graded.head_ids[r] for r in rows], [graded.head_logprobs[r] for r in rows], width, device)
     return MicroBatch(
         rows=rows,
         packed=packed,
         mask_BT=completion_mask(packed.completion_lengths_B, width),
-        sampler_logprobs_BT=right_padded([rollouts.sampler_logprobs[r] for r in rows], width, device),
-        teacher_logprobs_BT=right_padded([teacher_logprobs[r] for r in rows], width, device),
+        sampler_logprobs_BT=padded_rows([rollouts.sampler_logprobs[r] for r in rows], width, device),
+        teacher_logprobs_BT=padded_rows([graded.logprobs[r] for r in rows], width, device),
+        head=head,
     )
 
 
 def policy_logprobs(policy: torch.nn.Module, batch: MicroBatch, temperature: float) -> torch.Tensor:
     return policy(*policy_inputs(batch.packed), temperature)
+
+
+def _policy_loss(
+    policy: torch.nn.Module, batch: MicroBatch, scored: Scored | None, train: TrainConfig, num_tokens: torch.Tensor
+) -> tuple[Scored, PolicyLoss]:
+    """One micro-batch's forward and loss; `scored` None: the first update, which scores."""
+    head_logprobs_BTK = None
+    if batch.head is None:
+        new_BT = policy_logprobs(policy, batch, train.logprob_temperature)
+    else:
+        both_BTK = policy(*policy_inputs(batch.packed), train.logprob_temperature, batch.head.ids_BTK)
+        new_BT, head_logprobs_BTK = both_BTK[..., 0], both_BTK[..., 1:]
+    this = scored or _score(batch, new_BT.detach(), train)
+    if batch.head is None or head_logprobs_BTK is None:
+        return this, clipped_policy_loss(new_BT, this.old_logprobs_BT, this.advantages_BT, batch.mask_BT,
+                                         train.clip_eps, num_tokens)  # fmt: skip
+    targets_BT = right_padded(completion_targets(batch.packed), batch.packed.completion_lengths_B)
+    in_head_BT = sampled_in_head(targets_BT, batch.head)
+    return this, topk_policy_loss(new_BT, head_logprobs_BTK, this.old_logprobs_BT, this.advantages_BT, in_head_BT,
+                                  batch.head, batch.mask_BT, clip_eps=train.clip_eps, kl_coef=train.kl_coef,
+                                  num_tokens=num_tokens)  # fmt: skip
 
 
 @torch.no_grad()
@@ -103,16 +134,12 @@ def accumulate_gradients(
     `scored` is None on the first update: its forwards then give the old logprobs and advantages,
     returned for the later updates. Metrics are token-weighted over the micro-batches.
     """
-    first = scored is None
     out: list[Scored] = []
     # loss, clipped tokens, approx-KL sum, tokens: summed on the device, read once at the end
     sums = torch.zeros(4, dtype=torch.float64, device=num_tokens.device)
     for i, batch in enumerate(batches):
         with processes.no_sync(policy, sync=i == len(batches) - 1):
-            new_BT = policy_logprobs(policy, batch, train.logprob_temperature)
-            this = _score(batch, new_BT.detach(), train) if first else scored[i]  # type: ignore[index]
-            policy_loss = clipped_policy_loss(new_BT, this.old_logprobs_BT, this.advantages_BT, batch.mask_BT,
-                                              train.clip_eps, num_tokens)  # fmt: skip
+            this, policy_loss = _policy_loss(policy, batch, None if scored is None else scored[i], train, num_tokens)
             processes.backward(policy_loss.loss)
         out.append(this)
         tokens = batch.mask_BT.sum()

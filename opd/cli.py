@@ -38,6 +38,12 @@ def _server_parser(sub: argparse._SubParsersAction, name: str, default_port: int
     parser.add_argument("--device", default="cpu", help="torch engine device, e.g. cpu or cuda:0")
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument(
+        "--max-logprobs",
+        type=int,
+        default=20,
+        help="largest top-k of logprobs a request may ask for (vLLM's max_logprobs; default 20, as vLLM's)",
+    )
+    parser.add_argument(
         "--max-request-sequences",
         type=int,
         default=4096,
@@ -131,7 +137,7 @@ def _vllm_options(args: argparse.Namespace):  # -> VllmOptions, imported late on
     return VllmOptions(
         dtype=args.dtype, max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization,
         tensor_parallel_size=args.tensor_parallel_size, kv_cache_memory_bytes=args.kv_cache_memory_bytes,
-        enforce_eager=eager, seed=args.seed,
+        enforce_eager=eager, seed=args.seed, max_logprobs=args.max_logprobs,
     )  # fmt: skip
 
 
@@ -156,7 +162,8 @@ def run_sampler(args: argparse.Namespace) -> None:
     else:
         from sampler.engines.torch import TorchSamplerEngine
 
-        engine = TorchSamplerEngine(args.model, args.dtype, args.device, args.max_model_len)
+        engine = TorchSamplerEngine(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
+                                    max_logprobs=args.max_logprobs)  # fmt: skip
     settings = SamplerSettings(args.max_weights_bytes, args.max_request_sequences, api_key)
     serve(create_app(engine, settings), listener)
 
@@ -178,7 +185,8 @@ def run_grader(args: argparse.Namespace) -> None:
     else:
         from grader.engines.torch import TorchGraderEngine
 
-        engine = TorchGraderEngine(args.model, args.dtype, args.device, args.max_model_len, args.max_batch_tokens)
+        engine = TorchGraderEngine(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
+                                   max_batch_tokens=args.max_batch_tokens, max_logprobs=args.max_logprobs)  # fmt: skip
     serve(create_app(engine, GraderSettings(args.max_request_sequences)), listener)
 
 

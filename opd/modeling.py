@@ -9,6 +9,7 @@ sampler's rows all end where decoding continues); only the N positions that pred
 tokens go through the LM head, a chunk at a time (`opd.logprobs`), so [B, T, V] logits never exist.
 """
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -28,14 +29,15 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
 
 
 def model_card(
-    model_path: str, *, engine: str, dtype: str, model_vocab_size: int, max_model_len: int
+    model_path: str, *, engine: str, dtype: str, model_vocab_size: int, max_model_len: int, max_logprobs: int
 ) -> tuple[PreTrainedTokenizerBase, InfoResponse]:
     """The served model's tokenizer and what GET /v1/info says about it, fixed when its engine
     starts (policy_version 0): one place for all four engines."""
     tokenizer = load_tokenizer(model_path)
     vocab_size, digest = tokenizer_fingerprint(tokenizer)
     card = InfoResponse(model=model_path, engine=engine, dtype=dtype, vocab_size=vocab_size, tokenizer_hash=digest,
-                        model_vocab_size=model_vocab_size, max_model_len=max_model_len)  # fmt: skip
+                        model_vocab_size=model_vocab_size, max_model_len=max_model_len,
+                        max_logprobs=max_logprobs)  # fmt: skip
     return tokenizer, card
 
 
@@ -139,32 +141,56 @@ def right_padded(values_N: torch.Tensor, lengths_B: torch.Tensor) -> torch.Tenso
 
 
 def completion_logprobs(
-    model: PreTrainedModel, batch: PackedBatch, temperature: float = 1.0, chunk_size: int = 512
+    model: PreTrainedModel,
+    batch: PackedBatch,
+    temperature: float = 1.0,
+    chunk_size: int = 512,
+    extra_ids_BTK: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Logprob of every completion token under `model` at `temperature`, right-padded [B, T].
+    """Logprob of every completion token under `model` at `temperature`, right-padded [B, T]; with
+    `extra_ids_BTK` (right-padded like the result), [B, T, 1 + K]: the completion token's logprob,
+    then those of the extra ids at the same position, from the same softmax.
 
     Differentiable when called with grad enabled (the learner's update); at least float32 whatever
     the model's dtype. Memory beyond the model's body: about 4 x chunk_size x V floats.
     """
     hidden_NH = completion_hidden_states(model, batch)
     weight_VH, bias_V = lm_head(model)
-    targets_N1 = completion_targets(batch)[:, None]
-    logprobs_N = token_logprobs(hidden_NH, weight_VH, bias_V, targets_N1, temperature, chunk_size)[:, 0]
-    return right_padded(logprobs_N, batch.completion_lengths_B)
+    ids_NK = completion_targets(batch)[:, None]
+    if extra_ids_BTK is not None:
+        lengths_B = batch.completion_lengths_B
+        valid_BT = torch.arange(extra_ids_BTK.shape[1], device=lengths_B.device)[None, :] < lengths_B[:, None]
+        ids_NK = torch.cat([ids_NK, extra_ids_BTK[valid_BT]], dim=1)
+    logprobs_NK = token_logprobs(hidden_NH, weight_VH, bias_V, ids_NK, temperature, chunk_size)
+    out = right_padded(logprobs_NK, batch.completion_lengths_B)
+    return out if extra_ids_BTK is not None else out[..., 0]
+
+
+@dataclass(frozen=True)
+class CompletionScores:
+    """What a grader returns for a batch, flattened over completion tokens (N, in right-padded order)."""
+
+    token_logprobs_N: torch.Tensor
+    candidate_logprobs_NC: torch.Tensor | None = None
+    top_ids_NK: torch.Tensor | None = None
+    top_logprobs_NK: torch.Tensor | None = None
 
 
 @torch.no_grad()
-def completion_top_k(
-    model: PreTrainedModel, batch: PackedBatch, k: int, chunk_size: int = 512
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Token logprobs [B, T] plus the top-k ids and logprobs [B, T, K], all right-padded."""
+def completion_scores(
+    model: PreTrainedModel, batch: PackedBatch, *, top_k: int = 0, candidate_ids_NC: torch.Tensor | None = None,
+    chunk_size: int = 512,
+) -> CompletionScores:  # fmt: skip
+    """Logprobs (temperature 1) of every completion token, of `candidate_ids_NC` at each completion
+    position, and the top-k there; one body forward, the LM head a chunk at a time."""
     hidden_NH = completion_hidden_states(model, batch)
     weight_VH, bias_V = lm_head(model)
-    lengths_B = batch.completion_lengths_B
-    token_N = token_logprobs(hidden_NH, weight_VH, bias_V, completion_targets(batch)[:, None], 1.0, chunk_size)[:, 0]
-    top_ids_NK, top_logprobs_NK = top_k_logprobs(hidden_NH, weight_VH, bias_V, k, chunk_size)
-    return (
-        right_padded(token_N, lengths_B),
-        right_padded(top_ids_NK, lengths_B),
-        right_padded(top_logprobs_NK, lengths_B),
-    )
+    ids_NC = completion_targets(batch)[:, None]
+    if candidate_ids_NC is not None:
+        ids_NC = torch.cat([ids_NC, candidate_ids_NC], dim=1)
+    logprobs_NC = token_logprobs(hidden_NH, weight_VH, bias_V, ids_NC, 1.0, chunk_size)
+    scores = CompletionScores(logprobs_NC[:, 0], logprobs_NC[:, 1:] if candidate_ids_NC is not None else None)
+    if top_k == 0:
+        return scores
+    top_ids_NK, top_logprobs_NK = top_k_logprobs(hidden_NH, weight_VH, bias_V, top_k, chunk_size)
+    return dataclasses.replace(scores, top_ids_NK=top_ids_NK, top_logprobs_NK=top_logprobs_NK)

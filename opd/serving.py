@@ -120,6 +120,10 @@ def add_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Exception, _on_unexpected)
 
 
+MAX_LOGPROBS_CAP = 1024
+"""Largest top-k either schema admits; each server's --max-logprobs (default 20, vLLM's own
+default) is the limit it enforces below that."""
+
 MAX_JSON_BYTES = 64 * 2**20
 """Largest JSON request body: 64 MiB holds ~4M token ids, far above any sane batch."""
 
@@ -196,6 +200,8 @@ class InfoResponse(BaseModel):
     model_vocab_size: int
     """Rows of the embedding; token ids must be below this."""
     max_model_len: int
+    max_logprobs: int
+    """Largest top-k of logprobs a request may ask for (`--max-logprobs`)."""
     policy_version: int = 0
 
 

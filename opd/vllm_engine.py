@@ -43,6 +43,7 @@ class VllmOptions:
     gpu_memory_utilization: float | None = None
     tensor_parallel_size: int = 1
     kv_cache_memory_bytes: int | None = None
+    max_logprobs: int = 20
     enforce_eager: bool = True
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
@@ -66,6 +67,7 @@ def engine_kwargs(model: str, options: VllmOptions, on_gpu: bool) -> dict[str, A
         enforce_eager=options.enforce_eager,
         tensor_parallel_size=options.tensor_parallel_size,
         seed=options.seed,
+        max_logprobs=options.max_logprobs,
         disable_log_stats=True,
     )
     if options.max_model_len is not None:
@@ -96,7 +98,7 @@ def vllm_model_card(model_path: str, engine: Any, dtype: str) -> tuple[Any, Any]
 
     config = engine.model_config
     return model_card(model_path, engine="vllm", dtype=dtype, model_vocab_size=config.get_vocab_size(),
-                      max_model_len=config.max_model_len)  # fmt: skip
+                      max_model_len=config.max_model_len, max_logprobs=config.max_logprobs)  # fmt: skip
 
 
 @contextmanager

@@ -59,8 +59,11 @@ async def generate(body: GenerateRequest, request: Request) -> GenerateResponse:
     count = len(body.prompt_ids or body.messages or [])
     if count * body.n > settings.max_prompts:
         raise RequestError(f"prompts x n exceeds {settings.max_prompts}", param="n", status=413)
+    if body.top_logprobs > engine.info().max_logprobs:
+        raise RequestError(f"top_logprobs {body.top_logprobs} is over this server's --max-logprobs "
+                           f"{engine.info().max_logprobs}", param="top_logprobs", status=422)  # fmt: skip
     prompts = await _prompt_ids(body, engine, settings)
-    params = SamplingParams(body.n, body.temperature, body.top_p, body.max_tokens, body.seed)
+    params = SamplingParams(body.n, body.temperature, body.top_p, body.max_tokens, body.seed, body.top_logprobs)
     version, samples = await engine.generate(prompts, params)
     _check_finite(samples, version)
     results = [

@@ -15,6 +15,7 @@ class SamplingParams:
     top_p: float
     max_tokens: int
     seed: int | None
+    top_logprobs: int = 0
 
 
 def sample_seed(seed: int, prompt_index: int, sample_index: int, n: int) -> int:
@@ -32,6 +33,9 @@ class Sample:
     completion_ids: list[int]
     logprobs: list[float]
     finish_reason: str
+    top_ids: list[list[int]] | None = None
+    """With `top_logprobs` k: the k most likely ids at each position, under the distribution sampled."""
+    top_logprobs: list[list[float]] | None = None
 
 
 @dataclass(frozen=True)

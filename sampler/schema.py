@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from opd.serving import ErrorResponse, InfoResponse, Text
+from opd.serving import MAX_LOGPROBS_CAP, ErrorResponse, InfoResponse, Text
 
 __all__ = [
     "ChatMessage",
@@ -57,6 +57,10 @@ class GenerateRequest(BaseModel):
     seed: int | None = Field(default=None, ge=0)
     """Sample j of prompt i is drawn with seed + i * n + j, so the same seed and request give the
     same completions, whatever else the engine is doing. Random when omitted."""
+    top_logprobs: int = Field(default=0, ge=0, le=MAX_LOGPROBS_CAP)
+    """Also return the k most likely ids at each generated position and their logprobs, under the
+    distribution sampled from (the student's head for the learner's top-k loss). At most the
+    server's --max-logprobs."""
 
     @field_validator("temperature")
     @classmethod
@@ -77,6 +81,10 @@ class Completion(BaseModel):
     """Logprob of each generated token under the distribution it was sampled from (after
     temperature and top-p). With temperature 0 (greedy): the model's raw logprob."""
     finish_reason: Literal["stop", "length"]
+    top_ids: list[list[int]] | None = None
+    """With `top_logprobs` k: per generated position, the k most likely ids, most likely first."""
+    top_logprobs: list[list[float]] | None = None
+    """Their logprobs, under the same distribution as `logprobs`."""
 
 
 class PromptResult(BaseModel):

@@ -32,7 +32,8 @@ def chi_square(counts: torch.Tensor, probs: torch.Tensor) -> float:
 def draw(temperature: float, top_p: float, rows: int = 60_000) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     generators = [torch.Generator().manual_seed(0)]
     uniforms = torch.rand(rows, generator=torch.Generator().manual_seed(1))
-    ids, logprobs = sample_next(LOGITS_V.expand(rows, -1), temperature, top_p, uniforms, generators * rows)
+    ids, logprobs_BV = sample_next(LOGITS_V.expand(rows, -1), temperature, top_p, uniforms, generators * rows)
+    logprobs = logprobs_BV.gather(-1, ids[:, None]).squeeze(-1)
     return ids, torch.bincount(ids, minlength=len(LOGITS_V)).double(), logprobs
 
 

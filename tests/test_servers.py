@@ -77,6 +77,33 @@ def test_temperature_logprobs_are_of_the_sampled_distribution(servers, student_d
     assert completion.logprobs == pytest.approx(want, abs=1e-4)
 
 
+def check_top_logprobs(reply: GenerateResponse, model, temperature: float, k: int) -> None:
+    """Each position's top ids and logprobs are those of the tempered distribution sampled from."""
+    for prompt, result in zip(PROMPTS, reply.results, strict=True):
+        for c in result.completions:
+            assert c.top_ids is not None and c.top_logprobs is not None
+            assert len(c.top_ids) == len(c.completion_ids)
+            with torch.no_grad():
+                logits = model(torch.tensor([prompt + c.completion_ids])).logits[0].double() / temperature
+            logprobs = torch.log_softmax(logits, -1)
+            for i, (ids, values) in enumerate(zip(c.top_ids, c.top_logprobs, strict=True)):
+                want = logprobs[len(prompt) + i - 1].topk(k)
+                assert ids == want.indices.tolist()
+                assert values == pytest.approx(want.values.tolist(), abs=1e-4)
+
+
+def test_top_logprobs_are_the_sampled_distributions_head(servers, student_dir):
+    sampler_url, _ = servers
+    reply = generate(sampler_url, prompt_ids=PROMPTS, n=2, temperature=0.7, max_tokens=6, seed=4, top_logprobs=5)
+    check_top_logprobs(reply, reference.load(student_dir), 0.7, 5)
+    plain = generate(sampler_url, prompt_ids=PROMPTS, n=2, temperature=0.7, max_tokens=6, seed=4)
+    assert all(c.top_ids is None for r in plain.results for c in r.completions)
+    # the same draws either way: asking for the head changes nothing else
+    assert [c.completion_ids for r in plain.results for c in r.completions] == [
+        c.completion_ids for r in reply.results for c in r.completions
+    ]
+
+
 def test_greedy_matches_reference_decoding(servers, student_dir):
     sampler_url, _ = servers
     reply = generate(sampler_url, prompt_ids=PROMPTS, n=1, temperature=0.0, max_tokens=10)
@@ -185,10 +212,51 @@ def test_grader_batches_in_chunks_without_changing_results(teacher_dir, tmp_path
         assert scored.get("top_ids") is None
 
 
+def candidate_rows(seq: dict, width: int, offset: int) -> list[list[int]]:
+    """Per completion position, `width` distinct ids (padded ids among them), the actual token first."""
+    return [[t] + [(t + offset + 37 * j) % 512 for j in range(1, width)] for t in seq["completion_ids"]]
+
+
+def check_candidates(url: str, teacher_dir) -> None:
+    sequences = [dict(seq, candidate_ids=candidate_rows(seq, 4, i)) for i, seq in enumerate(SEQUENCES)]
+    response = httpx.post(f"{url}/v1/logprobs", json={"sequences": sequences, "top_k": 2}, timeout=120)
+    assert response.status_code == 200, response.text
+    model = reference.load(teacher_dir)
+    for seq, scored in zip(sequences, LogprobsResponse.model_validate(response.json()).results, strict=True):
+        with torch.no_grad():
+            full = torch.log_softmax(
+                model(torch.tensor([seq["prompt_ids"] + seq["completion_ids"]])).logits[0].double(), -1
+            )
+        assert scored.candidate_logprobs is not None and len(scored.top_ids) == len(seq["completion_ids"])
+        for i, (ids, values) in enumerate(zip(seq["candidate_ids"], scored.candidate_logprobs, strict=True)):
+            assert values == pytest.approx(full[len(seq["prompt_ids"]) + i - 1, ids].tolist(), abs=1e-4)
+            assert values[0] == pytest.approx(scored.logprobs[i], abs=1e-5)  # the actual token, asked again
+
+
+def test_grader_scores_candidate_ids_at_every_position(servers, teacher_dir):
+    check_candidates(servers[1], teacher_dir)
+
+
 @pytest.mark.parametrize(
     ("body", "status", "param"),
     [
         ({"sequences": []}, 422, "sequences"),
+        ({"sequences": [{"prompt_ids": [1], "completion_ids": [2, 3], "candidate_ids": [[4]]}]}, 422, "sequences.0"),
+        (
+            {"sequences": [{"prompt_ids": [1], "completion_ids": [2, 3], "candidate_ids": [[4], [5, 6]]}]},
+            422,
+            "sequences.0",
+        ),
+        (
+            {"sequences": [{"prompt_ids": [1], "completion_ids": [2], "candidate_ids": [[512]]}]},
+            400,
+            "sequences.0.candidate_ids",
+        ),
+        (
+            {"sequences": [{"prompt_ids": [1], "completion_ids": [2], "candidate_ids": [list(range(21))]}]},
+            422,
+            "sequences.0.candidate_ids",
+        ),
         ({"sequences": [{"prompt_ids": [1], "completion_ids": [512]}]}, 400, "sequences.0.completion_ids"),
         ({"sequences": [{"prompt_ids": [1], "completion_ids": []}]}, 422, "sequences.0.completion_ids"),
         ({"sequences": [{"prompt_ids": [1] * 1000, "completion_ids": [1] * 100}]}, 400, "sequences.0"),

@@ -14,7 +14,7 @@ import torch
 from learner.config import TrainConfig
 from learner.distributed import Processes
 from learner.policy import Policy
-from learner.rollout import Rollouts
+from learner.rollout import Graded, Rollouts
 from learner.update import Scored, accumulate_gradients, global_token_count, micro_batches, old_logprobs
 from opd.modeling import load_causal_lm
 
@@ -72,7 +72,7 @@ def reference_advantages(teacher, old, discount) -> list[torch.Tensor]:
 
 
 def learner_gradients(policy, train, budget, scored=None):
-    batches = micro_batches(rollouts(), teacher_logprobs(), pad_id=PAD_ID, max_tokens=budget, device="cpu")
+    batches = micro_batches(rollouts(), Graded(teacher_logprobs()), pad_id=PAD_ID, max_tokens=budget, device="cpu")
     policy.zero_grad(set_to_none=True)
     processes = Processes(False, "cpu")
     num_tokens = global_token_count(batches, processes)
@@ -120,7 +120,7 @@ def test_later_update_with_clipped_ratios_equals_the_whole_batch_float64_gradien
     # A later update: old logprobs from before the first step, so ratios differ from 1 and some
     # lie outside the clip range (their tokens then pass no gradient on one side).
     train = TrainConfig()
-    batches = micro_batches(rollouts(), teacher_logprobs(), pad_id=PAD_ID, max_tokens=budget, device="cpu")
+    batches = micro_batches(rollouts(), Graded(teacher_logprobs()), pad_id=PAD_ID, max_tokens=budget, device="cpu")
     current = old_logprobs(policy, batches, 1.0)
     gen = torch.Generator().manual_seed(1)
     olds = [c + 0.8 * (torch.rand(c.shape, generator=gen, dtype=torch.float64) - 0.5) for c in current]
@@ -142,7 +142,7 @@ def test_later_update_with_clipped_ratios_equals_the_whole_batch_float64_gradien
 def test_micro_batches_hold_the_budget_and_every_sample_once():
     lengths = [len(p) + len(c) for p, c in zip(PROMPTS, COMPLETIONS, strict=True)]
     for budget in (1, 8, 12, 20, 10_000):
-        batches = micro_batches(rollouts(), teacher_logprobs(), pad_id=PAD_ID, max_tokens=budget, device="cpu")
+        batches = micro_batches(rollouts(), Graded(teacher_logprobs()), pad_id=PAD_ID, max_tokens=budget, device="cpu")
         assert sorted(r for b in batches for r in b.rows) == list(range(len(PROMPTS)))
         for batch in batches:
             padded = batch.packed.input_ids_BL.numel()
@@ -152,7 +152,7 @@ def test_micro_batches_hold_the_budget_and_every_sample_once():
 
 def test_chunked_head_matches_the_models_own_logits_at_every_chunk_size(student_dir):
     lm = load_causal_lm(str(student_dir), "float32", "cpu").double()
-    batches = micro_batches(rollouts(), teacher_logprobs(), pad_id=PAD_ID, max_tokens=10_000, device="cpu")
+    batches = micro_batches(rollouts(), Graded(teacher_logprobs()), pad_id=PAD_ID, max_tokens=10_000, device="cpu")
     with torch.no_grad():
         expected = reference_logprobs(lm, 1.0)
         for chunk in (1, 2, 7, 4096):
@@ -182,3 +182,38 @@ def test_bf16_autocast_keeps_float32_master_weights_and_close_gradients(student_
         torch.cat([g.flatten() for g in bf16[2].values()]), torch.cat([g.flatten() for g in fp32[2].values()]), dim=0
     )
     assert cosine > 0.99
+
+
+def full_teacher(vocab: int) -> list[torch.Tensor]:
+    """A teacher distribution over the whole vocabulary at every completion position (float32 values)."""
+    gen = torch.Generator().manual_seed(2)
+    return [torch.log_softmax(3 * torch.randn(len(c), vocab, generator=gen), -1).double() for c in COMPLETIONS]
+
+
+@pytest.mark.parametrize("budget", [12, 10_000])
+def test_topk_loss_with_the_whole_vocabulary_as_head_is_the_exact_reverse_kl_gradient(policy, budget):
+    vocab = policy.lm.config.vocab_size
+    teacher = full_teacher(vocab)
+    every_id = list(range(vocab))
+    graded = Graded(
+        logprobs=[
+            [row[t].item() for row, t in zip(q, c, strict=True)] for q, c in zip(teacher, COMPLETIONS, strict=True)
+        ],
+        head_ids=[[every_id for _ in c] for c in COMPLETIONS],
+        head_logprobs=[q.tolist() for q in teacher],
+    )
+    batches = micro_batches(rollouts(), graded, pad_id=PAD_ID, max_tokens=budget, device="cpu")
+    processes, train = Processes(False, "cpu"), TrainConfig(loss="topk")
+    policy.zero_grad(set_to_none=True)
+    accumulate_gradients(policy, batches, None, train=train, num_tokens=global_token_count(batches, processes),
+                         processes=processes)  # fmt: skip
+    ours = {name.removeprefix("lm."): p.grad.clone() for name, p in policy.named_parameters()}
+
+    policy.lm.zero_grad(set_to_none=True)
+    kl = 0.0
+    for prompt, completion, q in zip(PROMPTS, COMPLETIONS, teacher, strict=True):
+        logits = policy.lm(input_ids=torch.tensor([prompt + completion])).logits[0].double()
+        logp = torch.log_softmax(logits[len(prompt) - 1 : len(prompt) - 1 + len(completion)], -1)
+        kl = kl + (logp.exp() * (logp - q)).sum()
+    (kl / sum(len(c) for c in COMPLETIONS)).backward()
+    assert_same_gradients(ours, {name: p.grad.clone() for name, p in policy.lm.named_parameters()})

@@ -19,7 +19,7 @@ from learner.trainer import OnPolicyDistillationTrainer
 from opd.launch import LocalServer, local_server, local_servers
 from opd.vllm_engine import vllm_available
 from tests import reference
-from tests.test_servers import EOS, PROMPTS, SEQUENCES, generate
+from tests.test_servers import EOS, PROMPTS, SEQUENCES, check_candidates, check_top_logprobs, generate
 
 pytestmark = pytest.mark.vllm
 
@@ -80,6 +80,11 @@ def test_vllm_sampled_logprobs_are_of_the_sampled_distribution(vllm_student, stu
                 assert c.logprobs == pytest.approx(want, abs=1e-4)
 
 
+def test_vllm_top_logprobs_are_the_sampled_distributions_head(vllm_student, student_dir):
+    reply = generate(vllm_student, prompt_ids=PROMPTS, n=2, temperature=0.7, max_tokens=6, seed=4, top_logprobs=5)
+    check_top_logprobs(reply, reference.load(student_dir), 0.7, 5)
+
+
 def test_vllm_seeds_give_distinct_reproducible_samples(vllm_student):
     a = generate(vllm_student, prompt_ids=PROMPTS, n=4, temperature=1.0, max_tokens=8, seed=21)
     b = generate(vllm_student, prompt_ids=PROMPTS, n=4, temperature=1.0, max_tokens=8, seed=21)
@@ -120,6 +125,7 @@ def test_vllm_grader_matches_a_direct_forward(teacher_dir, tmp_path):
     with local_server("grader", ["--model", str(teacher_dir), *VLLM], tmp_path) as url:
         response = httpx.post(f"{url}/v1/logprobs", json={"sequences": SEQUENCES, "top_k": 3}, timeout=120)
         too_many = httpx.post(f"{url}/v1/logprobs", json={"sequences": SEQUENCES, "top_k": 21}, timeout=30)
+        check_candidates(url, teacher_dir)  # the V1 runner's route: a request per position
     assert response.status_code == 200, response.text
     model = reference.load(teacher_dir)
     for seq, scored in zip(SEQUENCES, LogprobsResponse.model_validate(response.json()).results, strict=True):

@@ -10,10 +10,9 @@ import asyncio
 
 import torch
 
-from grader.engine import Scored
+from grader.engine import Scored, ToScore
 from opd.modeling import (
-    completion_logprobs,
-    completion_top_k,
+    completion_scores,
     length_sorted_chunks,
     load_causal_lm,
     model_card,
@@ -27,10 +26,12 @@ class TorchGraderEngine:
     def __init__(
         self,
         model_path: str,
+        *,
         dtype: str = "float32",
         device: str = "cpu",
         max_model_len: int | None = None,
         max_batch_tokens: int = 16384,
+        max_logprobs: int = 20,
     ) -> None:
         self.model_path = model_path
         self.dtype = dtype
@@ -40,7 +41,7 @@ class TorchGraderEngine:
         self.max_batch_tokens = max_batch_tokens
         self.tokenizer, self.card = model_card(
             model_path, engine="torch", dtype=dtype, max_model_len=self.max_model_len,
-            model_vocab_size=self.model.config.vocab_size,
+            model_vocab_size=self.model.config.vocab_size, max_logprobs=max_logprobs,
         )  # fmt: skip
         self.pad_id = pad_token_id(self.tokenizer)
         self._lock = asyncio.Lock()
@@ -48,32 +49,44 @@ class TorchGraderEngine:
     def info(self) -> InfoResponse:
         return self.card
 
-    async def score(self, sequences: list[tuple[list[int], list[int]]], top_k: int) -> list[Scored]:
+    async def score(self, sequences: list[ToScore], top_k: int) -> list[Scored]:
         async with self._lock:
             return await asyncio.to_thread(self._score_sync, sequences, top_k)
 
     @torch.inference_mode()
-    def _score_sync(self, sequences: list[tuple[list[int], list[int]]], top_k: int) -> list[Scored]:
+    def _score_sync(self, sequences: list[ToScore], top_k: int) -> list[Scored]:
         results: list[Scored | None] = [None] * len(sequences)
-        lengths = [len(p) + len(c) for p, c in sequences]
+        lengths = [len(s.prompt_ids) + len(s.completion_ids) for s in sequences]
         for chunk in length_sorted_chunks(lengths, self.max_batch_tokens):
             for i, scored in zip(chunk, self._score_chunk([sequences[i] for i in chunk], top_k), strict=True):
                 results[i] = scored
         return [r for r in results if r is not None]
 
-    def _score_chunk(self, sequences: list[tuple[list[int], list[int]]], top_k: int) -> list[Scored]:
-        prompts, completions = [p for p, _ in sequences], [c for _, c in sequences]
-        batch = pack_left_padded(prompts, completions, self.pad_id, self.device)
-        if top_k == 0:
-            logprobs_BT = completion_logprobs(self.model, batch)
-            return [Scored(logprobs_BT[b, : len(c)].tolist()) for b, c in enumerate(completions)]
-        logprobs_BT, top_ids_BTK, top_lp_BTK = completion_top_k(self.model, batch, top_k)
-        return [
-            Scored(
-                logprobs_BT[b, : len(c)].tolist(), top_ids_BTK[b, : len(c)].tolist(), top_lp_BTK[b, : len(c)].tolist()
-            )
-            for b, c in enumerate(completions)
-        ]
+    def _score_chunk(self, sequences: list[ToScore], top_k: int) -> list[Scored]:
+        batch = pack_left_padded([s.prompt_ids for s in sequences], [s.completion_ids for s in sequences],
+                                 self.pad_id, self.device)  # fmt: skip
+        scores = completion_scores(self.model, batch, top_k=top_k, candidate_ids_NC=self._candidates(sequences))
+        out, start = [], 0
+        for s in sequences:
+            rows = slice(start, start + len(s.completion_ids))
+            start = rows.stop
+            out.append(Scored(
+                logprobs=scores.token_logprobs_N[rows].tolist(),
+                top_ids=None if scores.top_ids_NK is None else scores.top_ids_NK[rows].tolist(),
+                top_logprobs=None if scores.top_logprobs_NK is None else scores.top_logprobs_NK[rows].tolist(),
+                candidate_logprobs=None if s.candidate_ids is None or scores.candidate_logprobs_NC is None
+                else scores.candidate_logprobs_NC[rows, : len(s.candidate_ids[0])].tolist(),
+            ))  # fmt: skip
+        return out
+
+    def _candidates(self, sequences: list[ToScore]) -> torch.Tensor | None:
+        """Every sequence's candidate ids as one [N, C] tensor, rows padded with id 0 (dropped later)."""
+        width = max((len(s.candidate_ids[0]) for s in sequences if s.candidate_ids), default=0)
+        if width == 0:
+            return None
+        rows = [row + [0] * (width - len(row)) for s in sequences
+                for row in (s.candidate_ids or [[] for _ in s.completion_ids])]  # fmt: skip
+        return torch.tensor(rows, dtype=torch.long, device=self.device)
 
     async def close(self) -> None:
         return None

@@ -5,14 +5,23 @@ token; vLLM returns, for every prompt position, the logprob of the token there (
 when asked), from which we keep only the completion part. Prompt-logprob requests skip the
 prefix cache and materialise full-vocab logits for every token, so the engine's batched tokens
 (`max_num_batched_tokens`) and the number of sequences in flight at once are both capped.
+
+Candidate ids (the teacher's logprobs at ids the caller names, per completion position) take one
+of two routes, by vLLM's model runner:
+- V2 runner (the default of the GPU build of vLLM 0.32 where Triton is present): the same request
+  carries `prompt_logprob_token_ids` for the completion rows (`prompt_logprob_start` = the last
+  prompt token). Not yet run on a GPU here.
+- V1 runner (the CPU build, which has no Triton): one extra request per completion position,
+  `prompt + completion[:j]` with `logprob_token_ids`, sharing the sequence's prefix cache. Slower
+  (a request per position) but exact; tested against transformers.
+Both give log-softmax of the raw logits, like `prompt_logprobs`.
 """
 
 import asyncio
 import uuid
 from typing import Any
 
-from grader.engine import Scored
-from grader.schema import MAX_TOP_K
+from grader.engine import Scored, ToScore
 from opd.paths import resolve_model_path
 from opd.serving import InfoResponse
 from opd.vllm_engine import VllmOptions, build_async_llm, engine_errors, vllm_model_card
@@ -21,11 +30,11 @@ MAX_TOKENS_IN_FLIGHT = 65536
 """Prompt tokens submitted to the engine at once; bounds the logprob results held in memory."""
 
 
-def _chunks(sequences: list[tuple[list[int], list[int]]], budget: int) -> list[list[int]]:
+def _chunks(sequences: list[ToScore], budget: int) -> list[list[int]]:
     chunks: list[list[int]] = [[]]
     used = 0
-    for i, (prompt, completion) in enumerate(sequences):
-        size = len(prompt) + len(completion)
+    for i, seq in enumerate(sequences):
+        size = len(seq.prompt_ids) + len(seq.completion_ids)
         if chunks[-1] and used + size > budget:
             chunks.append([])
             used = 0
@@ -45,38 +54,72 @@ def _scored(output: Any, prompt_len: int, completion: list[int], top_k: int) -> 
 
 class VllmGraderEngine:
     def __init__(self, model_path: str, options: VllmOptions, max_batch_tokens: int = 16384) -> None:
-        from vllm import SamplingParams
-
         self.model_path = model_path
         self.options = options
         local = resolve_model_path(model_path)
-        extra = {"max_logprobs": MAX_TOP_K, "max_num_batched_tokens": max_batch_tokens, **options.extra}
+        # Prefix caching lets the V1 route's per-position candidate requests reuse the sequence's KV.
+        extra = {"max_num_batched_tokens": max_batch_tokens, "enable_prefix_caching": True, **options.extra}
         self.engine = build_async_llm(local, VllmOptions(**{**vars(options), "extra": extra}))
         self.tokenizer, self.card = vllm_model_card(model_path, self.engine, options.dtype)
-        self._params = {
-            k: SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=k, detokenize=False)
-            for k in range(MAX_TOP_K + 1)
-        }
+        self.candidates_in_one_request = bool(getattr(self.engine.vllm_config, "use_v2_model_runner", False))
 
     def info(self) -> InfoResponse:
         return self.card
 
-    async def score(self, sequences: list[tuple[list[int], list[int]]], top_k: int) -> list[Scored]:
+    async def score(self, sequences: list[ToScore], top_k: int) -> list[Scored]:
         results: list[Scored] = []
         for chunk in _chunks(sequences, MAX_TOKENS_IN_FLIGHT):
             with engine_errors():
-                results += await asyncio.gather(*(self._score_one(*sequences[i], top_k) for i in chunk))
+                results += await asyncio.gather(*(self._score_one(sequences[i], top_k) for i in chunk))
         return results
 
-    async def _score_one(self, prompt: list[int], completion: list[int], top_k: int) -> Scored:
+    async def _run(self, tokens: list[int], params: Any) -> Any:
         from vllm.inputs import TokensPrompt
 
         final = None
-        request = TokensPrompt(prompt_token_ids=prompt + completion)
-        async for output in self.engine.generate(request, self._params[top_k], request_id=uuid.uuid4().hex):
+        async for output in self.engine.generate(TokensPrompt(prompt_token_ids=tokens), params,
+                                                 request_id=uuid.uuid4().hex):  # fmt: skip
             final = output
+        return final
+
+    async def _score_one(self, seq: ToScore, top_k: int) -> Scored:
+        from vllm import SamplingParams
+
+        together = seq.candidate_ids is not None and self.candidates_in_one_request
+        extra: dict[str, Any] = {}
+        if together:
+            extra = {"prompt_logprob_token_ids": seq.candidate_ids, "prompt_logprob_start": len(seq.prompt_ids) - 1}
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=top_k, detokenize=False, **extra)
+        final = await self._run(seq.prompt_ids + seq.completion_ids, params)
         assert final is not None and final.prompt_logprobs is not None
-        return _scored(final, len(prompt), completion, top_k)
+        scored = _scored(final, len(seq.prompt_ids), seq.completion_ids, top_k)
+        if seq.candidate_ids is None:
+            return scored
+        if together:
+            rows = getattr(final, "prompt_token_id_logprobs", None)
+            if rows is None:  # vLLM drops them silently when a prefill starts past the first row
+                raise RuntimeError("vLLM returned no candidate logprobs (prompt_token_id_logprobs)")
+            candidates = [[float(v) for v in row] for row in rows]
+        else:
+            candidates = await self._candidates_per_position(seq)
+        return Scored(scored.logprobs, scored.top_ids, scored.top_logprobs, candidates)
+
+    async def _candidates_per_position(self, seq: ToScore) -> list[list[float]]:
+        """The V1 route: position j's candidates as `logprob_token_ids` of a request that continues
+        `prompt + completion[:j]` by one token (raw log-softmax, temperature 1)."""
+        from vllm import SamplingParams
+
+        assert seq.candidate_ids is not None
+
+        async def position(j: int, ids: list[int]) -> list[float]:
+            unique = list(dict.fromkeys(ids))
+            params = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False, logprobs=len(unique),
+                                    logprob_token_ids=unique)  # fmt: skip
+            final = await self._run(seq.prompt_ids + seq.completion_ids[:j], params)
+            found = final.outputs[0].logprobs[0]
+            return [found[i].logprob for i in ids]
+
+        return list(await asyncio.gather(*(position(j, ids) for j, ids in enumerate(seq.candidate_ids))))
 
     async def close(self) -> None:
         self.engine.shutdown()

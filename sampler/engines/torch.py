@@ -6,6 +6,7 @@ weight swaps, so a swap waits for in-flight generation and no reply mixes two we
 """
 
 import asyncio
+import dataclasses
 import random
 
 import torch
@@ -24,18 +25,17 @@ def sample_next(
     uniforms_B: torch.Tensor,
     generators: list[torch.Generator],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next token per row and its logprob under the distribution actually sampled.
+    """Next token per row [B], and the logprobs of the distribution actually sampled [B, V].
 
     Row b inverts its CDF at `uniforms_B[b]`, a draw from its own generator, so a sample does not
     depend on what else is in the batch, and the whole batch samples in one vectorised step (a
     multinomial call per row took half of the decode time at batch 128).
 
-    temperature 0 is greedy and reports the raw (temperature 1) logprob of the argmax token.
+    temperature 0 is greedy and reports the raw (temperature 1) logprobs.
     """
     logits_BV = logits_BV.float()
     if temperature == 0.0:
-        ids_B = logits_BV.argmax(dim=-1)
-        return ids_B, torch.log_softmax(logits_BV, -1).gather(-1, ids_B[:, None]).squeeze(-1)
+        return logits_BV.argmax(dim=-1), torch.log_softmax(logits_BV, -1)
     scaled_BV = logits_BV / temperature
     if top_p < 1.0:
         sorted_BV, order_BV = scaled_BV.sort(dim=-1, descending=True)
@@ -52,7 +52,7 @@ def sample_next(
     # A parallel cumsum (CUDA) may round so that a token of probability 0 gets picked; redraw those rows.
     for b in (probs_BV.gather(-1, ids_B[:, None]).squeeze(-1) == 0).nonzero().flatten().tolist():
         ids_B[b] = torch.multinomial(probs_BV[b], 1, generator=generators[b])[0]
-    return ids_B, logprobs_BV.gather(-1, ids_B[:, None]).squeeze(-1)
+    return ids_B, logprobs_BV
 
 
 def inverse_cdf(probs_BV: torch.Tensor, uniforms_B: torch.Tensor) -> torch.Tensor:
@@ -72,7 +72,13 @@ def inverse_cdf(probs_BV: torch.Tensor, uniforms_B: torch.Tensor) -> torch.Tenso
 
 class TorchSamplerEngine:
     def __init__(
-        self, model_path: str, dtype: str = "float32", device: str = "cpu", max_model_len: int | None = None
+        self,
+        model_path: str,
+        *,
+        dtype: str = "float32",
+        device: str = "cpu",
+        max_model_len: int | None = None,
+        max_logprobs: int = 20,
     ) -> None:
         self.model_path = model_path
         self.dtype = dtype
@@ -81,7 +87,7 @@ class TorchSamplerEngine:
         self.max_model_len = max_model_len or self.model.config.max_position_embeddings
         self.tokenizer, self.card = model_card(
             model_path, engine="torch", dtype=dtype, max_model_len=self.max_model_len,
-            model_vocab_size=self.model.config.vocab_size,
+            model_vocab_size=self.model.config.vocab_size, max_logprobs=max_logprobs,
         )  # fmt: skip
         eos = self.model.generation_config.eos_token_id
         eos = eos if eos is not None else self.tokenizer.eos_token_id
@@ -110,13 +116,10 @@ class TorchSamplerEngine:
             for i in range(len(prompts))
             for j in range(params.n)
         ]
-        ids_BN, logprobs_BN, finished_B = self._decode(rows, params, generators)
-        samples = [
-            self._to_sample(ids, lps, done) for ids, lps, done in zip(ids_BN, logprobs_BN, finished_B, strict=True)
-        ]
+        samples = self._decode(rows, params, generators)
         return [samples[i * params.n : (i + 1) * params.n] for i in range(len(prompts))]
 
-    def _decode(self, rows: list[list[int]], params: SamplingParams, generators: list[torch.Generator]):
+    def _decode(self, rows: list[list[int]], params: SamplingParams, generators: list[torch.Generator]) -> list[Sample]:
         batch = pack_left_padded(rows, [[] for _ in rows], self.pad_id, self.device)
         mask_BL, positions_B = batch.attention_mask_BL, batch.position_ids_BL[:, -1]
         cache = DynamicCache()
@@ -128,19 +131,15 @@ class TorchSamplerEngine:
             use_cache=True,
             logits_to_keep=1,
         )
-        ids: list[list[int]] = [[] for _ in rows]
-        logprobs: list[list[float]] = [[] for _ in rows]
+        tops = params.top_logprobs > 0
+        samples = [Sample([], [], "length", [] if tops else None, [] if tops else None) for _ in rows]
         finished = [False] * len(rows)
         # Every uniform a row may need, drawn up front from the row's own generator.
         uniforms_BN = torch.stack([torch.rand(params.max_tokens, generator=g, device=self.device) for g in generators])
         for t in range(params.max_tokens):
-            next_B, next_lp_B = sample_next(out.logits[:, -1], params.temperature, params.top_p, uniforms_BN[:, t],
-                                            generators)  # fmt: skip
-            for b, (token, lp) in enumerate(zip(next_B.tolist(), next_lp_B.tolist(), strict=True)):
-                if not finished[b]:
-                    ids[b].append(token)
-                    logprobs[b].append(lp)
-                    finished[b] = token in self.eos_ids
+            next_B, logprobs_BV = sample_next(out.logits[:, -1], params.temperature, params.top_p, uniforms_BN[:, t],
+                                              generators)  # fmt: skip
+            self._append(samples, finished, next_B, logprobs_BV, params.top_logprobs)
             if all(finished):
                 break
             mask_BL = torch.cat([mask_BL, mask_BL.new_ones(len(rows), 1)], dim=-1)
@@ -152,11 +151,26 @@ class TorchSamplerEngine:
                 past_key_values=cache,
                 use_cache=True,
             )
-        return ids, logprobs, finished
+        return samples
 
-    @staticmethod
-    def _to_sample(ids: list[int], logprobs: list[float], stopped: bool) -> Sample:
-        return Sample(completion_ids=ids, logprobs=logprobs, finish_reason="stop" if stopped else "length")
+    def _append(
+        self, samples: list[Sample], finished: list[bool], next_B: torch.Tensor, logprobs_BV: torch.Tensor, top_k: int
+    ) -> None:
+        """Add each unfinished row's next token, its logprob and, if asked, the top-k of its distribution."""
+        token_lp_B = logprobs_BV.gather(-1, next_B[:, None]).squeeze(-1).tolist()
+        top = logprobs_BV.topk(top_k, dim=-1) if top_k else None
+        for b, token in enumerate(next_B.tolist()):
+            if finished[b]:
+                continue
+            sample = samples[b]
+            sample.completion_ids.append(token)
+            sample.logprobs.append(token_lp_B[b])
+            if top is not None and sample.top_ids is not None:
+                sample.top_ids.append(top.indices[b].tolist())
+                sample.top_logprobs.append(top.values[b].tolist())  # type: ignore[union-attr]
+            finished[b] = token in self.eos_ids
+            if finished[b]:
+                samples[b] = dataclasses.replace(sample, finish_reason="stop")
 
     def weight_specs(self) -> dict[str, WeightSpec]:
         return {name: WeightSpec(tuple(p.shape), p.dtype) for name, p in self.model.named_parameters()}

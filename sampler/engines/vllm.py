@@ -118,7 +118,7 @@ class VllmSamplerEngine:
 
         vllm_params = VllmSamplingParams(
             n=1, temperature=params.temperature, top_p=params.top_p, max_tokens=params.max_tokens,
-            seed=seed, logprobs=0, detokenize=False,
+            seed=seed, logprobs=params.top_logprobs, detokenize=False,
         )  # fmt: skip
         final: Any = None
         async for output in self.engine.generate(TokensPrompt(prompt_token_ids=prompt), vllm_params,
@@ -127,7 +127,14 @@ class VllmSamplerEngine:
         completion = final.outputs[0]
         ids = list(completion.token_ids)
         logprobs = [position[token].logprob for position, token in zip(completion.logprobs, ids, strict=True)]
-        return Sample(ids, logprobs, "stop" if completion.finish_reason == "stop" else "length")
+        finish = "stop" if completion.finish_reason == "stop" else "length"
+        if not params.top_logprobs:
+            return Sample(ids, logprobs, finish)
+        # Each position holds the top-k by rank, plus the sampled token when it ranks lower.
+        tops = [sorted(position.items(), key=lambda kv: kv[1].rank)[: params.top_logprobs]
+                for position in completion.logprobs]  # fmt: skip
+        return Sample(ids, logprobs, finish, [[t for t, _ in top] for top in tops],
+                      [[lp.logprob for _, lp in top] for top in tops])  # fmt: skip
 
     def weight_specs(self) -> dict[str, WeightSpec]:
         return self._specs

@@ -1,0 +1,102 @@
+"""The top-k loss's estimator (learner/topk.py) against the exact reverse KL gradient, in float64.
+
+One position, a 10-token vocabulary, student logits as the parameters: the exact gradient of
+KL(softmax(theta) || q) by autograd over the whole vocabulary, against the estimator's gradient for
+each possible sampled token y, averaged exactly (enumerating y, weighted by p_y) and by Monte Carlo.
+Two biased variants seen in peers' code serve as negative controls, so the checks can fail.
+"""
+
+import pytest
+import torch
+
+from learner.loss import advantages
+from learner.topk import Head, first_occurrence, head_tensors, sampled_in_head, topk_policy_loss
+
+V = 10
+THETA = torch.tensor([1.2, 0.3, -0.5, 2.0, 0.0, -1.0, 0.7, -2.0, 0.4, 1.5], dtype=torch.float64)
+TEACHER_LOGITS = torch.tensor([0.1, 1.8, -0.3, 1.0, -1.5, 0.6, 2.2, -0.8, 0.0, -0.2], dtype=torch.float64)
+Q = torch.log_softmax(TEACHER_LOGITS, -1)
+
+
+def exact_gradient() -> torch.Tensor:
+    theta = THETA.clone().requires_grad_()
+    logp = torch.log_softmax(theta, -1)
+    (logp.exp() * (logp - Q)).sum().backward()
+    return theta.grad
+
+
+def head_ids(k: int) -> list[int]:
+    """Teacher's top-k and student's top-k at the position: fixed by the prefix, not by y."""
+    return Q.topk(k).indices.tolist() + THETA.topk(k).indices.tolist()
+
+
+def estimator_gradient(y: int, ids: list[int]) -> torch.Tensor:
+    """The gradient the learner takes when token y was sampled, through topk_policy_loss."""
+    theta = THETA.clone().requires_grad_()
+    logp = torch.log_softmax(theta, -1)
+    ids_BTK = torch.tensor([[ids]])
+    head = Head(ids_BTK, Q[ids_BTK], first_occurrence(ids_BTK).double())
+    new_BT, old_BT, mask_BT = logp[y].view(1, 1), logp[y].detach().view(1, 1), torch.ones(1, 1, dtype=torch.float64)
+    adv_BT = advantages(Q[y].view(1, 1), old_BT, mask_BT, 1.0, 0.0)
+    in_head_BT = sampled_in_head(torch.tensor([[y]]), head).double()
+    loss = topk_policy_loss(new_BT, logp[ids_BTK], old_BT, adv_BT, in_head_BT, head, mask_BT,
+                            clip_eps=0.2, kl_coef=1.0, num_tokens=mask_BT.sum())  # fmt: skip
+    loss.loss.backward()
+    return theta.grad
+
+
+def expected_over_samples(gradient_for) -> torch.Tensor:
+    p = torch.softmax(THETA, -1)
+    return sum(p[y] * gradient_for(y) for y in range(V))
+
+
+def test_with_the_whole_vocabulary_as_head_every_sample_gives_the_exact_gradient():
+    for y in range(V):
+        torch.testing.assert_close(estimator_gradient(y, list(range(V))), exact_gradient(), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_small_heads_are_unbiased_exactly_in_expectation(k):
+    expected = expected_over_samples(lambda y: estimator_gradient(y, head_ids(k)))
+    torch.testing.assert_close(expected, exact_gradient(), rtol=0, atol=1e-12)
+
+
+def test_the_mean_over_many_samples_converges_to_the_exact_gradient():
+    # Averaging per-sample gradients over n draws = weighting each token's gradient by its count.
+    per_token = torch.stack([estimator_gradient(y, head_ids(2)) for y in range(V)])
+    p = torch.softmax(THETA, -1)
+    counts = torch.bincount(torch.multinomial(p, 200_000, replacement=True, generator=torch.Generator().manual_seed(0)),
+                            minlength=V).double()  # fmt: skip
+    mean = (counts[:, None] * per_token).sum(0) / counts.sum()
+    # standard error of the mean gradient, per coordinate: sd over the sample distribution / sqrt(n)
+    sd = ((p[:, None] * (per_token - (p[:, None] * per_token).sum(0)) ** 2).sum(0)).sqrt()
+    error = (mean - exact_gradient()).abs()
+    assert (error < 5 * sd / counts.sum().sqrt() + 1e-12).all(), (error, sd)
+
+
+def biased_with_the_sampled_token_in_the_head(y: int) -> torch.Tensor:
+    return estimator_gradient(y, [*head_ids(2), y])
+
+
+def biased_renormalised_head_without_tail(y: int) -> torch.Tensor:
+    theta = THETA.clone().requires_grad_()
+    ids = torch.tensor(sorted(set(head_ids(2))))
+    logp_head = torch.log_softmax(theta[ids], -1)
+    q_head = torch.log_softmax(Q[ids], -1)
+    (logp_head.exp() * (logp_head - q_head)).sum().backward()
+    return theta.grad
+
+
+@pytest.mark.parametrize("variant", [biased_with_the_sampled_token_in_the_head, biased_renormalised_head_without_tail])
+def test_the_known_biased_variants_miss_the_exact_gradient(variant):
+    # Negative controls: the checks above would catch either mistake.
+    bias = (expected_over_samples(variant) - exact_gradient()).abs().max()
+    assert bias > 1e-2, bias
+
+
+def test_head_tensors_mask_repeated_ids_and_padding():
+    head = head_tensors([[[3, 5, 3], [1, 1, 2]], [[4, 4, 4]]], [[[-1.0, -2.0, -1.0], [-3.0, -3.0, -4.0]], [[-5.0] * 3]],
+                        width=2, device="cpu")  # fmt: skip
+    assert head.mask_BTK.tolist() == [[[1, 1, 0], [1, 0, 1]], [[1, 0, 0], [0, 0, 0]]]
+    in_head = sampled_in_head(torch.tensor([[5, 9], [4, 0]]), head)
+    assert in_head.tolist() == [[1.0, 0.0], [1.0, 0.0]]  # padding (row 1, position 1) never counts
