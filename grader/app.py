@@ -8,12 +8,12 @@
 import math
 from dataclasses import dataclass
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 
 from grader.engine import GraderEngine, Scored, ToScore
 from grader.schema import InfoResponse, LogprobsRequest, LogprobsResponse, ScoredSequence, Sequence
 from opd.errors import NonFiniteOutputError, RequestError
-from opd.serving import ERROR_RESPONSES, check_token_ids, create_service_app
+from opd.serving import ERROR_RESPONSES, check_token_ids, create_service_app, json_reply
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,7 @@ def create_app(engine: GraderEngine, settings: GraderSettings | None = None) -> 
     return app
 
 
-async def logprobs(body: LogprobsRequest, request: Request) -> LogprobsResponse:
+async def logprobs(body: LogprobsRequest, request: Request) -> Response:
     engine: GraderEngine = request.app.state.engine
     limit = request.app.state.settings.max_sequences
     if len(body.sequences) > limit:
@@ -39,7 +39,7 @@ async def logprobs(body: LogprobsRequest, request: Request) -> LogprobsResponse:
     sequences = [ToScore(s.prompt_ids, s.completion_ids, s.candidate_ids) for s in body.sequences]
     scored = await engine.score(sequences, body.top_k)
     _check_finite(scored)
-    return LogprobsResponse(results=[ScoredSequence(**vars(s)) for s in scored])
+    return json_reply(LogprobsResponse(results=[ScoredSequence(**vars(s)) for s in scored]))
 
 
 def _check_candidates(seq: Sequence, info: InfoResponse, param: str) -> None:

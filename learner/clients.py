@@ -92,7 +92,9 @@ class _Client:
         return self.error_cls(f"{self.error_cls.service} at {self.base_url}{path} unreachable: {exc!r}")
 
     async def _post_model(self, path: str, body: BaseModel, reply: type[BaseModel]) -> BaseModel:
-        response = await self._request("POST", path, json=body.model_dump(exclude_none=True))
+        # pydantic's Rust serialiser: json= would encode the token ids with Python's json module
+        content = body.model_dump_json(exclude_none=True)
+        response = await self._request("POST", path, content=content, headers={"content-type": "application/json"})
         return reply.model_validate_json(response.content)
 
     async def info(self) -> InfoResponse:

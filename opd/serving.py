@@ -17,7 +17,7 @@ from typing import Annotated, Any, Protocol
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -203,6 +203,13 @@ class InfoResponse(BaseModel):
     max_logprobs: int
     """Largest top-k of logprobs a request may ask for (`--max-logprobs`)."""
     policy_version: int = 0
+
+
+def json_reply(model: BaseModel) -> Response:
+    """A reply model as JSON, serialised by pydantic's Rust core in one call; None fields are left
+    out. FastAPI's own path re-validates the model and encodes it in Python: ~13x slower for the
+    65,536 logprobs of a 256 x 256-token batch (26 vs 2 ms)."""
+    return Response(content=model.model_dump_json(exclude_none=True), media_type="application/json")
 
 
 def check_token_ids(ids: list[int], vocab_size: int, param: str) -> None:

@@ -8,12 +8,12 @@ import logging
 import math
 from dataclasses import dataclass
 
-from fastapi import FastAPI, Query, Request
+from fastapi import FastAPI, Query, Request, Response
 from starlette.requests import ClientDisconnect
 
 from opd.auth import check_bearer
 from opd.errors import NonFiniteOutputError, RequestError
-from opd.serving import ERROR_RESPONSES, check_token_ids, create_service_app
+from opd.serving import ERROR_RESPONSES, check_token_ids, create_service_app, json_reply
 from sampler.engine import Sample, SamplerEngine, SamplingParams
 from sampler.schema import (
     ChatMessage,
@@ -53,7 +53,7 @@ def create_app(engine: SamplerEngine, settings: SamplerSettings | None = None) -
     return app
 
 
-async def generate(body: GenerateRequest, request: Request) -> GenerateResponse:
+async def generate(body: GenerateRequest, request: Request) -> Response:
     engine: SamplerEngine = request.app.state.engine
     settings: SamplerSettings = request.app.state.settings
     count = len(body.prompt_ids or body.messages or [])
@@ -70,7 +70,7 @@ async def generate(body: GenerateRequest, request: Request) -> GenerateResponse:
         PromptResult(prompt_ids=prompt, completions=[Completion(**vars(s)) for s in per_prompt])
         for prompt, per_prompt in zip(prompts, samples, strict=True)
     ]
-    return GenerateResponse(policy_version=version, results=results)
+    return json_reply(GenerateResponse(policy_version=version, results=results))
 
 
 def _check_finite(samples: list[list[Sample]], version: int) -> None:

