@@ -121,7 +121,7 @@ def synthetic_batches(samples: int, prompt_len: int, completion_len: int, vocab:
 
     completions = [ids(completion_len) for _ in range(samples)]
     rollouts = Rollouts([ids(prompt_len) for _ in range(samples)], completions,
-                        [[-1.0] * completion_len for _ in completions], policy_version=0)  # fmt: skip
+                        [[-1.0] * completion_len for _ in completions], versions=[0] * samples)  # fmt: skip
     teacher = [(-3 * torch.rand(completion_len, generator=gen)).tolist() for _ in completions]
     return micro_batches(rollouts, Graded(teacher), pad_id=0, max_tokens=budget, device=device)
 

@@ -1,16 +1,24 @@
-"""Async HTTP clients of the sampler and grader, with the project's one retry policy.
+"""Async HTTP clients of the sampler and grader, with the project's one retry policy, and pools
+of replicas.
 
 Transport errors and 5xx are retried with exponential backoff until a total deadline; 4xx are
 never retried (the request itself is wrong). A failure raises SamplerError / GraderError with the
 status and the server's own message.
+
+`SamplerPool` / `GraderPool` spread requests over several servers of one kind: each request goes
+to the replica with the least outstanding work, and one that fails (a dead replica) hands the
+request to the next, so the run goes on while the watchdog restarts it. A weight push goes to
+every sampler at once. With one URL a pool behaves exactly like its single client.
 """
 
 import asyncio
 import logging
 import os
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Generic, TypeVar
 
 import httpx
 import torch
@@ -119,7 +127,9 @@ class SamplerClient(_Client):
 
     async def push_weights(self, tensors: dict[str, torch.Tensor], version: int) -> int:
         """Stream `tensors` as one safetensors body; returns the sampler's new policy_version."""
-        payload = await asyncio.to_thread(save_safetensors, _host_tensors(tensors))
+        return await self.push_payload(await safetensors_payload(tensors), version)
+
+    async def push_payload(self, payload: bytes, version: int) -> int:
         response = await self._request(
             "POST",
             "/v1/weights",
@@ -130,22 +140,38 @@ class SamplerClient(_Client):
         return WeightsResponse.model_validate_json(response.content).policy_version
 
     async def push_weights_by_path(self, tensors: dict[str, torch.Tensor], version: int, shared_dir: Path) -> int:
-        """Write `tensors` to `shared_dir` (temporary name, then rename) and have the sampler load them.
+        """Write `tensors` to `shared_dir` and have the sampler load them (see `write_shared`)."""
+        final = await write_shared(tensors, version, shared_dir)
+        loaded = await self.push_path(final, version)
+        remove_older(shared_dir, final)
+        return loaded
 
-        The rename makes the file appear complete or not at all; the previous version's file is
-        removed once the sampler has loaded the new one.
-        """
-        shared_dir.mkdir(parents=True, exist_ok=True)
-        final = shared_dir / f"weights-v{version:06d}.safetensors"
-        tmp = shared_dir / f".{final.name}.{os.getpid()}.tmp"
-        await asyncio.to_thread(save_file, _host_tensors(tensors), tmp)
-        os.replace(tmp, final)
-        body = WeightsFromPath(path=str(final.resolve()), version=version)
+    async def push_path(self, path: Path, version: int) -> int:
+        body = WeightsFromPath(path=str(path.resolve()), version=version)
         response = await self._request("POST", "/v1/weights", json=body.model_dump())
-        for old in shared_dir.glob("weights-v*.safetensors"):
-            if old != final:
-                old.unlink(missing_ok=True)
         return WeightsResponse.model_validate_json(response.content).policy_version
+
+
+async def safetensors_payload(tensors: dict[str, torch.Tensor]) -> bytes:
+    return await asyncio.to_thread(save_safetensors, _host_tensors(tensors))
+
+
+async def write_shared(tensors: dict[str, torch.Tensor], version: int, shared_dir: Path) -> Path:
+    """Write `tensors` to `shared_dir` under a temporary name, then rename: the file appears complete
+    or not at all."""
+    shared_dir.mkdir(parents=True, exist_ok=True)
+    final = shared_dir / f"weights-v{version:06d}.safetensors"
+    tmp = shared_dir / f".{final.name}.{os.getpid()}.tmp"
+    await asyncio.to_thread(save_file, _host_tensors(tensors), tmp)
+    os.replace(tmp, final)
+    return final
+
+
+def remove_older(shared_dir: Path, current: Path) -> None:
+    """Drop earlier versions' files once the samplers have loaded `current`."""
+    for old in shared_dir.glob("weights-v*.safetensors"):
+        if old != current:
+            old.unlink(missing_ok=True)
 
 
 class GraderClient(_Client):
@@ -156,3 +182,106 @@ class GraderClient(_Client):
                                        LogprobsResponse)  # fmt: skip
         assert isinstance(reply, LogprobsResponse)
         return reply
+
+
+ClientT = TypeVar("ClientT", bound=_Client)
+ReplyT = TypeVar("ReplyT")
+
+FAILOVER_DEADLINE_S = 5.0
+"""With several replicas, a replica's own retries stop after this long and the request moves on
+to the next replica (the dead one is being restarted by the watchdog meanwhile)."""
+
+
+class ReplicaPool(Generic[ClientT]):
+    def __init__(self, clients: list[ClientT], deadline_s: float) -> None:
+        self.clients = clients
+        self.deadline_s = deadline_s
+        self.outstanding = [0] * len(clients)
+        self.served = [0] * len(clients)
+        """Requests each replica has answered (how the load spread)."""
+
+    async def call(self, work: int, request: Callable[[ClientT], Awaitable[ReplyT]]) -> ReplyT:
+        """`request` on the least-loaded replica; on an error retrying can fix, on the next one,
+        round after round until the deadline. 4xx errors are raised at once."""
+        deadline = time.monotonic() + self.deadline_s
+        while True:
+            error: ServiceError | None = None
+            for index in sorted(range(len(self.clients)), key=lambda i: self.outstanding[i]):
+                self.outstanding[index] += work
+                try:
+                    reply = await request(self.clients[index])
+                    self.served[index] += 1
+                    return reply
+                except ServiceError as exc:
+                    if not _is_retryable(exc):
+                        raise
+                    error = exc
+                    logger.warning("replica %s failed (%s); trying another", self.clients[index].base_url, exc)
+                finally:
+                    self.outstanding[index] -= work
+            if error is not None and (len(self.clients) == 1 or time.monotonic() > deadline):
+                raise error
+            await asyncio.sleep(1.0)
+
+    async def info(self) -> InfoResponse:
+        """Every replica's /v1/info; they must serve the same model and tokenizer."""
+        infos = await asyncio.gather(*(client.info() for client in self.clients))
+        first = infos[0]
+        for client, info in zip(self.clients[1:], infos[1:], strict=True):
+            if (info.model, info.tokenizer_hash, info.model_vocab_size) != (
+                first.model, first.tokenizer_hash, first.model_vocab_size
+            ):  # fmt: skip
+                raise ServiceError(f"replica {client.base_url} serves {info.model}, the first one {first.model}: "
+                                   "replicas of one service must serve the same model")  # fmt: skip
+        return first
+
+    async def aclose(self) -> None:
+        for client in self.clients:
+            await client.aclose()
+
+
+def _clients(cls: type[ClientT], urls: list[str], timeout_s: float, retry: RetryPolicy, **kwargs: Any) -> list[ClientT]:
+    """With several replicas each fails fast and the pool moves on; with one it keeps today's retries."""
+    own = retry if len(urls) == 1 else RetryPolicy(deadline_s=min(FAILOVER_DEADLINE_S, retry.deadline_s))
+    return [cls(url, timeout_s, own, **kwargs) for url in urls]
+
+
+class SamplerPool(ReplicaPool[SamplerClient]):
+    def __init__(self, urls: list[str], timeout_s: float, retry: RetryPolicy, api_key: str | None = None) -> None:
+        super().__init__(_clients(SamplerClient, urls, timeout_s, retry, api_key=api_key), retry.deadline_s)
+
+    async def generate(self, request: GenerateRequest) -> GenerateResponse:
+        work = len(request.prompt_ids or request.messages or []) * request.n * request.max_tokens
+        return await self.call(work, lambda client: client.generate(request))
+
+    async def push_weights(self, tensors: dict[str, torch.Tensor], version: int) -> int:
+        """The same safetensors body to every replica at once (see `_push_all`)."""
+        payload = await safetensors_payload(tensors)
+        return await self._push_all(lambda client: client.push_payload(payload, version), version)
+
+    async def push_weights_by_path(self, tensors: dict[str, torch.Tensor], version: int, shared_dir: Path) -> int:
+        final = await write_shared(tensors, version, shared_dir)
+        loaded = await self._push_all(lambda client: client.push_path(final, version), version)
+        remove_older(shared_dir, final)
+        return loaded
+
+    async def _push_all(self, push: Callable[[SamplerClient], Awaitable[int]], version: int) -> int:
+        """Push to every replica in parallel. A replica that fails is left behind (it is down; when the
+        watchdog brings it back it serves version 0, and its first reply sends the learner to push
+        again); the push fails only if no replica took it."""
+        results = await asyncio.gather(*(push(client) for client in self.clients), return_exceptions=True)
+        failed = [(c, r) for c, r in zip(self.clients, results, strict=True) if isinstance(r, BaseException)]
+        for client, error in failed:
+            logger.warning("weight push to %s failed: %s", client.base_url, error)
+        if len(failed) == len(self.clients):
+            raise failed[0][1]
+        return version
+
+
+class GraderPool(ReplicaPool[GraderClient]):
+    def __init__(self, urls: list[str], timeout_s: float, retry: RetryPolicy) -> None:
+        super().__init__(_clients(GraderClient, urls, timeout_s, retry), retry.deadline_s)
+
+    async def logprobs(self, sequences: list[Sequence], top_k: int = 0) -> LogprobsResponse:
+        work = sum(len(s.prompt_ids) + len(s.completion_ids) for s in sequences)
+        return await self.call(work, lambda client: client.logprobs(sequences, top_k))

@@ -84,6 +84,12 @@ class TrainConfig(Section):
     """Head size per side for loss topk; at most the servers' --max-logprobs."""
     clip_eps: float = Field(default=0.2, gt=0.0, lt=1.0)
     """PPO clip range: ratios outside [1 - clip_eps, 1 + clip_eps] stop pushing further."""
+    max_staleness: int = Field(default=0, ge=0)
+    """0: the strictly on-policy loop (sample, grade, learn, push, in series). k >= 1: the next
+    batches are generated and graded while the learner learns, from weights at most k versions
+    old; older samples are dropped and generated again (`pipeline/dropped_stale`)."""
+    is_cap: float = Field(default=2.0, gt=0.0)
+    """With max_staleness >= 1, each token is weighted by min(p_proximal / p_behaviour, is_cap)."""
     kl_coef: float = Field(default=1.0, gt=0.0)
     """Scale of the per-token advantage kl_coef * (logp_teacher - logp_student_old)."""
     discount: float = Field(default=0.0, ge=0.0, le=1.0)
@@ -134,6 +140,15 @@ class ServicesConfig(Section):
     """Base URL of a running sampler; omit both URLs to start local servers (the embedded default)."""
     grader_url: str | None = None
     """Base URL of a running grader; set together with sampler_url."""
+    sampler_urls: list[str] | None = None
+    """Several running samplers (replicas of the student); requests go to the least loaded, weight
+    pushes to all. sampler_url is the shorthand for one."""
+    grader_urls: list[str] | None = None
+    """Several running graders (replicas of the teacher); grader_url is the shorthand for one."""
+    samplers: int = Field(default=1, ge=1)
+    """Locally started samplers (the embedded default)."""
+    graders: int = Field(default=1, ge=1)
+    """Locally started graders (the embedded default)."""
     engine: Literal["auto", "vllm", "torch"] = "auto"
     """Engine of the locally started servers; auto: vllm where it is installed, else torch."""
     device: str = "cpu"
@@ -159,9 +174,23 @@ class ServicesConfig(Section):
 
     @model_validator(mode="after")
     def _both_or_neither(self) -> "ServicesConfig":
-        if (self.sampler_url is None) != (self.grader_url is None):
-            raise ValueError("set both sampler_url and grader_url, or neither (to start local servers)")
+        for one, many in (("sampler_url", "sampler_urls"), ("grader_url", "grader_urls")):
+            if getattr(self, one) is not None and getattr(self, many) is not None:
+                raise ValueError(f"set {one} or {many}, not both")
+            if getattr(self, many) == []:
+                raise ValueError(f"{many} is empty")
+        if (self.sampler_list is None) != (self.grader_list is None):
+            raise ValueError("set sampler_url(s) and grader_url(s) both, or neither (to start local servers)")
         return self
+
+    @property
+    def sampler_list(self) -> list[str] | None:
+        """The running samplers' URLs, or None to start local ones."""
+        return self.sampler_urls or ([self.sampler_url] if self.sampler_url else None)
+
+    @property
+    def grader_list(self) -> list[str] | None:
+        return self.grader_urls or ([self.grader_url] if self.grader_url else None)
 
 
 class CheckpointConfig(Section):

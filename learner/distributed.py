@@ -97,6 +97,10 @@ class Processes:
         """Sum of `value` over all processes."""
         return self.accelerator.reduce(value.clone(), reduction="sum") if self.accelerator else value
 
+    def max(self, value: torch.Tensor) -> torch.Tensor:
+        """Element-wise max of `value` over all processes."""
+        return self.accelerator.gather(value).max(dim=0).values if self.accelerator else value
+
     def any(self, flag: bool) -> bool:
         """True on every process if `flag` is True on any (a collective: all processes call it)."""
         if self.accelerator is None:

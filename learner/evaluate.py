@@ -12,7 +12,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from learner.api import EvalItem
-from learner.clients import GraderClient, SamplerClient
+from learner.clients import GraderPool, SamplerPool
 from learner.config import EvalConfig
 from learner.rollout import generate, grade, sample
 from learner.update import distillation_metrics, micro_batches, old_logprobs
@@ -24,8 +24,8 @@ EVAL_SEED_OFFSET = 7_777_777
 
 async def evaluate(
     *,
-    sampler: SamplerClient,
-    grader: GraderClient,
+    sampler: SamplerPool,
+    grader: GraderPool,
     policy: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     items: Sequence[EvalItem],
@@ -43,7 +43,7 @@ async def evaluate(
     request = GenerateRequest(
         prompt_ids=prompts, n=config.n, temperature=1.0, max_tokens=config.max_tokens, seed=seed + EVAL_SEED_OFFSET
     )
-    rollouts = await sample(sampler, prompts, request, eos_id=tokenizer.eos_token_id, version=version)
+    rollouts = await sample(sampler, prompts, request, eos_id=tokenizer.eos_token_id, min_version=version)
     graded = await grade(grader, rollouts)
     batches = micro_batches(rollouts, graded, pad_id=pad_id, max_tokens=micro_batch_tokens, device=device)
     tokens = torch.stack([b.mask_BT.sum() for b in batches]).sum()
@@ -60,7 +60,7 @@ async def evaluate(
 
 
 async def mean_reward(
-    sampler: SamplerClient, tokenizer: PreTrainedTokenizerBase, items: Sequence[EvalItem], *, max_tokens: int,
+    sampler: SamplerPool, tokenizer: PreTrainedTokenizerBase, items: Sequence[EvalItem], *, max_tokens: int,
     version: int,
 ) -> float:  # fmt: skip
     """Mean `item.get_reward(greedy completion text)` over items that have an answer."""

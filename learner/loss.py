@@ -100,6 +100,19 @@ def clipped_policy_loss(
     return PolicyLoss(loss=loss, clip_frac=clip_frac, approx_kl=approx_kl)
 
 
+def truncated_importance_weights(
+    proximal_logprobs_BT: torch.Tensor, sampler_logprobs_BT: torch.Tensor, mask_BT: torch.Tensor, cap: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decoupled PPO objective's per-token weight (AReaL): samples drawn by a stale behaviour
+    policy (the sampler, some versions back) are reweighted toward the proximal policy (the learner
+    at the start of this update) by r = p_proximal / p_behaviour, truncated at `cap` to bound the
+    variance. Both logprobs must be of the sampling distribution (same temperature).
+
+    Returns (ratios_BT, weights_BT): r untruncated (for metrics) and min(r, cap), 0 on padding."""
+    ratios_BT = torch.exp(proximal_logprobs_BT - sampler_logprobs_BT) * mask_BT
+    return ratios_BT, ratios_BT.clamp(max=cap)
+
+
 def head_reverse_kl(
     new_head_logprobs_BTK: torch.Tensor,
     teacher_head_logprobs_BTK: torch.Tensor,

@@ -46,13 +46,19 @@ class Policy(torch.nn.Module):
         completion_lengths_B: torch.Tensor,
         temperature: float = 1.0,
         extra_ids_BTK: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Logprob of each completion token at `temperature`, right-padded [B, T]; with
-        `extra_ids_BTK`, [B, T, 1 + K]: the completion token's, then those of the K extra ids."""
+        aux_temperature: float | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Right-padded logprobs: of each completion token at `temperature` [B, T]; of the K
+        `extra_ids_BTK` at each position [B, T, K] (or None); of each completion token at
+        `aux_temperature`, without gradient [B, T] (or None)."""
         batch = PackedBatch(input_ids_BL, attention_mask_BL, position_ids_BL, completion_lengths_B)
         device_type = input_ids_BL.device.type
         with torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
-            return completion_logprobs(self.lm, batch, temperature, self.chunk_size, extra_ids_BTK)
+            out = completion_logprobs(self.lm, batch, temperature, self.chunk_size, extra_ids_BTK, aux_temperature)
+        if out.dim() == 2:
+            return out, None, None
+        extra = None if extra_ids_BTK is None else out[..., 1 : 1 + extra_ids_BTK.shape[-1]]
+        return out[..., 0], extra, None if aux_temperature is None else out[..., -1]
 
 
 def policy_inputs(batch: PackedBatch) -> tuple[torch.Tensor, ...]:

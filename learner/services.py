@@ -1,16 +1,20 @@
-"""The embedded default: with no service URLs in the config, start a local sampler and grader.
+"""The services a run talks to: the configured URLs, or the embedded default's local servers, and
+the checks at start that they can work together.
 
-They run as child processes on free loopback ports, load their models in parallel, and are
-stopped when the run ends, also on error or Ctrl-C. Their logs go to `<run_dir>/logs/`.
+With no service URLs in the config, `services.samplers` samplers and `services.graders` graders
+run as child processes on free loopback ports, load their models in parallel, and are stopped
+when the run ends, also on error or Ctrl-C. Their logs go to `<run_dir>/logs/`.
 """
 
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from learner.config import ModelSpec, OpdConfig
+from learner.config import ModelSpec, OpdConfig, TrainConfig
 from opd.errors import ConfigError
 from opd.launch import LocalServer, local_servers
+from opd.serving import InfoResponse
+from opd.tokenizer import check_same_tokenizer, check_vocabularies
 
 
 def server_args(spec: ModelSpec, config: OpdConfig) -> list[str]:
@@ -19,19 +23,42 @@ def server_args(spec: ModelSpec, config: OpdConfig) -> list[str]:
 
 
 @contextmanager
-def service_urls(config: OpdConfig, log_dir: Path, world_size: int = 1) -> Iterator[tuple[str, str]]:
-    """Yield (sampler_url, grader_url): the configured ones, or those of local servers."""
+def service_urls(config: OpdConfig, log_dir: Path, world_size: int = 1) -> Iterator[tuple[list[str], list[str]]]:
+    """Yield (sampler URLs, grader URLs): the configured ones, or those of local servers
+    (`services.samplers` and `services.graders` of each, logs in log_dir/sampler.log or sampler-N.log)."""
     services = config.services
-    if services.sampler_url is not None and services.grader_url is not None:
-        yield services.sampler_url, services.grader_url
+    if services.sampler_list is not None and services.grader_list is not None:
+        yield services.sampler_list, services.grader_list
         return
     if world_size > 1:
-        raise ConfigError("several learner processes need services.sampler_url and grader_url: the embedded "
+        raise ConfigError("several learner processes need services.sampler_url(s) and grader_url(s): the embedded "
                           "default starts servers for one process only")  # fmt: skip
     key_file = ["--api-key-file", services.api_key_file] if services.api_key_file else []
-    servers = [
-        LocalServer("sampler", server_args(config.student, config) + key_file, log_dir),
-        LocalServer("grader", server_args(config.teacher, config), log_dir),
-    ]
-    with local_servers(servers, services.startup_timeout_s) as (sampler_url, grader_url):
-        yield sampler_url, grader_url
+    sampler_args, grader_args = server_args(config.student, config) + key_file, server_args(config.teacher, config)
+    servers = [LocalServer("sampler", sampler_args, log_dir, name=_log_name("sampler", i, services.samplers))
+               for i in range(services.samplers)]  # fmt: skip
+    servers += [LocalServer("grader", grader_args, log_dir, name=_log_name("grader", i, services.graders))
+                for i in range(services.graders)]  # fmt: skip
+    with local_servers(servers, services.startup_timeout_s) as urls:
+        yield urls[: services.samplers], urls[services.samplers :]
+
+
+def _log_name(role: str, index: int, count: int) -> str:
+    return role if count == 1 else f"{role}-{index}"
+
+
+def check_services(
+    sampler: InfoResponse, grader: InfoResponse, *, student: str, own_fingerprint: tuple[int, str], own_vocab: int,
+    train: TrainConfig,
+) -> None:  # fmt: skip
+    """Fail at start, naming both sides: tokenizers that differ (fingerprints), vocabulary row counts
+    that cannot work together, a top-k larger than the servers allow."""
+    sampler_fp = (sampler.vocab_size, sampler.tokenizer_hash)
+    grader_fp = (grader.vocab_size, grader.tokenizer_hash)
+    check_same_tokenizer(f"sampler ({sampler.model})", sampler_fp, f"grader ({grader.model})", grader_fp)
+    check_same_tokenizer(f"learner student ({student})", own_fingerprint, f"sampler ({sampler.model})", sampler_fp)
+    check_vocabularies(own_vocab, sampler, grader)
+    for info in (sampler, grader):
+        if train.loss == "topk" and train.top_k > info.max_logprobs:
+            raise ConfigError(f"train.top_k {train.top_k} is over {info.model}'s --max-logprobs {info.max_logprobs}: "
+                              "start the servers with a larger --max-logprobs or lower train.top_k")  # fmt: skip

@@ -16,6 +16,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -24,28 +25,25 @@ from tqdm import tqdm
 
 from learner.api import Dataset, EvalItem, build_config, load_dataset
 from learner.checkpoint import TrainerState, load_checkpoint, restore_rng, rng_state, save_checkpoint
-from learner.clients import GraderClient, RetryPolicy, SamplerClient
+from learner.clients import GraderPool, RetryPolicy, SamplerPool
 from learner.config import OpdConfig, dump_config
 from learner.data import PromptStream
 from learner.distributed import Processes
 from learner.evaluate import evaluate
 from learner.metrics import FanOut, JsonlLogger, MetricsLogger, NullLogger, TensorBoardLogger, timed, truncate_metrics
 from learner.policy import Policy
-from learner.rollout import Rollouts, grade, sample
-from learner.services import service_urls
-from learner.update import MicroBatch, Scored, distillation_metrics, global_token_count, micro_batches, ppo_update
+from learner.producer import Producer, step_plan
+from learner.services import check_services, service_urls
+from learner.step_metrics import batch_metrics, mean_over_processes
+from learner.update import MicroBatch, Scored, micro_batches, ppo_update
 from opd.auth import load_api_key
 from opd.errors import ConfigError, SamplerError, StaleSamplerError
 from opd.modeling import load_causal_lm, load_tokenizer
-from opd.tokenizer import check_same_tokenizer, check_vocabularies, pad_token_id, tokenizer_fingerprint
-from sampler.schema import GenerateRequest
+from opd.tokenizer import pad_token_id, tokenizer_fingerprint
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-STEP_SEED_STRIDE = 1_000_003
-"""Sampling seeds of consecutive steps are this far apart: room for a million samples per step."""
 
 
 class OnPolicyDistillationTrainer:
@@ -66,6 +64,9 @@ class OnPolicyDistillationTrainer:
             sections["train"] = {**sections.get("train", {}), "use_accelerate": use_accelerate}
         self.config = cfg = build_config(config, student, teacher, sections)
         self.run_dir = Path(cfg.run_dir)
+        if cfg.train.use_accelerate and cfg.train.max_staleness:
+            raise ConfigError("train.max_staleness > 0 runs with one learner process for now; set it to 0 under "
+                              "use_accelerate")  # fmt: skip
         self.processes = Processes(cfg.train.use_accelerate, cfg.train.device, cfg.train.fsdp)
         torch.manual_seed(cfg.train.seed)
         self.tokenizer = load_tokenizer(cfg.student.path)
@@ -89,6 +90,7 @@ class OnPolicyDistillationTrainer:
         # One global order of prompts; each process takes its own slice of every global batch.
         global_batch = cfg.train.batch_size * self.processes.world_size
         self.prompts = PromptStream(self.train_items, global_batch, cfg.train.seed, cfg.data.shuffle)
+        self._data_state = self.prompts.state_dict()  # the prompt position of the last learned step
         self.policy_version = 0
         self.step_count = 0
         if resume_from is not None:
@@ -112,22 +114,28 @@ class OnPolicyDistillationTrainer:
         launch."""
         if self.processes.is_main:
             dump_config(self.config, self.run_dir / "config.yml")
-        with service_urls(self.config, self.run_dir / "logs", self.processes.world_size) as (sampler_url, grader_url):
-            history = asyncio.run(self._train(sampler_url, grader_url))
+        with service_urls(self.config, self.run_dir / "logs", self.processes.world_size) as (sampler_urls, grader_urls):
+            history = asyncio.run(self._train(sampler_urls, grader_urls))
         self.processes.finish()
         return history
 
-    async def _train(self, sampler_url: str, grader_url: str) -> list[dict[str, float]]:
-        services = self.config.services
+    async def _train(self, sampler_urls: list[str], grader_urls: list[str]) -> list[dict[str, float]]:
+        services, t = self.config.services, self.config.train
         retry = RetryPolicy(deadline_s=services.retry_deadline_s)
-        api_key = load_api_key(services.api_key_file)
-        self.sampler = SamplerClient(sampler_url, services.request_timeout_s, retry, api_key)
-        self.grader = GraderClient(grader_url, services.request_timeout_s, retry)
+        self.sampler = SamplerPool(sampler_urls, services.request_timeout_s, retry, load_api_key(services.api_key_file))
+        self.grader = GraderPool(grader_urls, services.request_timeout_s, retry)
         try:
-            await self.check_services()
+            engine = await self.check_services()
+            plan = partial(step_plan, self.prompts, self.config, self.processes.rank)
+            self.producer = Producer(self.sampler, self.grader, plan=plan, lookahead=t.max_staleness,
+                                     pushed_version=lambda: self.policy_version, eos_id=self.tokenizer.eos_token_id,
+                                     top_k=t.top_k if t.loss == "topk" else 0,
+                                     split_per_prompt=engine == "vllm")  # fmt: skip
             await self.push_weights()
             return await self._run_steps()
         finally:
+            if hasattr(self, "producer"):
+                self.producer.close()
             await self.sampler.aclose()
             await self.grader.aclose()
             self.metrics.close()
@@ -154,47 +162,31 @@ class OnPolicyDistillationTrainer:
 
     async def step(self) -> dict[str, float]:
         """One on-policy distillation step; returns its metrics (averaged over processes)."""
-        metrics: dict[str, float] = {}
         t = self.config.train
         start = time.perf_counter()
-        prompts = [item.prompt_ids for item in self._my_share(self.prompts.next_batch())]
-        with timed("generate", metrics):
-            rollouts = await self.sample(prompts)
-        with timed("grade", metrics):
-            graded = await grade(self.grader, rollouts, top_k=t.top_k if t.loss == "topk" else 0)
+        batch = await self._on_policy(lambda: self.producer.take(self.step_count, self.policy_version))
+        metrics = dict(batch.times)
+        behaviour = self.config.sampling.temperature if t.max_staleness else None  # None: no importance weights
         with timed("learn", metrics):
-            batches = micro_batches(
-                rollouts, graded, pad_id=self.pad_id, max_tokens=t.micro_batch_tokens, device=self.processes.device
-            )
-            scored, update_metrics = self.update(batches)
-        metrics |= update_metrics
-        metrics["policy/lag"] = float(self.step_count - rollouts.policy_version)
+            micro = micro_batches(batch.rollouts, batch.graded, pad_id=self.pad_id, max_tokens=t.micro_batch_tokens,
+                                  device=self.processes.device, behaviour_temperature=behaviour)  # fmt: skip
+            if t.max_staleness:  # the update runs off the event loop, which meanwhile drives the producer
+                scored, update_metrics = await asyncio.to_thread(self.update, micro)
+            else:
+                scored, update_metrics = self.update(micro)
+        self._data_state = batch.data_state
+        version = self.policy_version
         self.step_count += 1
         with timed("push", metrics):
             await self.push_weights()
         metrics["time/step"] = time.perf_counter() - start
-        return self._mean_over_processes(metrics) | self._batch_metrics(rollouts, batches, scored, metrics["time/step"])
-
-    def _my_share(self, global_batch: list) -> list:
-        size = self.config.train.batch_size
-        return global_batch[self.processes.rank * size : (self.processes.rank + 1) * size]
-
-    async def sample(self, prompts: list[list[int]]) -> Rollouts:
-        s, t = self.config.sampling, self.config.train
-        # Seeds follow the prompt's place in the global batch (see sampler.engine.sample_seed), so
-        # N processes draw the same samples as one process holding the whole batch.
-        seed = (t.seed * 7_919 + self.step_count) * STEP_SEED_STRIDE + self.processes.rank * t.batch_size * s.n
-        request = GenerateRequest(prompt_ids=prompts, n=s.n, temperature=s.temperature, top_p=s.top_p,
-                                  max_tokens=s.max_tokens, seed=seed,
-                                  top_logprobs=t.top_k if t.loss == "topk" else 0)  # fmt: skip
-        eos = self.tokenizer.eos_token_id
-        return await self._on_policy(
-            lambda: sample(self.sampler, prompts, request, eos_id=eos, version=self.policy_version)
+        return mean_over_processes(metrics | update_metrics, self.processes) | batch_metrics(
+            batch, micro, scored, processes=self.processes, learner_version=version, step_seconds=metrics["time/step"]
         )
 
     async def _on_policy(self, produce: Callable[[], Awaitable[T]]) -> T:
-        """Run `produce` (a step's sampling, an eval) on every process; if any process got an answer
-        from other weights than the learner's (a restarted sampler serves its initial weights),
+        """Run `produce` (a step's batch, an eval) on every process; if any process got an answer
+        from older weights than the learner's (a restarted sampler serves its initial weights),
         every process pushes the weights again and runs it again, so nothing is trained or
         evaluated on samples of other weights. Collective: every process calls it."""
         for attempt in range(2):
@@ -218,7 +210,8 @@ class OnPolicyDistillationTrainer:
         return scored, metrics
 
     async def push_weights(self) -> None:
-        """Main process: send the student, cast to the sampler's dtype, as version `step_count`."""
+        """Main process: send the student, cast to the sampler's dtype, as version `step_count`, to
+        every sampler replica."""
         full = self.processes.full_parameters(self.policy)  # a collective under FSDP: every process joins
         if self.processes.is_main:
             dtype = getattr(torch, self.sampler_dtype)
@@ -231,46 +224,18 @@ class OnPolicyDistillationTrainer:
         self.processes.wait()
         self.policy_version = self.step_count
 
-    def _batch_metrics(
-        self, rollouts: Rollouts, batches: list[MicroBatch], scored: list[Scored], step_time: float
-    ) -> dict[str, float]:
-        """Token- and sample-level means over the whole global batch (sums and counts all-reduced)."""
-        tokens = global_token_count(batches, self.processes) * self.processes.world_size
-        olds = [s.old_logprobs_BT for s in scored]
-        means = {key: self.processes.sum(value).item()
-                 for key, value in distillation_metrics(batches, olds, tokens).items()}  # fmt: skip
-        device = self.processes.device
-        counts = self.processes.sum(torch.tensor([rollouts.num_tokens, len(rollouts.completion_ids)], device=device))
-        return means | {
-            "completion/mean_length": (counts[0] / counts[1]).item(),
-            "throughput/tokens_per_s": counts[0].item() / step_time,
-        }
-
-    def _mean_over_processes(self, metrics: dict[str, float]) -> dict[str, float]:
-        if self.processes.world_size == 1:
-            return metrics
-        values = torch.tensor(list(metrics.values()), dtype=torch.float64, device=self.processes.device)
-        means = (self.processes.sum(values) / self.processes.world_size).tolist()
-        return dict(zip(metrics, means, strict=True))
-
     # ---- start, eval, checkpoints -----------------------------------------------------------
 
-    async def check_services(self) -> None:
-        """Fail at start, naming both fingerprints, if student, sampler and grader tokenizers differ."""
+    async def check_services(self) -> str:
+        """Fail at start if student, sampler and grader cannot work together (see
+        `learner.services.check_services`); returns the samplers' engine."""
         sampler_info, grader_info = await asyncio.gather(self.sampler.info(), self.grader.info())
-        own = tokenizer_fingerprint(self.tokenizer)
-        sampler_fp = (sampler_info.vocab_size, sampler_info.tokenizer_hash)
-        grader_fp = (grader_info.vocab_size, grader_info.tokenizer_hash)
-        check_same_tokenizer(f"sampler ({sampler_info.model})", sampler_fp, f"grader ({grader_info.model})", grader_fp)
-        check_same_tokenizer(f"learner student ({self.config.student.path})", own,
-                             f"sampler ({sampler_info.model})", sampler_fp)  # fmt: skip
-        check_vocabularies(self.processes.unwrap(self.policy).lm.config.vocab_size, sampler_info, grader_info)
-        t = self.config.train
-        for info in (sampler_info, grader_info):
-            if t.loss == "topk" and t.top_k > info.max_logprobs:
-                raise ConfigError(f"train.top_k {t.top_k} is over {info.model}'s --max-logprobs {info.max_logprobs}: "
-                                  "start the servers with a larger --max-logprobs or lower train.top_k")  # fmt: skip
+        check_services(sampler_info, grader_info, student=self.config.student.path,
+                       own_fingerprint=tokenizer_fingerprint(self.tokenizer),
+                       own_vocab=self.processes.unwrap(self.policy).lm.config.vocab_size,
+                       train=self.config.train)  # fmt: skip
         self.sampler_dtype = sampler_info.dtype
+        return sampler_info.engine
 
     def _eval_due(self) -> bool:
         every, steps = self.config.eval.eval_steps, self.config.train.steps
@@ -306,7 +271,7 @@ class OnPolicyDistillationTrainer:
             weights = self.processes.full_parameters(self.policy)  # collective under FSDP
             if self.processes.is_main:
                 state = TrainerState(step=self.step_count, optimizer=self.optimizer.state_dict(),
-                                     scheduler=self.scheduler.state_dict(), data=self.prompts.state_dict(),
+                                     scheduler=self.scheduler.state_dict(), data=self._data_state,
                                      rng=rng_state())  # fmt: skip
                 path = save_checkpoint(self.processes.unwrap(self.policy).lm, self.tokenizer, state,
                                        root=self.run_dir / "checkpoints", keep_last=self.config.checkpoint.keep_last,
@@ -321,6 +286,7 @@ class OnPolicyDistillationTrainer:
         self.optimizer.load_state_dict(state.optimizer)
         self.scheduler.load_state_dict(state.scheduler)
         self.prompts.load_state_dict(state.data)
+        self._data_state = state.data
         restore_rng(state.rng)
         self.step_count = state.step
         if self.processes.is_main:

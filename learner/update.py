@@ -26,6 +26,7 @@ from learner.loss import (
     completion_mask,
     reverse_kl_per_token,
     sampler_mismatch,
+    truncated_importance_weights,
 )
 from learner.policy import policy_inputs
 from learner.rollout import Graded, Rollouts
@@ -45,14 +46,21 @@ class MicroBatch:
     teacher_logprobs_BT: torch.Tensor
     head: Head | None = None
     """Each position's head for the top-k loss (`learner/topk.py`)."""
+    behaviour_temperature: float | None = None
+    """The temperature the samples were drawn at, when they may be off-policy (max_staleness > 0):
+    the update then weights each token by a truncated importance ratio. None: on-policy."""
 
 
 @dataclass(frozen=True)
 class Scored:
-    """One micro-batch as the update saw it first: the learner's old logprobs and the advantages."""
+    """One micro-batch as the update saw it first: the learner's old (proximal) logprobs, the
+    advantages, and with off-policy samples the truncated importance weights."""
 
     old_logprobs_BT: torch.Tensor
     advantages_BT: torch.Tensor
+    is_ratios_BT: torch.Tensor | None = None
+    """proximal / behaviour probability of each sampled token, untruncated (for metrics)."""
+    is_weights_BT: torch.Tensor | None = None
 
 
 def padded_rows(rows: list[list[float]], width: int, device: torch.device | str) -> torch.Tensor:
@@ -63,16 +71,21 @@ def padded_rows(rows: list[list[float]], width: int, device: torch.device | str)
 
 
 def micro_batches(
-    rollouts: Rollouts, graded: Graded, *, pad_id: int, max_tokens: int, device: torch.device | str
-) -> list[MicroBatch]:
+    rollouts: Rollouts, graded: Graded, *, pad_id: int, max_tokens: int, device: torch.device | str,
+    behaviour_temperature: float | None = None,
+) -> list[MicroBatch]:  # fmt: skip
     """Pack the samples by length into micro-batches of at most `max_tokens` padded tokens."""
     lengths = [len(p) + len(c) for p, c in zip(rollouts.prompt_ids, rollouts.completion_ids, strict=True)]
-    return [_micro_batch(rollouts, graded, rows, pad_id, device) for rows in length_sorted_chunks(lengths, max_tokens)]
+    return [
+        _micro_batch(rollouts, graded, rows, pad_id, device, behaviour_temperature)
+        for rows in length_sorted_chunks(lengths, max_tokens)
+    ]
 
 
 def _micro_batch(
-    rollouts: Rollouts, graded: Graded, rows: list[int], pad_id: int, device: torch.device | str
-) -> MicroBatch:
+    rollouts: Rollouts, graded: Graded, rows: list[int], pad_id: int, device: torch.device | str,
+    behaviour_temperature: float | None,
+) -> MicroBatch:  # fmt: skip
     completions = [rollouts.completion_ids[r] for r in rows]
     packed = pack_left_padded([rollouts.prompt_ids[r] for r in rows], completions, pad_id, str(device))
     width = max(len(c) for c in completions)
@@ -86,38 +99,38 @@ def _micro_batch(
         sampler_logprobs_BT=padded_rows([rollouts.sampler_logprobs[r] for r in rows], width, device),
         teacher_logprobs_BT=padded_rows([graded.logprobs[r] for r in rows], width, device),
         head=head,
+        behaviour_temperature=behaviour_temperature,
     )
-
-
-def policy_logprobs(policy: torch.nn.Module, batch: MicroBatch, temperature: float) -> torch.Tensor:
-    return policy(*policy_inputs(batch.packed), temperature)
 
 
 def _policy_loss(
     policy: torch.nn.Module, batch: MicroBatch, scored: Scored | None, train: TrainConfig, num_tokens: torch.Tensor
 ) -> tuple[Scored, PolicyLoss]:
     """One micro-batch's forward and loss; `scored` None: the first update, which scores."""
-    head_logprobs_BTK = None
-    if batch.head is None:
-        new_BT = policy_logprobs(policy, batch, train.logprob_temperature)
-    else:
-        both_BTK = policy(*policy_inputs(batch.packed), train.logprob_temperature, batch.head.ids_BTK)
-        new_BT, head_logprobs_BTK = both_BTK[..., 0], both_BTK[..., 1:]
-    this = scored or _score(batch, new_BT.detach(), train)
+    first = scored is None
+    # The proximal policy at the behaviour temperature, when it differs from the learner's own.
+    aux = batch.behaviour_temperature if first and batch.behaviour_temperature != train.logprob_temperature else None
+    head_ids = None if batch.head is None else batch.head.ids_BTK
+    new_BT, head_logprobs_BTK, aux_BT = policy(*policy_inputs(batch.packed), train.logprob_temperature, head_ids, aux)
+    this = scored or _score(batch, new_BT.detach(), aux_BT, train)
     if batch.head is None or head_logprobs_BTK is None:
-        return this, clipped_policy_loss(new_BT, this.old_logprobs_BT, this.advantages_BT, batch.mask_BT,
+        # w * min(r A, clip(r) A) = min(r wA, clip(r) wA) for w >= 0: the weight goes into the advantage
+        weighted_BT = this.advantages_BT if this.is_weights_BT is None else this.advantages_BT * this.is_weights_BT
+        return this, clipped_policy_loss(new_BT, this.old_logprobs_BT, weighted_BT, batch.mask_BT,
                                          train.clip_eps, num_tokens)  # fmt: skip
     targets_BT = right_padded(completion_targets(batch.packed), batch.packed.completion_lengths_B)
     in_head_BT = sampled_in_head(targets_BT, batch.head)
+    # the top-k loss weights each position (its head term and its tail term) through the mask
+    mask_BT = batch.mask_BT if this.is_weights_BT is None else batch.mask_BT * this.is_weights_BT
     return this, topk_policy_loss(new_BT, head_logprobs_BTK, this.old_logprobs_BT, this.advantages_BT, in_head_BT,
-                                  batch.head, batch.mask_BT, clip_eps=train.clip_eps, kl_coef=train.kl_coef,
+                                  batch.head, mask_BT, clip_eps=train.clip_eps, kl_coef=train.kl_coef,
                                   num_tokens=num_tokens)  # fmt: skip
 
 
 @torch.no_grad()
 def old_logprobs(policy: torch.nn.Module, batches: list[MicroBatch], temperature: float) -> list[torch.Tensor]:
     """The policy's logprobs of every micro-batch, without gradients (evaluation)."""
-    return [policy_logprobs(policy, batch, temperature) for batch in batches]
+    return [policy(*policy_inputs(batch.packed), temperature)[0] for batch in batches]
 
 
 def accumulate_gradients(
@@ -149,8 +162,14 @@ def accumulate_gradients(
     return out, {"ppo/loss": loss, "ppo/clip_frac": clipped / tokens, "ppo/approx_kl": approx_kl / tokens}
 
 
-def _score(batch: MicroBatch, old_BT: torch.Tensor, train: TrainConfig) -> Scored:
-    return Scored(old_BT, advantages(batch.teacher_logprobs_BT, old_BT, batch.mask_BT, train.kl_coef, train.discount))
+def _score(batch: MicroBatch, old_BT: torch.Tensor, aux_BT: torch.Tensor | None, train: TrainConfig) -> Scored:
+    adv_BT = advantages(batch.teacher_logprobs_BT, old_BT, batch.mask_BT, train.kl_coef, train.discount)
+    if batch.behaviour_temperature is None:
+        return Scored(old_BT, adv_BT)
+    proximal_BT = old_BT if aux_BT is None else aux_BT
+    ratios_BT, weights_BT = truncated_importance_weights(proximal_BT, batch.sampler_logprobs_BT, batch.mask_BT,
+                                                         train.is_cap)  # fmt: skip
+    return Scored(old_BT, adv_BT, ratios_BT, weights_BT)
 
 
 def global_token_count(batches: list[MicroBatch], processes: Processes) -> torch.Tensor:

@@ -125,13 +125,15 @@ class LocalServer:
         log_dir: Path | None = None,
         env: dict[str, str] | None = None,
         port: int | None = None,
+        name: str | None = None,
     ) -> None:
         self.role = role
+        self.name = name or role
         self.args = args
         self.port = port if port is not None else free_port()
         log_dir = Path(log_dir) if log_dir is not None else Path(tempfile.mkdtemp(prefix="opd-"))
         log_dir.mkdir(parents=True, exist_ok=True)
-        self.log_path = log_dir / f"{role}.log"
+        self.log_path = log_dir / f"{self.name}.log"
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen | None = None
         self.restarts = 0

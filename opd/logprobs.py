@@ -20,11 +20,18 @@ from torch.utils.checkpoint import checkpoint
 
 def _chunk_logprobs(
     hidden_CH: torch.Tensor, weight_VH: torch.Tensor, bias_V: torch.Tensor | None, ids_CK: torch.Tensor,
-    temperature: float,
+    temperature: float, aux_temperature: float | None,
 ) -> torch.Tensor:  # fmt: skip
-    logits_CV = F.linear(hidden_CH, weight_VH, bias_V)
-    logits_CV = logits_CV.to(torch.promote_types(logits_CV.dtype, torch.float32)) / temperature
-    return logits_CV.gather(-1, ids_CK) - logits_CV.logsumexp(-1, keepdim=True)
+    raw_CV = F.linear(hidden_CH, weight_VH, bias_V)
+    raw_CV = raw_CV.to(torch.promote_types(raw_CV.dtype, torch.float32))
+    logits_CV = raw_CV / temperature
+    logprobs_CK = logits_CV.gather(-1, ids_CK) - logits_CV.logsumexp(-1, keepdim=True)
+    if aux_temperature is None:
+        return logprobs_CK
+    with torch.no_grad():
+        aux_CV = raw_CV.detach() / aux_temperature
+        aux_C1 = aux_CV.gather(-1, ids_CK[:, :1]) - aux_CV.logsumexp(-1, keepdim=True)
+    return torch.cat([logprobs_CK, aux_C1], dim=1)
 
 
 def token_logprobs(
@@ -34,8 +41,12 @@ def token_logprobs(
     ids_NK: torch.Tensor,
     temperature: float = 1.0,
     chunk_size: int = 512,
+    aux_temperature: float | None = None,
 ) -> torch.Tensor:
-    """log softmax(hidden @ weight.T + bias) / temperature at `ids_NK`, shape [N, K].
+    """log softmax(hidden @ weight.T + bias) / temperature at `ids_NK`, shape [N, K]; with
+    `aux_temperature`, [N, K + 1]: a last column with the first id's logprob at that temperature,
+    from the same logits and without gradient (the behaviour policy's temperature, for
+    importance weights).
 
     Differentiable in `hidden_NH` and the head's weights when grad is enabled; each chunk's
     logits are then recomputed in backward instead of being kept.
@@ -52,24 +63,30 @@ def token_logprobs(
     for start in range(0, hidden_NH.shape[0], chunk_size):
         args = (hidden_NH[start : start + chunk_size], weight_VH, bias_V, ids_NK[start : start + chunk_size])
         if needs_grad:
-            chunks.append(checkpoint(_chunk_logprobs, *args, temperature, use_reentrant=False))
+            chunks.append(checkpoint(_chunk_logprobs, *args, temperature, aux_temperature, use_reentrant=False))
         else:
-            chunks.append(_chunk_logprobs(*args, temperature))
+            chunks.append(_chunk_logprobs(*args, temperature, aux_temperature))
     if not chunks:
-        return hidden_NH.new_zeros(ids_NK.shape, dtype=torch.promote_types(hidden_NH.dtype, torch.float32))
+        width = ids_NK.shape[1] + (aux_temperature is not None)
+        return hidden_NH.new_zeros((0, width), dtype=torch.promote_types(hidden_NH.dtype, torch.float32))
     return torch.cat(chunks)
 
 
 @torch.no_grad()
 def top_k_logprobs(
-    hidden_NH: torch.Tensor, weight_VH: torch.Tensor, bias_V: torch.Tensor | None, k: int, chunk_size: int = 512
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k most likely ids at each position and their logprobs (temperature 1), [N, K] each."""
-    ids, logprobs = [], []
+    hidden_NH: torch.Tensor, weight_VH: torch.Tensor, bias_V: torch.Tensor | None, k: int, chunk_size: int = 512,
+    ids_NC: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:  # fmt: skip
+    """The k most likely ids at each position and their logprobs (temperature 1), [N, K] each, and
+    with `ids_NC` the logprobs of those ids [N, C] from the same pass over the LM head (a grader
+    asking for both projects each chunk once)."""
+    ids, logprobs, gathered = [], [], []
     for start in range(0, hidden_NH.shape[0], chunk_size):
         logits_CV = F.linear(hidden_NH[start : start + chunk_size], weight_VH, bias_V)
         logprobs_CV = torch.log_softmax(logits_CV.to(torch.promote_types(logits_CV.dtype, torch.float32)), dim=-1)
         top_CK = logprobs_CV.topk(k, dim=-1)
         ids.append(top_CK.indices)
         logprobs.append(top_CK.values)
-    return torch.cat(ids), torch.cat(logprobs)
+        if ids_NC is not None:
+            gathered.append(logprobs_CV.gather(-1, ids_NC[start : start + chunk_size]))
+    return torch.cat(ids), torch.cat(logprobs), torch.cat(gathered) if ids_NC is not None else None

@@ -9,7 +9,6 @@ sampler's rows all end where decoding continues); only the N positions that pred
 tokens go through the LM head, a chunk at a time (`opd.logprobs`), so [B, T, V] logits never exist.
 """
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -146,10 +145,12 @@ def completion_logprobs(
     temperature: float = 1.0,
     chunk_size: int = 512,
     extra_ids_BTK: torch.Tensor | None = None,
+    aux_temperature: float | None = None,
 ) -> torch.Tensor:
     """Logprob of every completion token under `model` at `temperature`, right-padded [B, T]; with
-    `extra_ids_BTK` (right-padded like the result), [B, T, 1 + K]: the completion token's logprob,
-    then those of the extra ids at the same position, from the same softmax.
+    `extra_ids_BTK` (right-padded like the result) or `aux_temperature`, [B, T, C]: the completion
+    token's logprob, then those of the extra ids at the same position (same softmax), then the
+    completion token's at `aux_temperature` (no gradient; see `opd.logprobs.token_logprobs`).
 
     Differentiable when called with grad enabled (the learner's update); at least float32 whatever
     the model's dtype. Memory beyond the model's body: about 4 x chunk_size x V floats.
@@ -161,9 +162,9 @@ def completion_logprobs(
         lengths_B = batch.completion_lengths_B
         valid_BT = torch.arange(extra_ids_BTK.shape[1], device=lengths_B.device)[None, :] < lengths_B[:, None]
         ids_NK = torch.cat([ids_NK, extra_ids_BTK[valid_BT]], dim=1)
-    logprobs_NK = token_logprobs(hidden_NH, weight_VH, bias_V, ids_NK, temperature, chunk_size)
+    logprobs_NK = token_logprobs(hidden_NH, weight_VH, bias_V, ids_NK, temperature, chunk_size, aux_temperature)
     out = right_padded(logprobs_NK, batch.completion_lengths_B)
-    return out if extra_ids_BTK is not None else out[..., 0]
+    return out if extra_ids_BTK is not None or aux_temperature is not None else out[..., 0]
 
 
 @dataclass(frozen=True)
@@ -188,9 +189,10 @@ def completion_scores(
     ids_NC = completion_targets(batch)[:, None]
     if candidate_ids_NC is not None:
         ids_NC = torch.cat([ids_NC, candidate_ids_NC], dim=1)
-    logprobs_NC = token_logprobs(hidden_NH, weight_VH, bias_V, ids_NC, 1.0, chunk_size)
-    scores = CompletionScores(logprobs_NC[:, 0], logprobs_NC[:, 1:] if candidate_ids_NC is not None else None)
     if top_k == 0:
-        return scores
-    top_ids_NK, top_logprobs_NK = top_k_logprobs(hidden_NH, weight_VH, bias_V, top_k, chunk_size)
-    return dataclasses.replace(scores, top_ids_NK=top_ids_NK, top_logprobs_NK=top_logprobs_NK)
+        logprobs_NC = token_logprobs(hidden_NH, weight_VH, bias_V, ids_NC, 1.0, chunk_size)
+        return CompletionScores(logprobs_NC[:, 0], logprobs_NC[:, 1:] if candidate_ids_NC is not None else None)
+    top_ids_NK, top_logprobs_NK, gathered_NC = top_k_logprobs(hidden_NH, weight_VH, bias_V, top_k, chunk_size, ids_NC)
+    assert gathered_NC is not None
+    candidates_NC = gathered_NC[:, 1:] if candidate_ids_NC is not None else None
+    return CompletionScores(gathered_NC[:, 0], candidates_NC, top_ids_NK, top_logprobs_NK)

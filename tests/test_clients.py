@@ -12,7 +12,7 @@ from opd.errors import GraderError, SamplerError
 
 FAST = RetryPolicy(deadline_s=1.0, first_backoff_s=0.05, max_backoff_s=0.2)
 INFO = {"model": "m", "engine": "torch", "dtype": "float32", "vocab_size": 3, "tokenizer_hash": "h",
-        "model_vocab_size": 3, "max_model_len": 8, "policy_version": 0}  # fmt: skip
+        "model_vocab_size": 3, "max_model_len": 8, "max_logprobs": 20, "policy_version": 0}  # fmt: skip
 
 
 def client(cls, handler, calls: list) -> SamplerClient | GraderClient:

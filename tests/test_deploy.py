@@ -61,6 +61,7 @@ def local_command(command: list[str], ports: dict[str, int], mounts: dict[str, P
     swap = {"vllm": "torch", "0.0.0.0": "127.0.0.1", "cuda:0": "cpu",
             "8001": str(ports["sampler"]), "8002": str(ports["grader"]),
             "http://sampler:8001": f"http://127.0.0.1:{ports['sampler']}",
+            "[http://sampler:8001]": f"[http://127.0.0.1:{ports['sampler']}]",
             "http://grader:8002": f"http://127.0.0.1:{ports['grader']}"}  # fmt: skip
     args = []
     for arg in command:
@@ -116,3 +117,21 @@ def test_compose_services_run_a_distillation_as_local_processes(tmp_path, studen
     # its environment), so every push carried it, and the key itself never reaches the log
     assert [p.name for p in (tmp_path / "shared" / "weights").iterdir()] == ["weights-v000003.safetensors"]
     assert KEY not in (tmp_path / "sampler.log").read_text()
+
+
+def test_replicas_override_adds_a_second_sampler_the_learner_uses(tmp_path, student_dir, teacher_dir):
+    two = "[http://sampler:8001, http://sampler2:8003]"
+    env = {**os.environ, "OPD_ENV_FILE": str(tmp_path / "test.env"), "STUDENT_MODEL": str(student_dir),
+           "TEACHER_MODEL": str(teacher_dir), "SAMPLER_URLS": two}  # fmt: skip
+    (tmp_path / "test.env").write_text(f"OPD_API_KEY={KEY}\n")
+    replicas = Path("deploy/docker-compose.replicas.yml")
+    result = subprocess.run([docker_compose(), "-f", str(COMPOSE), "-f", str(replicas), "config"], env=env,
+                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    services = yaml.safe_load(result.stdout)["services"]
+    assert set(services) == {"sampler", "sampler2", "grader", "learner"}
+    assert set(services["learner"]["depends_on"]) == {"sampler", "sampler2", "grader"}
+    command = services["learner"]["command"]
+    urls = yaml.safe_load(command[command.index("--services.sampler_urls") + 1])
+    assert urls == ["http://sampler:8001", "http://sampler2:8003"]
+    assert services["sampler2"]["command"][services["sampler2"]["command"].index("--port") + 1] == "8003"

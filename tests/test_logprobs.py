@@ -73,7 +73,9 @@ def test_top_k_matches_the_full_distribution():
     hidden, weight, bias_V, _ = inputs()
     with torch.no_grad():
         full = torch.log_softmax(hidden @ weight.T + bias_V, dim=-1)
-        ids, logprobs = top_k_logprobs(hidden, weight, bias_V, K, chunk_size=4)
+        asked = torch.randint(0, V, (N, 5), generator=torch.Generator().manual_seed(3))
+        ids, logprobs, gathered = top_k_logprobs(hidden, weight, bias_V, K, chunk_size=4, ids_NC=asked)
     expected = full.topk(K, dim=-1)
     assert torch.equal(ids, expected.indices)
     torch.testing.assert_close(logprobs, expected.values, rtol=0, atol=1e-12)
+    torch.testing.assert_close(gathered, full.gather(-1, asked), rtol=0, atol=1e-12)

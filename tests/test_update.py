@@ -24,7 +24,9 @@ PAD_ID = 0
 
 
 def rollouts() -> Rollouts:
-    return Rollouts(PROMPTS * 1, COMPLETIONS * 1, [[-1.0] * len(c) for c in COMPLETIONS], policy_version=0)
+    return Rollouts(
+        PROMPTS * 1, COMPLETIONS * 1, [[-1.0] * len(c) for c in COMPLETIONS], versions=[0] * len(COMPLETIONS)
+    )
 
 
 def teacher_logprobs() -> list[list[float]]:
