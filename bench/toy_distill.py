@@ -55,6 +55,7 @@ def parse_args() -> argparse.Namespace:
         help="opd's train.loss: one run per loss and ppo_steps value",
     )  # fmt: skip
     parser.add_argument("--top-k", type=int, default=16, help="train.top_k of the topk runs")
+    parser.add_argument("--top-k-head", choices=["teacher", "both"], default="teacher", help="train.top_k_head")
     parser.add_argument("--max-staleness", type=int, default=0, help="train.max_staleness of every opd run")
     parser.add_argument("--engine", choices=["auto", "vllm", "torch"], default="auto", help="opd's local servers")
     parser.add_argument("--seed", type=int, default=0)
@@ -84,7 +85,8 @@ def run_opd(
         run_dir=str(run_dir), data={"shuffle": False},
         sampling={"n": 1, "temperature": 1.0, "max_tokens": MAX_NEW_TOKENS},
         train={"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
-               "ppo_steps": ppo_steps, "loss": loss, "top_k": args.top_k, "max_staleness": args.max_staleness},
+               "ppo_steps": ppo_steps, "loss": loss, "top_k": args.top_k, "top_k_head": args.top_k_head,
+               "max_staleness": args.max_staleness},
         eval={"eval_steps": args.eval_steps, "n": 1, "max_tokens": MAX_NEW_TOKENS}, services={"engine": args.engine},
         logging={"progress": True},
     )  # fmt: skip

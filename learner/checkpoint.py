@@ -4,6 +4,10 @@
         config.json, model.safetensors, tokenizer files    loadable as is by transformers and vLLM
         trainer_state.pt                                   optimizer, scheduler, RNG, data position, step
 
+A LoRA student saves its adapter instead (adapter_config.json, adapter_model.safetensors: PEFT
+format, loadable by peft and by vLLM as a LoRA adapter); `opd export CKPT --merge OUT` folds it
+into its base as a plain Hugging Face model.
+
 Each is written to a temporary directory and renamed into place, so a crash mid-save never leaves
 a directory that looks complete; only the newest `keep_last` are kept.
 """
@@ -91,8 +95,14 @@ def resolve_resume(root: Path, resume: str) -> Path | None:
 
 
 def load_checkpoint(model: PreTrainedModel, path: Path) -> TrainerState:
-    """Load the checkpoint's weights into `model` (in place) and return the trainer state."""
-    saved = AutoModelForCausalLM.from_pretrained(path, dtype=next(model.parameters()).dtype)
-    model.load_state_dict(saved.state_dict())
+    """Load the checkpoint's weights (or a LoRA student's adapter) into `model` in place and return
+    the trainer state."""
+    if hasattr(model, "peft_config"):
+        from learner.lora import load_adapter
+
+        load_adapter(model, path)
+    else:
+        saved = AutoModelForCausalLM.from_pretrained(path, dtype=next(model.parameters()).dtype)
+        model.load_state_dict(saved.state_dict())
     state = torch.load(path / STATE_FILE, weights_only=False)
     return TrainerState(**state)

@@ -125,9 +125,11 @@ class SamplerClient(_Client):
         assert isinstance(reply, GenerateResponse)
         return reply
 
-    async def push_weights(self, tensors: dict[str, torch.Tensor], version: int) -> int:
+    async def push_weights(
+        self, tensors: dict[str, torch.Tensor], version: int, metadata: dict[str, str] | None = None
+    ) -> int:
         """Stream `tensors` as one safetensors body; returns the sampler's new policy_version."""
-        return await self.push_payload(await safetensors_payload(tensors), version)
+        return await self.push_payload(await safetensors_payload(tensors, metadata), version)
 
     async def push_payload(self, payload: bytes, version: int) -> int:
         response = await self._request(
@@ -139,9 +141,11 @@ class SamplerClient(_Client):
         )
         return WeightsResponse.model_validate_json(response.content).policy_version
 
-    async def push_weights_by_path(self, tensors: dict[str, torch.Tensor], version: int, shared_dir: Path) -> int:
+    async def push_weights_by_path(
+        self, tensors: dict[str, torch.Tensor], version: int, shared_dir: Path, metadata: dict[str, str] | None = None
+    ) -> int:
         """Write `tensors` to `shared_dir` and have the sampler load them (see `write_shared`)."""
-        final = await write_shared(tensors, version, shared_dir)
+        final = await write_shared(tensors, version, shared_dir, metadata)
         loaded = await self.push_path(final, version)
         remove_older(shared_dir, final)
         return loaded
@@ -152,17 +156,20 @@ class SamplerClient(_Client):
         return WeightsResponse.model_validate_json(response.content).policy_version
 
 
-async def safetensors_payload(tensors: dict[str, torch.Tensor]) -> bytes:
-    return await asyncio.to_thread(save_safetensors, _host_tensors(tensors))
+async def safetensors_payload(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    """The safetensors bytes of `tensors`; `metadata` goes into the header (a LoRA adapter's config)."""
+    return await asyncio.to_thread(save_safetensors, _host_tensors(tensors), metadata)
 
 
-async def write_shared(tensors: dict[str, torch.Tensor], version: int, shared_dir: Path) -> Path:
+async def write_shared(
+    tensors: dict[str, torch.Tensor], version: int, shared_dir: Path, metadata: dict[str, str] | None = None
+) -> Path:
     """Write `tensors` to `shared_dir` under a temporary name, then rename: the file appears complete
     or not at all."""
     shared_dir.mkdir(parents=True, exist_ok=True)
     final = shared_dir / f"weights-v{version:06d}.safetensors"
     tmp = shared_dir / f".{final.name}.{os.getpid()}.tmp"
-    await asyncio.to_thread(save_file, _host_tensors(tensors), tmp)
+    await asyncio.to_thread(save_file, _host_tensors(tensors), tmp, metadata)
     os.replace(tmp, final)
     return final
 
@@ -254,13 +261,17 @@ class SamplerPool(ReplicaPool[SamplerClient]):
         work = len(request.prompt_ids or request.messages or []) * request.n * request.max_tokens
         return await self.call(work, lambda client: client.generate(request))
 
-    async def push_weights(self, tensors: dict[str, torch.Tensor], version: int) -> int:
+    async def push_weights(
+        self, tensors: dict[str, torch.Tensor], version: int, metadata: dict[str, str] | None = None
+    ) -> int:
         """The same safetensors body to every replica at once (see `_push_all`)."""
-        payload = await safetensors_payload(tensors)
+        payload = await safetensors_payload(tensors, metadata)
         return await self._push_all(lambda client: client.push_payload(payload, version), version)
 
-    async def push_weights_by_path(self, tensors: dict[str, torch.Tensor], version: int, shared_dir: Path) -> int:
-        final = await write_shared(tensors, version, shared_dir)
+    async def push_weights_by_path(
+        self, tensors: dict[str, torch.Tensor], version: int, shared_dir: Path, metadata: dict[str, str] | None = None
+    ) -> int:
+        final = await write_shared(tensors, version, shared_dir, metadata)
         loaded = await self._push_all(lambda client: client.push_path(final, version), version)
         remove_older(shared_dir, final)
         return loaded

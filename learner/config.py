@@ -22,11 +22,29 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
 
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+"""Every linear layer of attention and MLP in Qwen/Llama-style models (vLLM's LoRA set for Qwen2)."""
+
+
+class LoraSpec(Section):
+    r: int = Field(default=8, gt=0)
+    """Adapter rank; the vLLM sampler must be started with --max-lora-rank at least this."""
+    alpha: float = Field(default=16.0, gt=0.0)
+    """Scale: the adapter adds (alpha / r) * B @ A to each target weight."""
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    """Dropout on the adapter's input while training."""
+    target_modules: list[str] = Field(default=list(LORA_TARGETS), min_length=1)
+    """Module names (last path component) that get adapters."""
+
+
 class ModelSpec(Section):
     path: str
     """HF model id, local directory, or `tiny:student` / `tiny:teacher` (built locally)."""
     dtype: Dtype = "float32"
     """Weights dtype in the server that serves this model; the learner trains in float32."""
+    lora: LoraSpec | None = None
+    """Student only: train LoRA adapters on the frozen base and push only the adapter (needs the
+    `lora` extra: peft). Absent: full fine-tuning."""
 
     @field_validator("path")
     @classmethod
@@ -82,6 +100,12 @@ class TrainConfig(Section):
     sampled token's estimate of the rest, unbiased with less variance (docs/design.md)."""
     top_k: int = Field(default=16, gt=0)
     """Head size per side for loss topk; at most the servers' --max-logprobs."""
+    top_k_head: Literal["teacher", "both"] = "teacher"
+    """The head of loss topk: the teacher's top_k at each position, or both the teacher's and the
+    student's top_k (the student's come with the samples; the grader scores them as candidate_ids).
+    Either is unbiased; "both" lowers the variance where the student is sure of tokens the teacher
+    is not, at the cost of the top-k in generation and a candidate lookup in grading (on the toy task
+    0.30 vs 0.21 s/step, the same reward)."""
     clip_eps: float = Field(default=0.2, gt=0.0, lt=1.0)
     """PPO clip range: ratios outside [1 - clip_eps, 1 + clip_eps] stop pushing further."""
     max_staleness: int = Field(default=0, ge=0)
@@ -210,6 +234,15 @@ class LoggingConfig(Section):
 class OpdConfig(Section):
     student: ModelSpec
     teacher: ModelSpec
+
+    @model_validator(mode="after")
+    def _lora_is_for_the_student(self) -> "OpdConfig":
+        if self.teacher.lora is not None:
+            raise ValueError("teacher.lora: the teacher is never trained; LoRA belongs under student")
+        if self.student.lora is not None and self.train.fsdp:
+            raise ValueError("student.lora with train.fsdp is not supported yet: use DDP (train.fsdp false)")
+        return self
+
     data: DataConfig = DataConfig()
     run_dir: str = "runs/latest"
     """Metrics, resolved config, checkpoints and server logs go here."""

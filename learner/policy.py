@@ -10,11 +10,17 @@ state stay float32 (master weights); `precision: bf16` runs the forward under bf
 The Hugging Face model is `policy.lm`: pushes and checkpoints use its names and format.
 """
 
+from typing import TYPE_CHECKING, Any
+
 import torch
 from transformers import PreTrainedModel
 
+from learner.config import ModelSpec, TrainConfig
 from opd.errors import ConfigError
-from opd.modeling import PackedBatch, completion_logprobs, pack_left_padded
+from opd.modeling import PackedBatch, completion_logprobs, load_causal_lm, pack_left_padded
+
+if TYPE_CHECKING:  # learner.distributed imports this module
+    from learner.distributed import Processes
 
 LM_PREFIX = "lm."
 """What `Policy` puts before the Hugging Face parameter names in its own state dict."""
@@ -64,6 +70,47 @@ class Policy(torch.nn.Module):
 def policy_inputs(batch: PackedBatch) -> tuple[torch.Tensor, ...]:
     """A packed batch as Policy.forward's positional tensors (DDP passes plain tensors best)."""
     return batch.input_ids_BL, batch.attention_mask_BL, batch.position_ids_BL, batch.completion_lengths_B
+
+
+def student_policy(spec: ModelSpec, train: TrainConfig, device: str) -> Policy:
+    """The student as configured: float32 weights, or for a LoRA student a frozen base (bf16 under
+    `train.precision: bf16`) with float32 adapters."""
+    dtype = "bfloat16" if spec.lora is not None and train.precision == "bf16" else "float32"
+    lm = load_causal_lm(spec.path, dtype, device)
+    if spec.lora is not None:
+        from learner.lora import with_lora
+
+        lm = with_lora(lm, spec.lora)
+    return Policy(lm, train.precision, train.logprob_chunk_tokens, train.gradient_checkpointing)
+
+
+def is_lora(lm: Any) -> bool:
+    return hasattr(lm, "peft_config")
+
+
+def tensors_to_push(
+    processes: "Processes", policy: Any, dtype: str
+) -> tuple[dict[str, torch.Tensor], dict[str, str] | None]:
+    """What the sampler gets: the student's parameters (HF names, tied once) cast to the sampler's
+    dtype, or a LoRA student's adapter (float32, PEFT names) and the metadata carrying its config.
+    A collective under FSDP: every process calls it."""
+    lm = processes.unwrap(policy).lm
+    if is_lora(lm):
+        from learner.lora import adapter_push
+
+        return adapter_push(lm)
+    full = processes.full_parameters(policy)
+    if not processes.is_main:  # only the main process sends: no cast copy elsewhere
+        return full, None
+    return {name: t.to(getattr(torch, dtype)) for name, t in full.items()}, None
+
+
+def push_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None, dtype: str) -> float:
+    """Bytes of tensor data a push moves (the same on every process, cast or not)."""
+    if metadata is not None:  # an adapter travels as it is
+        return float(sum(t.numel() * t.element_size() for t in tensors.values()))
+    size = torch.empty((), dtype=getattr(torch, dtype)).element_size()
+    return float(sum(t.numel() for t in tensors.values()) * size)
 
 
 @torch.no_grad()

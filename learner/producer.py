@@ -56,7 +56,7 @@ def step_plan(stream: PromptStream, config: OpdConfig, rank: int, step: int) -> 
     seed = (t.seed * 7_919 + step) * STEP_SEED_STRIDE + rank * t.batch_size * s.n
     request = GenerateRequest(prompt_ids=prompts, n=s.n, temperature=s.temperature, top_p=s.top_p,
                               max_tokens=s.max_tokens, seed=seed,
-                              top_logprobs=t.top_k if t.loss == "topk" else 0)  # fmt: skip
+                              top_logprobs=t.top_k if t.loss == "topk" and t.top_k_head == "both" else 0)  # fmt: skip
     return StepPlan(prompts, request, stream.state_dict())
 
 

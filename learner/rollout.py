@@ -89,19 +89,22 @@ class Graded:
 
 
 async def grade(grader: GraderPool, rollouts: Rollouts, top_k: int = 0) -> Graded:
-    """Teacher logprobs of every completion token; with `top_k` (and the student's top ids in the
-    rollouts) also each position's head: the teacher's top-k, and its logprobs at the student's."""
+    """Teacher logprobs of every completion token; with `top_k` also each position's head: the
+    teacher's top-k, followed, when the rollouts carry the student's top ids, by the teacher's
+    logprobs at those (asked as candidate_ids)."""
     candidates = rollouts.student_top_ids if top_k else None
     sequences = [
         Sequence(prompt_ids=p, completion_ids=c, candidate_ids=None if candidates is None else candidates[i])
         for i, (p, c) in enumerate(zip(rollouts.prompt_ids, rollouts.completion_ids, strict=True))
     ]
-    reply = await grader.logprobs(sequences, top_k=top_k if candidates is not None else 0)
+    reply = await grader.logprobs(sequences, top_k=top_k)
     teacher = [r.logprobs for r in reply.results]
     if [len(t) for t in teacher] != [len(c) for c in rollouts.completion_ids]:
         raise GraderError("grader returned a different number of logprobs than completion tokens")
-    if candidates is None:
+    if not top_k:
         return Graded(teacher)
+    if candidates is None:
+        return Graded(teacher, [r.top_ids or [] for r in reply.results], [r.top_logprobs or [] for r in reply.results])
     head_ids = [[top + cand for top, cand in zip(r.top_ids or [], c, strict=True)]
                 for r, c in zip(reply.results, candidates, strict=True)]  # fmt: skip
     head_logprobs = [[top + cand for top, cand in zip(r.top_logprobs or [], r.candidate_logprobs or [], strict=True)]

@@ -10,16 +10,20 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from learner.config import ModelSpec, OpdConfig, TrainConfig
+from learner.config import LoraSpec, ModelSpec, OpdConfig, TrainConfig
 from opd.errors import ConfigError
 from opd.launch import LocalServer, local_servers
 from opd.serving import InfoResponse
 from opd.tokenizer import check_same_tokenizer, check_vocabularies
+from sampler.schema import LORA_RANKS
 
 
 def server_args(spec: ModelSpec, config: OpdConfig) -> list[str]:
     services = config.services
-    return ["--model", spec.path, "--dtype", spec.dtype, "--device", services.device, "--engine", services.engine]
+    args = ["--model", spec.path, "--dtype", spec.dtype, "--device", services.device, "--engine", services.engine]
+    if spec.lora is not None:  # a LoRA student's sampler serves adapters of its rank
+        args += ["--max-lora-rank", str(min(rank for rank in LORA_RANKS if rank >= spec.lora.r))]
+    return args
 
 
 @contextmanager
@@ -49,7 +53,7 @@ def _log_name(role: str, index: int, count: int) -> str:
 
 def check_services(
     sampler: InfoResponse, grader: InfoResponse, *, student: str, own_fingerprint: tuple[int, str], own_vocab: int,
-    train: TrainConfig,
+    train: TrainConfig, lora: LoraSpec | None = None,
 ) -> None:  # fmt: skip
     """Fail at start, naming both sides: tokenizers that differ (fingerprints), vocabulary row counts
     that cannot work together, a top-k larger than the servers allow."""
@@ -58,7 +62,20 @@ def check_services(
     check_same_tokenizer(f"sampler ({sampler.model})", sampler_fp, f"grader ({grader.model})", grader_fp)
     check_same_tokenizer(f"learner student ({student})", own_fingerprint, f"sampler ({sampler.model})", sampler_fp)
     check_vocabularies(own_vocab, sampler, grader)
+    check_lora(lora, sampler)
     for info in (sampler, grader):
         if train.loss == "topk" and train.top_k > info.max_logprobs:
             raise ConfigError(f"train.top_k {train.top_k} is over {info.model}'s --max-logprobs {info.max_logprobs}: "
                               "start the servers with a larger --max-logprobs or lower train.top_k")  # fmt: skip
+
+
+def check_lora(lora: LoraSpec | None, sampler: InfoResponse) -> None:
+    """A LoRA student needs a sampler that serves adapters of its rank; a full one, one that does not."""
+    if lora is None and sampler.max_lora_rank is not None:
+        raise ConfigError(f"the sampler ({sampler.model}) serves LoRA adapters (--max-lora-rank "
+                          f"{sampler.max_lora_rank}) but student.lora is not set: start it without "
+                          "--max-lora-rank")  # fmt: skip
+    if lora is not None and (sampler.max_lora_rank is None or sampler.max_lora_rank < lora.r):
+        raise ConfigError(f"student.lora.r is {lora.r}: start the sampler ({sampler.model}) with --max-lora-rank "
+                          f"{min(rank for rank in LORA_RANKS if rank >= lora.r)} or more "
+                          f"(it serves {sampler.max_lora_rank or 'full weights'})")  # fmt: skip

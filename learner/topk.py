@@ -27,10 +27,10 @@ Two traps this avoids (both seen in peers' top-k distillation): renormalising th
 distribution and dropping the tail (the tail's mass is then never moved: biased), and putting the
 sampled token itself into the head (then 1{y not in H} is always 0 and the tail never counts).
 
-The head here is the teacher's top-k at the position (the grader's `top_k`) together with the
-student's top-k there (the sampler reports it with the sample, under the distribution sampled, so
-it costs no extra forward; the grader scores those ids as `candidate_ids`). Both depend on the
-prefix alone. Duplicates are masked so each id counts once.
+The head here is the teacher's top-k at the position (the grader's `top_k`), and with
+`train.top_k_head: both` also the student's top-k there (the sampler reports it with the sample,
+under the distribution sampled, so it costs no extra forward; the grader scores those ids as
+`candidate_ids`). Both depend on the prefix alone. Duplicates are masked so each id counts once.
 
 With `ppo_steps` > 1, (1) is recomputed at the current policy in every update (it is exact and
 needs no trust region) and the tail term is PPO's clipped surrogate with advantage
@@ -38,7 +38,8 @@ log q_y - log p_old(y), whose gradient at ratio 1 is the term above. As for the 
 estimate is unbiased when the sampler draws from the distribution the learner scores
 (sampling.temperature equal to train.logprob_temperature, top_p 1).
 
-Shape suffixes as in `learner/loss.py`; K = head entries per position (teacher's k + student's k).
+Shape suffixes as in `learner/loss.py`; K = head entries per position (the teacher's k, plus the
+student's k with a "both" head).
 """
 
 from dataclasses import dataclass

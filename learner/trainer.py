@@ -31,14 +31,14 @@ from learner.data import PromptStream
 from learner.distributed import Processes
 from learner.evaluate import evaluate
 from learner.metrics import FanOut, JsonlLogger, MetricsLogger, NullLogger, TensorBoardLogger, timed, truncate_metrics
-from learner.policy import Policy
+from learner.policy import is_lora, push_bytes, student_policy, tensors_to_push
 from learner.producer import Producer, step_plan
 from learner.services import check_services, service_urls
 from learner.step_metrics import batch_metrics, mean_over_processes
 from learner.update import MicroBatch, Scored, micro_batches, ppo_update
 from opd.auth import load_api_key
 from opd.errors import ConfigError, SamplerError, StaleSamplerError
-from opd.modeling import load_causal_lm, load_tokenizer
+from opd.modeling import load_tokenizer
 from opd.tokenizer import pad_token_id, tokenizer_fingerprint
 
 logger = logging.getLogger(__name__)
@@ -71,12 +71,9 @@ class OnPolicyDistillationTrainer:
         torch.manual_seed(cfg.train.seed)
         self.tokenizer = load_tokenizer(cfg.student.path)
         self.pad_id = pad_token_id(self.tokenizer)
-        lm = load_causal_lm(cfg.student.path, "float32", str(self.processes.device))
-        self.policy = Policy(lm, cfg.train.precision, cfg.train.logprob_chunk_tokens,
-                             cfg.train.gradient_checkpointing).train()  # fmt: skip
-        self.optimizer = torch.optim.AdamW(
-            self.policy.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
-        )
+        self.policy = student_policy(cfg.student, cfg.train, str(self.processes.device)).train()
+        trainable = [p for p in self.policy.parameters() if p.requires_grad]  # a LoRA student: the adapters
+        self.optimizer = torch.optim.AdamW(trainable, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         warmup = cfg.train.warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
@@ -179,6 +176,7 @@ class OnPolicyDistillationTrainer:
         self.step_count += 1
         with timed("push", metrics):
             await self.push_weights()
+        metrics |= self.push_stats
         metrics["time/step"] = time.perf_counter() - start
         return mean_over_processes(metrics | update_metrics, self.processes) | batch_metrics(
             batch, micro, scored, processes=self.processes, learner_version=version, step_seconds=metrics["time/step"]
@@ -210,19 +208,20 @@ class OnPolicyDistillationTrainer:
         return scored, metrics
 
     async def push_weights(self) -> None:
-        """Main process: send the student, cast to the sampler's dtype, as version `step_count`, to
-        every sampler replica."""
-        full = self.processes.full_parameters(self.policy)  # a collective under FSDP: every process joins
+        """Main process: send the student (or its LoRA adapter) as version `step_count` to every
+        sampler replica; `push/bytes` and `push/seconds` are logged with the next step."""
+        start = time.perf_counter()
+        tensors, metadata = tensors_to_push(self.processes, self.policy, self.sampler_dtype)  # collective under FSDP
         if self.processes.is_main:
-            dtype = getattr(torch, self.sampler_dtype)
-            tensors = {name: t.to(dtype) for name, t in full.items()}
             services = self.config.services
             if services.weight_transport == "path" and services.shared_dir is not None:
-                await self.sampler.push_weights_by_path(tensors, self.step_count, Path(services.shared_dir))
+                await self.sampler.push_weights_by_path(tensors, self.step_count, Path(services.shared_dir), metadata)
             else:
-                await self.sampler.push_weights(tensors, self.step_count)
+                await self.sampler.push_weights(tensors, self.step_count, metadata)
         self.processes.wait()
         self.policy_version = self.step_count
+        pushed = push_bytes(tensors, metadata, self.sampler_dtype)
+        self.push_stats = {"push/bytes": pushed, "push/seconds": time.perf_counter() - start}
 
     # ---- start, eval, checkpoints -----------------------------------------------------------
 
@@ -233,7 +232,7 @@ class OnPolicyDistillationTrainer:
         check_services(sampler_info, grader_info, student=self.config.student.path,
                        own_fingerprint=tokenizer_fingerprint(self.tokenizer),
                        own_vocab=self.processes.unwrap(self.policy).lm.config.vocab_size,
-                       train=self.config.train)  # fmt: skip
+                       train=self.config.train, lora=self.config.student.lora)  # fmt: skip
         self.sampler_dtype = sampler_info.dtype
         return sampler_info.engine
 
@@ -268,12 +267,13 @@ class OnPolicyDistillationTrainer:
     def _maybe_save(self) -> None:
         every = self.config.checkpoint.save_steps
         if (every and self.step_count % every == 0) or self.step_count == self.config.train.steps:
-            weights = self.processes.full_parameters(self.policy)  # collective under FSDP
+            lm = self.processes.unwrap(self.policy).lm
+            weights = None if is_lora(lm) else self.processes.full_parameters(self.policy)  # collective under FSDP
             if self.processes.is_main:
                 state = TrainerState(step=self.step_count, optimizer=self.optimizer.state_dict(),
                                      scheduler=self.scheduler.state_dict(), data=self._data_state,
                                      rng=rng_state())  # fmt: skip
-                path = save_checkpoint(self.processes.unwrap(self.policy).lm, self.tokenizer, state,
+                path = save_checkpoint(lm, self.tokenizer, state,
                                        root=self.run_dir / "checkpoints", keep_last=self.config.checkpoint.keep_last,
                                        weights=weights)  # fmt: skip
                 logger.info("saved checkpoint %s", path)

@@ -103,6 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="largest weight push body (default 64 GiB); more is refused with 413",
     )
     sampler.add_argument(
+        "--max-lora-rank",
+        type=int,
+        default=None,
+        help="serve LoRA adapters of rank up to this, one of vLLM's 1, 8, 16, 32, 64, 128, 256, 320, 512 (a LoRA "
+        "student pushes only its adapter); default: full weights",
+    )
+    sampler.add_argument(
         "--api-key-file",
         default=None,
         help="file holding the bearer token for POST /v1/weights (or set OPD_API_KEY); "
@@ -147,6 +154,10 @@ def run_sampler(args: argparse.Namespace) -> None:
 
     api_key = load_api_key(args.api_key_file)
     require_key_off_loopback(args.host, api_key)
+    from sampler.schema import LORA_RANKS
+
+    if args.max_lora_rank is not None and args.max_lora_rank not in LORA_RANKS:
+        raise SystemExit(f"opd: --max-lora-rank must be one of {', '.join(map(str, LORA_RANKS))}")
     from opd.launch import bind_listener
 
     listener = bind_listener(args.host, args.port)
@@ -158,12 +169,12 @@ def run_sampler(args: argparse.Namespace) -> None:
     if _engine_name(args) == "vllm":
         from sampler.engines.vllm import VllmSamplerEngine
 
-        engine = VllmSamplerEngine(args.model, _vllm_options(args))
+        engine = VllmSamplerEngine(args.model, _vllm_options(args), args.max_lora_rank)
     else:
         from sampler.engines.torch import TorchSamplerEngine
 
         engine = TorchSamplerEngine(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
-                                    max_logprobs=args.max_logprobs)  # fmt: skip
+                                    max_logprobs=args.max_logprobs, max_lora_rank=args.max_lora_rank)  # fmt: skip
     settings = SamplerSettings(args.max_weights_bytes, args.max_request_sequences, api_key)
     serve(create_app(engine, settings), listener)
 

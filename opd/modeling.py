@@ -28,15 +28,16 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
 
 
 def model_card(
-    model_path: str, *, engine: str, dtype: str, model_vocab_size: int, max_model_len: int, max_logprobs: int
-) -> tuple[PreTrainedTokenizerBase, InfoResponse]:
+    model_path: str, *, engine: str, dtype: str, model_vocab_size: int, max_model_len: int, max_logprobs: int,
+    max_lora_rank: int | None = None,
+) -> tuple[PreTrainedTokenizerBase, InfoResponse]:  # fmt: skip
     """The served model's tokenizer and what GET /v1/info says about it, fixed when its engine
     starts (policy_version 0): one place for all four engines."""
     tokenizer = load_tokenizer(model_path)
     vocab_size, digest = tokenizer_fingerprint(tokenizer)
     card = InfoResponse(model=model_path, engine=engine, dtype=dtype, vocab_size=vocab_size, tokenizer_hash=digest,
                         model_vocab_size=model_vocab_size, max_model_len=max_model_len,
-                        max_logprobs=max_logprobs)  # fmt: skip
+                        max_logprobs=max_logprobs, max_lora_rank=max_lora_rank)  # fmt: skip
     return tokenizer, card
 
 

@@ -202,6 +202,8 @@ class InfoResponse(BaseModel):
     max_model_len: int
     max_logprobs: int
     """Largest top-k of logprobs a request may ask for (`--max-logprobs`)."""
+    max_lora_rank: int | None = None
+    """Sampler serving LoRA adapters (`--max-lora-rank`): the largest rank it loads; None: full weights."""
     policy_version: int = 0
 
 

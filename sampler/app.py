@@ -14,8 +14,10 @@ from starlette.requests import ClientDisconnect
 from opd.auth import check_bearer
 from opd.errors import NonFiniteOutputError, RequestError
 from opd.serving import ERROR_RESPONSES, check_token_ids, create_service_app, json_reply
+from sampler.adapters import file_metadata, payload_metadata, read_adapter
 from sampler.engine import Sample, SamplerEngine, SamplingParams
 from sampler.schema import (
+    ADAPTER_CONFIG_KEY,
     ChatMessage,
     Completion,
     GenerateRequest,
@@ -135,14 +137,23 @@ async def push_weights(request: Request, version: int | None = Query(default=Non
         source = WeightsFromPath.model_validate_json(await request.body())
         version, origin = source.version, source.path
         tensors = await asyncio.to_thread(read_safetensors_file, source.path)
+        metadata = await asyncio.to_thread(file_metadata, source.path)
     else:
         payload = await _read_capped(request, request.app.state.settings.max_weights_bytes)
         tensors = await asyncio.to_thread(decode_safetensors, payload, request.headers.get("x-content-sha256"))
-        origin = payload
-    # Decoding, hashing and checking a multi-GB push takes seconds: off the event loop.
-    await asyncio.to_thread(check_weights, tensors, engine.weight_specs())
+        origin, metadata = payload, payload_metadata(payload)
     new_version = version if version is not None else engine.policy_version + 1
-    await engine.load_weights(tensors, new_version, origin)
+    max_rank = engine.info().max_lora_rank
+    # Decoding, hashing and checking a multi-GB push takes seconds: off the event loop.
+    if max_rank is not None:
+        adapter = await asyncio.to_thread(read_adapter, tensors, metadata, engine.weight_specs(), max_rank)
+        await engine.load_adapter(adapter, new_version)
+    else:
+        if ADAPTER_CONFIG_KEY in metadata:
+            raise RequestError("this sampler serves full weights: start it with --max-lora-rank to push LoRA adapters",
+                               param="weights", status=422)  # fmt: skip
+        await asyncio.to_thread(check_weights, tensors, engine.weight_specs())
+        await engine.load_weights(tensors, new_version, origin)
     logger.info("loaded %d weight tensors, policy_version=%d", len(tensors), new_version)
     return WeightsResponse(policy_version=new_version)
 

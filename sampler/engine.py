@@ -1,11 +1,14 @@
 """The sampler engine protocol: what `app.py` needs from the torch and vLLM engines."""
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 from opd.serving import InfoResponse
+
+if TYPE_CHECKING:  # sampler.adapters imports this module
+    from sampler.adapters import Adapter
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,11 @@ class SamplerEngine(Protocol):
         they were decoded from: the safetensors file's path on a shared volume, or the pushed
         safetensors bytes; an engine whose model lives in another process (vLLM's worker) sends
         that on rather than encoding the tensors again."""
+        ...
+
+    async def load_adapter(self, adapter: "Adapter", version: int) -> None:
+        """LoRA mode (`--max-lora-rank`): serve the base model with `adapter` (already checked) from
+        now on, as policy_version = version; the previous adapter is dropped."""
         ...
 
     async def close(self) -> None: ...

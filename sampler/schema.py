@@ -14,6 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from opd.serving import MAX_LOGPROBS_CAP, ErrorResponse, InfoResponse, Text
 
 __all__ = [
+    "ADAPTER_CONFIG_KEY",
+    "LORA_RANKS",
     "ChatMessage",
     "Completion",
     "ErrorResponse",
@@ -96,6 +98,14 @@ class GenerateResponse(BaseModel):
     policy_version: int
     """Version of the weights every completion in this reply was sampled with."""
     results: list[PromptResult]
+
+
+ADAPTER_CONFIG_KEY = "opd_adapter_config"
+"""A LoRA adapter is pushed as safetensors (PEFT names: `base_model.model.<module>.lora_A.weight`,
+`lora_B`) whose header metadata holds its PEFT adapter_config.json under this key."""
+
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+"""The ranks vLLM's LoRA kernels are built for (`--max-lora-rank` takes one of them)."""
 
 
 class WeightsFromPath(BaseModel):

