@@ -5,6 +5,7 @@
     opd sampler --model PATH [--port 8001]         the student server
     opd grader --model PATH [--port 8002]          the teacher server
     opd plot RUN_DIR [RUN_DIR ...] [--out PNG]     reverse KL and eval reward over steps
+    opd export CHECKPOINT --merge OUT [--base PATH] a LoRA checkpoint folded into a plain HF model
 
 Arguments are parsed before torch, transformers or uvicorn are imported, so `--help` and config
 errors answer at once.
@@ -91,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     plot = sub.add_parser("plot", help="plot reverse KL and eval reward from runs' metrics.jsonl")
     plot.add_argument("runs", nargs="+", help="run directories (each with metrics.jsonl) or metrics.jsonl files")
     plot.add_argument("--out", default=None, help="PNG to write (default: RUN_DIR/plot.png of the first run)")
+    export = sub.add_parser("export", help="write a LoRA checkpoint as a merged Hugging Face model directory")
+    export.add_argument("checkpoint", help="a checkpoint directory of a LoRA run (RUN_DIR/checkpoints/step_N)")
+    export.add_argument("--merge", required=True, metavar="OUT", help="directory to write the merged model to")
+    export.add_argument("--base", default=None, help="base model (default: the one the adapter names)")
     sampler = _server_parser(sub, "sampler", 8001)
     grader = _server_parser(sub, "grader", 8002)
     grader.add_argument(
@@ -231,6 +236,14 @@ def run_plot(runs: list[str], out: str | None) -> None:
     print(f"wrote {plot_runs(loaded, Path(out) if out else first / 'plot.png')}")
 
 
+def run_export(checkpoint: str, out: str, base: str | None) -> None:
+    from pathlib import Path
+
+    from learner.lora import merge_checkpoint
+
+    print(f"wrote {merge_checkpoint(Path(checkpoint), Path(out), base)}")
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -245,6 +258,8 @@ def main(argv: list[str] | None = None) -> None:
             run_init(args.folder, args.template)
         elif args.command == "plot":
             run_plot(args.runs, args.out)
+        elif args.command == "export":
+            run_export(args.checkpoint, args.merge, args.base)
         elif args.command == "sampler":
             run_sampler(args)
         else:

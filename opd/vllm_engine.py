@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from opd.errors import EngineDeadError
+from opd.errors import EngineDeadError, RequestError
 
 CPU_KV_CACHE_BYTES = 256 * 2**20
 """Default KV cache on CPU: 256 MiB holds ~2k tokens of a 0.5B model, ample for tests and demos."""
@@ -104,10 +104,14 @@ def vllm_model_card(model_path: str, engine: Any, dtype: str, max_lora_rank: int
 
 @contextmanager
 def engine_errors() -> Iterator[None]:
-    """Translate vLLM's dead-engine error into ours (the server maps it to 503 and restarts)."""
+    """Translate vLLM's errors into ours: a dead engine (the server answers 503 and restarts) and a
+    request vLLM refuses (a 400 naming the parameter, never a 500)."""
+    from vllm.exceptions import VLLMValidationError
     from vllm.v1.engine.exceptions import EngineDeadError as VllmEngineDeadError
 
     try:
         yield
     except VllmEngineDeadError as exc:
         raise EngineDeadError(str(exc)) from exc
+    except VLLMValidationError as exc:
+        raise RequestError(f"vLLM refused the request: {exc}", param=exc.parameter) from exc

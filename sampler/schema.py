@@ -52,8 +52,9 @@ class GenerateRequest(BaseModel):
     messages: Annotated[list[Annotated[list[ChatMessage], Field(min_length=1)]], Field(min_length=1)] | None = None
     n: int = Field(default=1, ge=1, le=64)
     """Completions per prompt."""
-    temperature: float = Field(default=1.0, ge=0.0, le=10.0, allow_inf_nan=False)
-    """0 means greedy; so does anything below GREEDY_BELOW."""
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0, allow_inf_nan=False)
+    """0 means greedy; so does anything below GREEDY_BELOW. At most 2, vLLM's own limit, so both
+    engines take the same requests."""
     top_p: float = Field(default=1.0, gt=0.0, le=1.0, allow_inf_nan=False)
     max_tokens: int = Field(default=64, ge=1)
     seed: int | None = Field(default=None, ge=0)

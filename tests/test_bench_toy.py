@@ -32,9 +32,10 @@ def test_benchmark_runs_both_systems_and_writes_results(tmp_path, toy_models):
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
-    assert set(results["rewards"]) == {"teacher", "student before", "opd ppo_steps=1 after", "trl gkd after"}
+    assert set(results["rewards"]) == {"teacher", "student before", "opd ppo_steps=1 after",
+                                       "opd topk ppo_steps=1 after", "trl gkd after"}  # fmt: skip
     assert results["rewards"]["teacher"] >= 0.9
-    for run in ("opd-ppo1", "trl"):
+    for run in ("opd-ppo1", "opd-topk-ppo1", "trl"):
         rows = [json.loads(line) for line in (out / run / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in rows if "time/step" in r] == [1, 2, 3, 4]
         assert [r["step"] for r in rows if "eval/reward" in r] == [0, 2, 4]
@@ -44,4 +45,5 @@ def test_benchmark_runs_both_systems_and_writes_results(tmp_path, toy_models):
     assert evals["opd-ppo1"]["eval/reward"] == pytest.approx(evals["trl"]["eval/reward"], abs=0.02)
     assert (out / "toy_distill.png").stat().st_size > 10_000
     assert "| trl gkd |" in result.stdout
-    assert result.stdout.count("step  train KL  eval KL  reward") == 2  # each run, step by step
+    assert result.stdout.count("step  train KL  eval KL  reward") == 3  # each run, step by step
+    assert (out / "toy_distill_wall.png").stat().st_size > 10_000  # the same over training seconds

@@ -44,3 +44,17 @@ def test_reverse_kl_on_held_out_prompts_falls_by_30_percent(tmp_path, student_di
     assert any(not torch.equal(p0, p1) for p0, p1 in zip(initial.parameters(), saved.parameters(), strict=True))
     # the sampler served every step's samples from the weights pushed after the previous step
     assert all(m["policy/lag"] == 0.0 for m in history)
+
+
+@pytest.mark.slow
+def test_the_topk_loss_ends_lower_than_the_sampled_loss_on_the_default_run(tmp_path):
+    # The default tiny run at its seed: 0.99 vs 1.40 nats. Over seeds 0-2 the means were 1.08 vs 1.28
+    # (one seed of three the other way round: 1.32 vs 1.23); the toy benchmark measures the gap properly.
+    final = {}
+    for loss in ("sampled", "topk"):
+        args = ["--run_dir", str(tmp_path / loss), "--train.loss", loss, "--eval.eval_steps", "30",
+                "--eval.max_items", "32", "--services.engine", "torch", "--logging.progress", "false"]  # fmt: skip
+        OnPolicyDistillationTrainer(load_config(EXAMPLE, args)).train()
+        evals = [m for m in read_metrics(tmp_path / loss / "metrics.jsonl") if "eval/reverse_kl_per_token" in m]
+        final[loss] = evals[-1]["eval/reverse_kl_per_token"]
+    assert final["topk"] < final["sampled"], final
