@@ -1,0 +1,26 @@
+"""Every benchmark with a GPU mode runs end to end in its CPU smoke mode, through bench/device.sh, the
+script a lent GPU runs: a benchmark that breaks here would break on the device's first (and maybe
+only) run. Nothing here looks at a number; BENCHMARKS.md holds those."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.mark.slow
+def test_device_script_runs_every_benchmark_in_smoke_mode(tmp_path):
+    env = {**os.environ, "OPD_BENCH_RESULTS": str(tmp_path), "PYTHON": sys.executable}
+    result = subprocess.run(["bash", "bench/device.sh", "--smoke"], capture_output=True, text=True, env=env,
+                            timeout=1200)  # fmt: skip
+    assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
+    assert "all benchmarks ran" in result.stdout
+    services = json.loads((tmp_path / "smoke-services.json").read_text())
+    assert {"raw_generate", "opd_generate", "raw_score", "opd_score", "weight_push", "learner_step"} <= set(services)
+    assert services["engine_settings"]["sampler"]["enable_chunked_prefill"] == "False"  # the same on both sides
+    scale = json.loads((tmp_path / "smoke-learner_scale.json").read_text())
+    assert set(scale["process"]) == {"before-style", "micro-batched"} and scale["in_process"]["rows"]
+    pipeline = json.loads((tmp_path / "smoke-pipeline.json").read_text())
+    assert set(pipeline["runs"]) == {"0", "1"} and pipeline["runs"]["1"]["lag_max"] <= 1
