@@ -2,24 +2,33 @@
 
     opd grader --model tiny:teacher --port 8002
     curl -s localhost:8002/v1/logprobs -H 'content-type: application/json' \
-         -d '{"sequences": [{"prompt_ids": [1, 2, 3], "completion_ids": [4, 5]}]}'
+         -d '{"sequences": [{"prompt": "what is 2 + 3?", "completion": "5"}], "return_tokens": true}'
+
+The sampler serves the same POST /v1/logprobs with its student (`opd grade --sampler`), through
+`logprobs` below: any engine with `info()`, `tokenizer` and `score()` can.
 """
 
+import asyncio
 import math
 from dataclasses import dataclass
 
 from fastapi import FastAPI, Request, Response
+from transformers import PreTrainedTokenizerBase
 
 from grader.engine import GraderEngine, Scored, ToScore
 from grader.schema import InfoResponse, LogprobsRequest, LogprobsResponse, ScoredSequence, Sequence
 from opd.errors import NonFiniteOutputError, RequestError
 from opd.serving import ERROR_RESPONSES, check_token_ids, create_service_app, json_reply
+from opd.tokenizer import chat_prompt_ids, text_ids, token_strings
 
 
 @dataclass(frozen=True)
 class GraderSettings:
     max_sequences: int = 4096
     """Largest number of sequences per /v1/logprobs call."""
+    chars_per_token: int = 32
+    """Text longer than this x the model's context (in characters) is refused before tokenising
+    (see the sampler's setting of the same name)."""
 
 
 def create_app(engine: GraderEngine, settings: GraderSettings | None = None) -> FastAPI:
@@ -30,21 +39,73 @@ def create_app(engine: GraderEngine, settings: GraderSettings | None = None) -> 
 
 async def logprobs(body: LogprobsRequest, request: Request) -> Response:
     engine: GraderEngine = request.app.state.engine
-    limit = request.app.state.settings.max_sequences
-    if len(body.sequences) > limit:
-        raise RequestError(
-            f"{len(body.sequences)} sequences exceed the limit of {limit}", param="sequences", status=413
-        )
-    _check_sequences(body, engine.info())
-    sequences = [ToScore(s.prompt_ids, s.completion_ids, s.candidate_ids) for s in body.sequences]
+    settings = request.app.state.settings
+    if len(body.sequences) > settings.max_sequences:
+        raise RequestError(f"{len(body.sequences)} sequences exceed the limit of {settings.max_sequences}",
+                           param="sequences", status=413)  # fmt: skip
+    info = engine.info()
+    if body.top_k > info.max_logprobs:
+        raise RequestError(f"top_k {body.top_k} is over this server's --max-logprobs {info.max_logprobs}",
+                           param="top_k", status=422)  # fmt: skip
+    _check_text_lengths(body.sequences, settings.chars_per_token * info.max_model_len)
+    # Tokenising and templating text takes a while: off the event loop.
+    sequences = await asyncio.to_thread(_to_score, body.sequences, engine.tokenizer)
+    _check_sequences(sequences, info)
     scored = await engine.score(sequences, body.top_k)
     _check_finite(scored)
-    return json_reply(LogprobsResponse(results=[ScoredSequence(**vars(s)) for s in scored]))
+    return json_reply(LogprobsResponse(results=[
+        _result(s, asked, given, body.return_tokens, engine.tokenizer)
+        for s, asked, given in zip(scored, sequences, body.sequences, strict=True)
+    ]))  # fmt: skip
 
 
-def _check_candidates(seq: Sequence, info: InfoResponse, param: str) -> None:
+def _to_score(sequences: list[Sequence], tokenizer: PreTrainedTokenizerBase) -> list[ToScore]:
+    """Every sequence as ids: ids as given, text tokenised, chats templated."""
+    out = []
+    for seq in sequences:
+        if seq.prompt_ids is not None:
+            prompt = seq.prompt_ids
+        elif seq.messages is not None:
+            prompt = chat_prompt_ids(tokenizer, [m.model_dump() for m in seq.messages])
+        else:
+            prompt = text_ids(tokenizer, seq.prompt or "")
+        completion = seq.completion_ids if seq.completion_ids is not None else text_ids(tokenizer, seq.completion or "")
+        out.append(ToScore(prompt, completion, seq.candidate_ids))
+    return out
+
+
+def _result(
+    scored: Scored, asked: ToScore, given: Sequence, return_tokens: bool, tokenizer: PreTrainedTokenizerBase
+) -> ScoredSequence:
+    """The reply for one sequence: the ids it was scored as when they came from text or were asked for."""
+    text_given = given.prompt_ids is None or given.completion_ids is None
+    extra: dict = {}
+    if text_given or return_tokens:
+        extra = {"prompt_ids": asked.prompt_ids, "completion_ids": asked.completion_ids}
+    if return_tokens:
+        extra["tokens"] = token_strings(tokenizer, asked.completion_ids)
+        if scored.top_ids is not None:
+            extra["top_tokens"] = [token_strings(tokenizer, row) for row in scored.top_ids]
+    return ScoredSequence(**vars(scored), **extra)
+
+
+def _check_text_lengths(sequences: list[Sequence], max_chars: int) -> None:
+    for i, seq in enumerate(sequences):
+        texts = {"prompt": seq.prompt or "", "messages": "".join(m.content for m in seq.messages or []),
+                 "completion": seq.completion or ""}  # fmt: skip
+        for field, text in texts.items():
+            if len(text) > max_chars:
+                raise RequestError(f"sequence {i}'s {field} has {len(text)} characters, more than any text that fits "
+                                   f"the model's context ({max_chars})", param=f"sequences.{i}.{field}",
+                                   status=413)  # fmt: skip
+
+
+def _check_candidates(seq: ToScore, info: InfoResponse, param: str) -> None:
     if seq.candidate_ids is None:
         return
+    if len(seq.candidate_ids) != len(seq.completion_ids):
+        raise RequestError(f"candidate_ids has {len(seq.candidate_ids)} lists for {len(seq.completion_ids)} completion "
+                           "tokens", param=param)  # fmt: skip
     if len(seq.candidate_ids[0]) > info.max_logprobs:
         raise RequestError(f"{len(seq.candidate_ids[0])} candidates per position are over this server's "
                            f"--max-logprobs {info.max_logprobs}", param=param, status=422)  # fmt: skip
@@ -59,11 +120,8 @@ def _check_finite(scored: list[Scored]) -> None:
         raise NonFiniteOutputError("the teacher produced non-finite logprobs; its weights overflow")
 
 
-def _check_sequences(body: LogprobsRequest, info: InfoResponse) -> None:
-    if body.top_k > info.max_logprobs:
-        raise RequestError(f"top_k {body.top_k} is over this server's --max-logprobs {info.max_logprobs}",
-                           param="top_k", status=422)  # fmt: skip
-    for i, seq in enumerate(body.sequences):
+def _check_sequences(sequences: list[ToScore], info: InfoResponse) -> None:
+    for i, seq in enumerate(sequences):
         check_token_ids(seq.prompt_ids, info.model_vocab_size, param=f"sequences.{i}.prompt_ids")
         check_token_ids(seq.completion_ids, info.model_vocab_size, param=f"sequences.{i}.completion_ids")
         _check_candidates(seq, info, param=f"sequences.{i}.candidate_ids")

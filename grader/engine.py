@@ -3,6 +3,8 @@
 from dataclasses import dataclass
 from typing import Protocol
 
+from transformers import PreTrainedTokenizerBase
+
 from opd.serving import InfoResponse
 
 
@@ -23,6 +25,9 @@ class Scored:
 
 
 class GraderEngine(Protocol):
+    tokenizer: PreTrainedTokenizerBase
+    """Tokenises sequences given as text, and turns ids back into text (`return_tokens`)."""
+
     def info(self) -> InfoResponse: ...
 
     async def score(self, sequences: list[ToScore], top_k: int) -> list[Scored]:

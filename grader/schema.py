@@ -1,15 +1,21 @@
-"""Wire schema of the grader. The learner imports these models.
+"""Wire schema of the grader (the sampler serves the same /v1/logprobs). The learner imports these.
 
 POST /v1/logprobs  LogprobsRequest -> LogprobsResponse
 GET  /v1/info      InfoResponse
 GET  /health       200 when ready
+
+A sequence is given as token ids (what the learner sends; never re-tokenised) or as text: the
+prompt as `prompt` (plain text, tokenised as is) or `messages` (a chat, templated by the server
+with its tokenizer's chat template, ready for the assistant's turn), the completion as
+`completion` (tokenised on its own, no special tokens added). Text replies carry the ids the
+server tokenised to, so a caller can reuse them.
 """
 
 from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from opd.serving import MAX_LOGPROBS_CAP, ErrorResponse, InfoResponse
+from opd.serving import MAX_LOGPROBS_CAP, ChatMessage, ErrorResponse, InfoResponse, Text
 
 __all__ = ["ErrorResponse", "InfoResponse", "LogprobsRequest", "LogprobsResponse", "ScoredSequence", "Sequence"]
 
@@ -17,18 +23,28 @@ TokenId = Annotated[int, Field(ge=0)]
 
 
 class Sequence(BaseModel):
+    """One prompt and completion: each given as ids or as text, exactly one form per field."""
+
     model_config = ConfigDict(extra="forbid")
 
-    prompt_ids: Annotated[list[TokenId], Field(min_length=1)]
-    completion_ids: Annotated[list[TokenId], Field(min_length=1)]
+    prompt_ids: Annotated[list[TokenId], Field(min_length=1)] | None = None
+    prompt: Annotated[Text, Field(min_length=1)] | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
+    completion_ids: Annotated[list[TokenId], Field(min_length=1)] | None = None
+    completion: Annotated[Text, Field(min_length=1)] | None = None
     candidate_ids: list[Annotated[list[TokenId], Field(min_length=1, max_length=MAX_LOGPROBS_CAP)]] | None = None
     """Per completion position, ids whose teacher logprobs to return as well (`candidate_logprobs`):
     one list per completion token, all of the same length, at most the server's --max-logprobs."""
 
     @model_validator(mode="after")
-    def _one_row_per_completion_token(self) -> "Sequence":
+    def _one_form_each(self) -> "Sequence":
+        prompts = [name for name in ("prompt_ids", "prompt", "messages") if getattr(self, name) is not None]
+        if len(prompts) != 1:
+            raise ValueError("give exactly one of prompt_ids, prompt and messages")
+        if (self.completion_ids is None) == (self.completion is None):
+            raise ValueError("give exactly one of completion_ids and completion")
         if self.candidate_ids is not None:
-            if len(self.candidate_ids) != len(self.completion_ids):
+            if self.completion_ids is not None and len(self.candidate_ids) != len(self.completion_ids):
                 raise ValueError("candidate_ids needs one list per completion token")
             if len({len(row) for row in self.candidate_ids}) != 1:
                 raise ValueError("candidate_ids lists must all have the same length")
@@ -41,15 +57,24 @@ class LogprobsRequest(BaseModel):
     sequences: Annotated[list[Sequence], Field(min_length=1)]
     top_k: int = Field(default=0, ge=0, le=MAX_LOGPROBS_CAP)
     """Also return the k most likely tokens at each completion position (at most --max-logprobs)."""
+    return_tokens: bool = False
+    """Also return each completion token as text (`tokens`, and `top_tokens` with top_k) and the ids."""
 
 
 class ScoredSequence(BaseModel):
     logprobs: list[float]
-    """Teacher logprob of each completion token, in order."""
+    """Logprob of each completion token, in order."""
     top_ids: list[list[int]] | None = None
     top_logprobs: list[list[float]] | None = None
     candidate_logprobs: list[list[float]] | None = None
-    """With `candidate_ids`: the teacher's logprob of each candidate, in the order asked."""
+    """With `candidate_ids`: the logprob of each candidate, in the order asked."""
+    prompt_ids: list[int] | None = None
+    """With text or `return_tokens`: the ids that were scored."""
+    completion_ids: list[int] | None = None
+    tokens: list[str] | None = None
+    """With `return_tokens`: each completion token as text (one token may be part of a character;
+    an id past the tokenizer, a padded vocabulary row, shows as `<|id:N|>`)."""
+    top_tokens: list[list[str]] | None = None
 
 
 class LogprobsResponse(BaseModel):

@@ -108,6 +108,15 @@ class _Client:
     async def info(self) -> InfoResponse:
         return InfoResponse.model_validate_json((await self._request("GET", "/v1/info")).content)
 
+    async def logprobs(
+        self, sequences: list[Sequence], top_k: int = 0, return_tokens: bool = False
+    ) -> LogprobsResponse:
+        """POST /v1/logprobs: the grader's teacher (or the sampler's student) scores given completions."""
+        request = LogprobsRequest(sequences=sequences, top_k=top_k, return_tokens=return_tokens)
+        reply = await self._post_model("/v1/logprobs", request, LogprobsResponse)
+        assert isinstance(reply, LogprobsResponse)
+        return reply
+
     async def aclose(self) -> None:
         await self._http.aclose()
 
@@ -183,12 +192,6 @@ def remove_older(shared_dir: Path, current: Path) -> None:
 
 class GraderClient(_Client):
     error_cls = GraderError
-
-    async def logprobs(self, sequences: list[Sequence], top_k: int = 0) -> LogprobsResponse:
-        reply = await self._post_model("/v1/logprobs", LogprobsRequest(sequences=sequences, top_k=top_k),
-                                       LogprobsResponse)  # fmt: skip
-        assert isinstance(reply, LogprobsResponse)
-        return reply
 
 
 ClientT = TypeVar("ClientT", bound=_Client)
@@ -294,5 +297,5 @@ class GraderPool(ReplicaPool[GraderClient]):
         super().__init__(_clients(GraderClient, urls, timeout_s, retry), retry.deadline_s)
 
     async def logprobs(self, sequences: list[Sequence], top_k: int = 0) -> LogprobsResponse:
-        work = sum(len(s.prompt_ids) + len(s.completion_ids) for s in sequences)
+        work = sum(len(s.prompt_ids or []) + len(s.completion_ids or []) for s in sequences)
         return await self.call(work, lambda client: client.logprobs(sequences, top_k))

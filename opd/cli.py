@@ -6,6 +6,7 @@
     opd grader --model PATH [--port 8002]          the teacher server
     opd plot RUN_DIR [RUN_DIR ...] [--out PNG]     reverse KL and eval reward over steps
     opd export CHECKPOINT --merge OUT [--base PATH] a LoRA checkpoint folded into a plain HF model
+    opd grade --grader URL --in PAIRS --out SCORED  score prompt/completion pairs with the teacher
 
 Arguments are parsed before torch, transformers or uvicorn are imported, so `--help` and config
 errors answer at once.
@@ -96,6 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("checkpoint", help="a checkpoint directory of a LoRA run (RUN_DIR/checkpoints/step_N)")
     export.add_argument("--merge", required=True, metavar="OUT", help="directory to write the merged model to")
     export.add_argument("--base", default=None, help="base model (default: the one the adapter names)")
+    grade = sub.add_parser("grade", help="score a JSONL of prompt/completion pairs with the teacher (and the student)")
+    grade.add_argument("--grader", required=True, metavar="URL", help="a running grader")
+    grade.add_argument("--in", dest="source", required=True, metavar="PAIRS", help="JSONL: prompt|messages, completion")
+    grade.add_argument("--out", required=True, metavar="SCORED", help="JSONL to write, one line per scored row")
+    grade.add_argument("--sampler", default=None, metavar="URL", help="also the student's logprobs and the gap")
+    grade.add_argument("--html", default=None, metavar="REPORT", help="an HTML page colouring each token")
+    grade.add_argument("--batch-size", type=int, default=16, help="rows per request (default 16)")
     sampler = _server_parser(sub, "sampler", 8001)
     grader = _server_parser(sub, "grader", 8002)
     grader.add_argument(
@@ -180,7 +188,8 @@ def run_sampler(args: argparse.Namespace) -> None:
 
         engine = TorchSamplerEngine(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
                                     max_logprobs=args.max_logprobs, max_lora_rank=args.max_lora_rank)  # fmt: skip
-    settings = SamplerSettings(args.max_weights_bytes, args.max_request_sequences, api_key)
+    settings = SamplerSettings(max_weights_bytes=args.max_weights_bytes, max_prompts=args.max_request_sequences,
+                               max_sequences=args.max_request_sequences, api_key=api_key)  # fmt: skip
     serve(create_app(engine, settings), listener)
 
 
@@ -260,6 +269,10 @@ def main(argv: list[str] | None = None) -> None:
             run_plot(args.runs, args.out)
         elif args.command == "export":
             run_export(args.checkpoint, args.merge, args.base)
+        elif args.command == "grade":
+            from opd.grade import main as grade_main
+
+            grade_main(args.grader, args.source, args.out, args.sampler, args.html, args.batch_size)
         elif args.command == "sampler":
             run_sampler(args)
         else:

@@ -12,7 +12,7 @@ import signal
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Annotated, Any, Protocol
+from typing import Annotated, Any, Literal, Protocol
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -231,6 +231,15 @@ def _utf8_text(text: str) -> str:
 
 Text = Annotated[str, AfterValidator(_utf8_text)]
 """Text from a request: a str that encodes as UTF-8 (tokenizers refuse lone surrogates with a 500)."""
+
+
+class ChatMessage(BaseModel):
+    """One message of a chat the server templates with its tokenizer's chat template."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "user", "assistant"]
+    content: Text
 
 
 class ServedEngine(Protocol):

@@ -65,3 +65,15 @@ def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
     """The id that pads batches: the tokenizer's pad token, else its EOS (padding is masked out)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return int(pad)
+
+
+def text_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    """Token ids of plain text, no special tokens added (a prompt as is, or a completion)."""
+    return [int(i) for i in tokenizer(text, add_special_tokens=False)["input_ids"]]
+
+
+def token_strings(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> list[str]:
+    """Each id as text on its own (a token may hold part of a multi-byte character); an id past the
+    tokenizer (a padded vocabulary row) as `<|id:N|>`."""
+    known = len(tokenizer)
+    return [str(tokenizer.decode([i])) if i < known else f"<|id:{i}|>" for i in ids]

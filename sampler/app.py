@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from fastapi import FastAPI, Query, Request, Response
 from starlette.requests import ClientDisconnect
 
+from grader.app import logprobs
+from grader.schema import LogprobsResponse
 from opd.auth import check_bearer
 from opd.errors import NonFiniteOutputError, RequestError
 from opd.serving import ERROR_RESPONSES, check_token_ids, create_service_app, json_reply
@@ -37,6 +39,8 @@ class SamplerSettings:
     """Largest accepted weight push body; 64 GiB fits a 14B model in fp32."""
     max_prompts: int = 4096
     """Largest prompts x n per generate call."""
+    max_sequences: int = 4096
+    """Largest number of sequences per /v1/logprobs call."""
     api_key: str | None = None
     """Bearer token required by POST /v1/weights; None: no check (loopback only)."""
     chars_per_token: int = 32
@@ -49,6 +53,8 @@ def create_app(engine: SamplerEngine, settings: SamplerSettings | None = None) -
     # weights have their own, larger limit, checked while streaming
     app = create_service_app("opd sampler", engine, settings or SamplerSettings(), frozenset({"/v1/weights"}))
     app.post("/v1/generate", response_model=GenerateResponse, responses=ERROR_RESPONSES)(generate)
+    # The student's logprobs of given completions, as the grader gives the teacher's (`opd grade --sampler`).
+    app.post("/v1/logprobs", response_model=LogprobsResponse, responses=ERROR_RESPONSES)(logprobs)
     app.post("/v1/weights", response_model=WeightsResponse, responses=ERROR_RESPONSES, openapi_extra=_WEIGHTS_BODY)(
         push_weights
     )

@@ -4,10 +4,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from opd.serving import InfoResponse
 
 if TYPE_CHECKING:  # sampler.adapters imports this module
+    from grader.engine import Scored, ToScore
     from sampler.adapters import Adapter
 
 
@@ -52,6 +54,7 @@ class SamplerEngine(Protocol):
     generate call never sees a mix of old and new weights."""
 
     policy_version: int
+    tokenizer: PreTrainedTokenizerBase
 
     def info(self) -> InfoResponse: ...
 
@@ -73,6 +76,11 @@ class SamplerEngine(Protocol):
     async def load_adapter(self, adapter: "Adapter", version: int) -> None:
         """LoRA mode (`--max-lora-rank`): serve the base model with `adapter` (already checked) from
         now on, as policy_version = version; the previous adapter is dropped."""
+        ...
+
+    async def score(self, sequences: list["ToScore"], top_k: int) -> list["Scored"]:
+        """The student's logprobs of given completions (POST /v1/logprobs, as the grader's), with
+        the weights (or adapter) it serves."""
         ...
 
     async def close(self) -> None: ...

@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from opd.serving import MAX_LOGPROBS_CAP, ErrorResponse, InfoResponse, Text
+from opd.serving import MAX_LOGPROBS_CAP, ChatMessage, ErrorResponse, InfoResponse
 
 __all__ = [
     "ADAPTER_CONFIG_KEY",
@@ -29,13 +29,6 @@ __all__ = [
 
 TokenId = Annotated[int, Field(ge=0)]
 TokenIds = Annotated[list[TokenId], Field(min_length=1)]
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    role: Literal["system", "user", "assistant"]
-    content: Text
 
 
 GREEDY_BELOW = 1e-5

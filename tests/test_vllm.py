@@ -12,6 +12,7 @@ import httpx
 import pytest
 import torch
 from safetensors.torch import save, save_file
+from transformers import AutoTokenizer
 
 from grader.schema import LogprobsResponse
 from learner.config import load_config
@@ -20,6 +21,7 @@ from learner.trainer import OnPolicyDistillationTrainer
 from opd.launch import LocalServer, local_server, local_servers
 from opd.vllm_engine import vllm_available
 from tests import reference
+from tests.test_grade import check_text_equals_ids
 from tests.test_servers import EOS, PROMPTS, SEQUENCES, check_candidates, check_top_logprobs, generate
 
 pytestmark = pytest.mark.vllm
@@ -86,6 +88,16 @@ def test_vllm_top_logprobs_are_the_sampled_distributions_head(vllm_student, stud
     check_top_logprobs(reply, reference.load(student_dir), 0.7, 5)
 
 
+def test_vllm_sampler_scores_given_completions_with_its_student(vllm_student, student_dir):
+    sequences = [{"prompt_ids": s["prompt_ids"], "completion_ids": s["completion_ids"]} for s in SEQUENCES]
+    response = httpx.post(f"{vllm_student}/v1/logprobs", json={"sequences": sequences}, timeout=120)
+    assert response.status_code == 200, response.text
+    model = reference.load(student_dir)
+    for seq, scored in zip(SEQUENCES, response.json()["results"], strict=True):
+        want = reference.token_logprobs(model, seq["prompt_ids"], seq["completion_ids"])
+        assert scored["logprobs"] == pytest.approx(want, abs=1e-4)
+
+
 def test_vllm_seeds_give_distinct_reproducible_samples(vllm_student):
     # temperature 2: the tiny student is peaked (entropy ~1 nat), so at 1 two samples may coincide
     a = generate(vllm_student, prompt_ids=PROMPTS, n=4, temperature=2.0, max_tokens=8, seed=21)
@@ -128,6 +140,7 @@ def test_vllm_grader_matches_a_direct_forward(teacher_dir, tmp_path):
         response = httpx.post(f"{url}/v1/logprobs", json={"sequences": SEQUENCES, "top_k": 3}, timeout=120)
         too_many = httpx.post(f"{url}/v1/logprobs", json={"sequences": SEQUENCES, "top_k": 21}, timeout=30)
         check_candidates(url, teacher_dir)  # the V1 runner's route: a request per position
+        check_text_equals_ids(url, AutoTokenizer.from_pretrained(teacher_dir))
     assert response.status_code == 200, response.text
     model = reference.load(teacher_dir)
     for seq, scored in zip(SEQUENCES, LogprobsResponse.model_validate(response.json()).results, strict=True):

@@ -9,6 +9,7 @@ of a whole chunk never exist. Results go back in request order.
 import asyncio
 
 import torch
+from transformers import PreTrainedModel
 
 from grader.engine import Scored, ToScore
 from opd.modeling import (
@@ -51,42 +52,51 @@ class TorchGraderEngine:
 
     async def score(self, sequences: list[ToScore], top_k: int) -> list[Scored]:
         async with self._lock:
-            return await asyncio.to_thread(self._score_sync, sequences, top_k)
-
-    @torch.inference_mode()
-    def _score_sync(self, sequences: list[ToScore], top_k: int) -> list[Scored]:
-        results: list[Scored | None] = [None] * len(sequences)
-        lengths = [len(s.prompt_ids) + len(s.completion_ids) for s in sequences]
-        for chunk in length_sorted_chunks(lengths, self.max_batch_tokens):
-            for i, scored in zip(chunk, self._score_chunk([sequences[i] for i in chunk], top_k), strict=True):
-                results[i] = scored
-        return [r for r in results if r is not None]
-
-    def _score_chunk(self, sequences: list[ToScore], top_k: int) -> list[Scored]:
-        batch = pack_left_padded([s.prompt_ids for s in sequences], [s.completion_ids for s in sequences],
-                                 self.pad_id, self.device)  # fmt: skip
-        scores = completion_scores(self.model, batch, top_k=top_k, candidate_ids_NC=self._candidates(sequences))
-        out, start = [], 0
-        for s in sequences:
-            rows = slice(start, start + len(s.completion_ids))
-            start = rows.stop
-            out.append(Scored(
-                logprobs=scores.token_logprobs_N[rows].tolist(),
-                top_ids=None if scores.top_ids_NK is None else scores.top_ids_NK[rows].tolist(),
-                top_logprobs=None if scores.top_logprobs_NK is None else scores.top_logprobs_NK[rows].tolist(),
-                candidate_logprobs=None if s.candidate_ids is None or scores.candidate_logprobs_NC is None
-                else scores.candidate_logprobs_NC[rows, : len(s.candidate_ids[0])].tolist(),
-            ))  # fmt: skip
-        return out
-
-    def _candidates(self, sequences: list[ToScore]) -> torch.Tensor | None:
-        """Every sequence's candidate ids as one [N, C] tensor, rows padded with id 0 (dropped later)."""
-        width = max((len(s.candidate_ids[0]) for s in sequences if s.candidate_ids), default=0)
-        if width == 0:
-            return None
-        rows = [row + [0] * (width - len(row)) for s in sequences
-                for row in (s.candidate_ids or [[] for _ in s.completion_ids])]  # fmt: skip
-        return torch.tensor(rows, dtype=torch.long, device=self.device)
+            return await asyncio.to_thread(score_sequences, self.model, sequences, top_k, pad_id=self.pad_id,
+                                           max_batch_tokens=self.max_batch_tokens)  # fmt: skip
 
     async def close(self) -> None:
         return None
+
+
+@torch.inference_mode()
+def score_sequences(
+    model: PreTrainedModel, sequences: list[ToScore], top_k: int, *, pad_id: int, max_batch_tokens: int
+) -> list[Scored]:
+    """Logprobs of each sequence's completion tokens (and candidates, and the top-k) under `model`,
+    in length-sorted chunks of at most `max_batch_tokens` padded tokens; results in request order.
+    The torch sampler scores with its student the same way."""
+    results: list[Scored | None] = [None] * len(sequences)
+    lengths = [len(s.prompt_ids) + len(s.completion_ids) for s in sequences]
+    for chunk in length_sorted_chunks(lengths, max_batch_tokens):
+        for i, scored in zip(chunk, _score_chunk(model, [sequences[i] for i in chunk], top_k, pad_id), strict=True):
+            results[i] = scored
+    return [r for r in results if r is not None]
+
+
+def _score_chunk(model: PreTrainedModel, sequences: list[ToScore], top_k: int, pad_id: int) -> list[Scored]:
+    device = str(model.get_output_embeddings().weight.device)
+    batch = pack_left_padded([s.prompt_ids for s in sequences], [s.completion_ids for s in sequences], pad_id, device)
+    scores = completion_scores(model, batch, top_k=top_k, candidate_ids_NC=_candidates(sequences, device))
+    out, start = [], 0
+    for s in sequences:
+        rows = slice(start, start + len(s.completion_ids))
+        start = rows.stop
+        out.append(Scored(
+            logprobs=scores.token_logprobs_N[rows].tolist(),
+            top_ids=None if scores.top_ids_NK is None else scores.top_ids_NK[rows].tolist(),
+            top_logprobs=None if scores.top_logprobs_NK is None else scores.top_logprobs_NK[rows].tolist(),
+            candidate_logprobs=None if s.candidate_ids is None or scores.candidate_logprobs_NC is None
+            else scores.candidate_logprobs_NC[rows, : len(s.candidate_ids[0])].tolist(),
+        ))  # fmt: skip
+    return out
+
+
+def _candidates(sequences: list[ToScore], device: str) -> torch.Tensor | None:
+    """Every sequence's candidate ids as one [N, C] tensor, rows padded with id 0 (dropped later)."""
+    width = max((len(s.candidate_ids[0]) for s in sequences if s.candidate_ids), default=0)
+    if width == 0:
+        return None
+    rows = [row + [0] * (width - len(row)) for s in sequences
+            for row in (s.candidate_ids or [[] for _ in s.completion_ids])]  # fmt: skip
+    return torch.tensor(rows, dtype=torch.long, device=device)

@@ -72,45 +72,42 @@ def prompt_logprob_params(top_k: int, extra: dict[str, Any] | None = None) -> An
     return SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=top_k, detokenize=False, **(extra or {}))
 
 
-class VllmGraderEngine:
-    def __init__(self, model_path: str, options: VllmOptions, max_batch_tokens: int = 16384) -> None:
-        self.model_path = model_path
-        self.options = options
-        self.engine = build_async_llm(resolve_model_path(model_path), grader_engine_options(options, max_batch_tokens))
-        self.tokenizer, self.card = vllm_model_card(model_path, self.engine, options.dtype)
-        self.candidates_in_one_request = bool(getattr(self.engine.vllm_config, "use_v2_model_runner", False))
-        self._budget = TokenBudget(MAX_TOKENS_IN_FLIGHT)
+class PromptScorer:
+    """Scores sequences with an `AsyncLLM`'s prompt logprobs under a budget of tokens in flight; the
+    grader scores with its teacher, the vLLM sampler with its student (and its current LoRA adapter)."""
 
-    def info(self) -> InfoResponse:
-        return self.card
+    def __init__(self, engine: Any, max_tokens_in_flight: int = MAX_TOKENS_IN_FLIGHT) -> None:
+        self.engine = engine
+        self.candidates_in_one_request = bool(getattr(engine.vllm_config, "use_v2_model_runner", False))
+        self._budget = TokenBudget(max_tokens_in_flight)
 
-    async def score(self, sequences: list[ToScore], top_k: int) -> list[Scored]:
+    async def score(self, sequences: list[ToScore], top_k: int, lora: Any = None) -> list[Scored]:
         with engine_errors():
-            return list(await asyncio.gather(*(self._score_within_budget(seq, top_k) for seq in sequences)))
+            return list(await asyncio.gather(*(self._within_budget(seq, top_k, lora) for seq in sequences)))
 
-    async def _score_within_budget(self, seq: ToScore, top_k: int) -> Scored:
+    async def _within_budget(self, seq: ToScore, top_k: int, lora: Any) -> Scored:
         tokens = len(seq.prompt_ids) + len(seq.completion_ids)
         await self._budget.acquire(tokens)
         try:
-            return await self._score_one(seq, top_k)
+            return await self._score_one(seq, top_k, lora)
         finally:
             await self._budget.release(tokens)
 
-    async def _run(self, tokens: list[int], params: Any) -> Any:
+    async def _run(self, tokens: list[int], params: Any, lora: Any) -> Any:
         from vllm.inputs import TokensPrompt
 
         final = None
         async for output in self.engine.generate(TokensPrompt(prompt_token_ids=tokens), params,
-                                                 request_id=uuid.uuid4().hex):  # fmt: skip
+                                                 request_id=uuid.uuid4().hex, lora_request=lora):  # fmt: skip
             final = output
         return final
 
-    async def _score_one(self, seq: ToScore, top_k: int) -> Scored:
+    async def _score_one(self, seq: ToScore, top_k: int, lora: Any) -> Scored:
         together = seq.candidate_ids is not None and self.candidates_in_one_request
         extra: dict[str, Any] = {}
         if together:
             extra = {"prompt_logprob_token_ids": seq.candidate_ids, "prompt_logprob_start": len(seq.prompt_ids) - 1}
-        final = await self._run(seq.prompt_ids + seq.completion_ids, prompt_logprob_params(top_k, extra))
+        final = await self._run(seq.prompt_ids + seq.completion_ids, prompt_logprob_params(top_k, extra), lora)
         assert final is not None and final.prompt_logprobs is not None
         scored = _scored(final, len(seq.prompt_ids), seq.completion_ids, top_k)
         if seq.candidate_ids is None:
@@ -121,10 +118,10 @@ class VllmGraderEngine:
                 raise RuntimeError("vLLM returned no candidate logprobs (prompt_token_id_logprobs)")
             candidates = [[float(v) for v in row] for row in rows]
         else:
-            candidates = await self._candidates_per_position(seq)
+            candidates = await self._candidates_per_position(seq, lora)
         return Scored(scored.logprobs, scored.top_ids, scored.top_logprobs, candidates)
 
-    async def _candidates_per_position(self, seq: ToScore) -> list[list[float]]:
+    async def _candidates_per_position(self, seq: ToScore, lora: Any) -> list[list[float]]:
         """The V1 route: position j's candidates as `logprob_token_ids` of a request that continues
         `prompt + completion[:j]` by one token (raw log-softmax, temperature 1)."""
         from vllm import SamplingParams
@@ -135,11 +132,26 @@ class VllmGraderEngine:
             unique = list(dict.fromkeys(ids))
             params = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False, logprobs=len(unique),
                                     logprob_token_ids=unique)  # fmt: skip
-            final = await self._run(seq.prompt_ids + seq.completion_ids[:j], params)
+            final = await self._run(seq.prompt_ids + seq.completion_ids[:j], params, lora)
             found = final.outputs[0].logprobs[0]
             return [found[i].logprob for i in ids]
 
         return list(await asyncio.gather(*(position(j, ids) for j, ids in enumerate(seq.candidate_ids))))
+
+
+class VllmGraderEngine:
+    def __init__(self, model_path: str, options: VllmOptions, max_batch_tokens: int = 16384) -> None:
+        self.model_path = model_path
+        self.options = options
+        self.engine = build_async_llm(resolve_model_path(model_path), grader_engine_options(options, max_batch_tokens))
+        self.tokenizer, self.card = vllm_model_card(model_path, self.engine, options.dtype)
+        self.scorer = PromptScorer(self.engine)
+
+    def info(self) -> InfoResponse:
+        return self.card
+
+    async def score(self, sequences: list[ToScore], top_k: int) -> list[Scored]:
+        return await self.scorer.score(sequences, top_k)
 
     async def close(self) -> None:
         self.engine.shutdown()

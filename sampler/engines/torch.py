@@ -11,6 +11,8 @@ import random
 import torch
 from transformers import DynamicCache
 
+from grader.engine import Scored, ToScore
+from grader.engines.torch import score_sequences
 from opd.modeling import load_causal_lm, model_card, pack_left_padded
 from opd.serving import InfoResponse
 from opd.tokenizer import chat_prompt_ids, pad_token_id
@@ -68,6 +70,10 @@ def inverse_cdf(probs_BV: torch.Tensor, uniforms_B: torch.Tensor) -> torch.Tenso
     # Clamped: NaN probabilities (weights that overflow) put the search past the end; such rows
     # get some token and a NaN logprob, which the app refuses to hand out.
     return torch.searchsorted(cdf_BV, target_B1, right=True).squeeze(-1).clamp(max=probs_BV.shape[-1] - 1)
+
+
+SCORE_BATCH_TOKENS = 16384
+"""Padded tokens per forward when the sampler scores given completions (the grader's default)."""
 
 
 class TorchSamplerEngine:
@@ -202,6 +208,11 @@ class TorchSamplerEngine:
             original = self._base.setdefault(f"{module}.weight", weight.detach().clone())
             delta = adapter.scale * (b.to(self.device, torch.float32) @ a.to(self.device, torch.float32))
             weight.copy_((original.float() + delta).to(weight.dtype))
+
+    async def score(self, sequences: list[ToScore], top_k: int) -> list[Scored]:
+        async with self._lock:
+            return await asyncio.to_thread(score_sequences, self.model, sequences, top_k, pad_id=self.pad_id,
+                                           max_batch_tokens=SCORE_BATCH_TOKENS)  # fmt: skip
 
     async def close(self) -> None:
         return None

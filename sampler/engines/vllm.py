@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from grader.engine import Scored, ToScore
+from grader.engines.vllm import PromptScorer
 from opd.modeling import DTYPES
 from opd.paths import resolve_model_path
 from opd.serving import InfoResponse
@@ -118,6 +120,7 @@ class VllmSamplerEngine:
         # new name and id, so neither vLLM's adapter cache nor its prefix cache serves an old one.
         self._lora: Any = None
         self._lora_ids = itertools.count(1)
+        self.scorer = PromptScorer(self.engine)
         self._adapter_root = Path(tempfile.mkdtemp(prefix="opd-adapters-", dir="/dev/shm" if Path("/dev/shm").is_dir()
                                                    else None))  # fmt: skip
 
@@ -201,6 +204,10 @@ class VllmSamplerEngine:
         if previous is not None:
             await self.engine.remove_lora(previous.lora_int_id)
             shutil.rmtree(previous.lora_path, ignore_errors=True)
+
+    async def score(self, sequences: list[ToScore], top_k: int) -> list[Scored]:
+        async with self._gate.reading():  # the weights (and adapter) of one version throughout
+            return await self.scorer.score(sequences, top_k, self._lora)
 
     async def close(self) -> None:
         self.engine.shutdown()
