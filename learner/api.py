@@ -16,6 +16,7 @@ from transformers import PreTrainedTokenizerBase
 
 from learner.config import DataConfig, OpdConfig, format_errors, load_config
 from learner.data import PromptItem, encode_row, load_prompts
+from learner.rewards import Reward, exact
 from opd.errors import ConfigError
 
 
@@ -53,16 +54,19 @@ def build_config(
         raise ConfigError(format_errors(exc, "(keyword arguments)")) from exc
 
 
-def load_dataset(dataset: Dataset, tokenizer: PreTrainedTokenizerBase, data: DataConfig) -> list[EvalItem]:
-    """Items from a JSONL path, from JSONL-style dicts, or items already holding `prompt_ids`."""
+def load_dataset(
+    dataset: Dataset, tokenizer: PreTrainedTokenizerBase, data: DataConfig, reward: Reward = exact
+) -> list[EvalItem]:
+    """Items from a JSONL path, from JSONL-style dicts, or items already holding `prompt_ids` (which
+    bring their own `get_reward`); rows read here are checked with `reward`."""
     if dataset is None:
         return []
     if isinstance(dataset, str | Path):
-        return list(load_prompts(str(dataset), tokenizer, data.chat_template, data.max_prompt_tokens))
+        return list(load_prompts(str(dataset), tokenizer, data, reward))
     items: list[EvalItem] = []
     for index, row in enumerate(dataset):
         if isinstance(row, dict):
-            items.append(encode_row(row, f"dataset[{index}]", tokenizer, data.chat_template, data.max_prompt_tokens))
+            items.append(encode_row(row, f"dataset[{index}]", tokenizer, data, reward))
         elif hasattr(row, "prompt_ids") and hasattr(row, "get_reward"):
             items.append(row)  # type: ignore[arg-type]  # duck-typed just above
         else:

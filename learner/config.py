@@ -7,11 +7,12 @@ The resolved config is written to `<run_dir>/config.yml` at start.
 """
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from learner.rewards import BUILT_IN, CUSTOM
 from opd.errors import ConfigError
 from opd.paths import missing_local_model
 
@@ -64,6 +65,8 @@ class DataConfig(Section):
     """Wrap `prompt` text as a user message and apply the tokenizer's chat template."""
     max_prompt_tokens: int = Field(default=512, gt=0)
     """Prompts longer than this are refused when the data is loaded (naming the line)."""
+    chat_template_kwargs: dict[str, Any] = {}
+    """Passed to the chat template of train and eval prompts, e.g. {enable_thinking: true} (Qwen3)."""
     shuffle: bool = True
     """Reshuffle the training prompts each epoch (seeded by train.seed)."""
 
@@ -157,6 +160,17 @@ class EvalConfig(Section):
     """Samples per eval prompt for the reverse-KL estimate (temperature 1)."""
     max_tokens: int = Field(default=128, gt=0)
     """Most tokens per eval completion."""
+    reward: str = "exact"
+    """How an eval completion is checked against its item's answer: exact (the stripped completion),
+    last_line, math (the final answer by value, via math-verify: `pip install 'opd[math]'`), or
+    `package.module:function` of your own, called as function(completion, answer) -> float."""
+
+    @field_validator("reward")
+    @classmethod
+    def _known_reward(cls, reward: str) -> str:
+        if reward not in BUILT_IN and not CUSTOM.match(reward):
+            raise ValueError(f"{reward!r} is none of {', '.join(BUILT_IN)} nor a module:function path")
+        return reward
 
 
 class ServicesConfig(Section):
@@ -177,6 +191,11 @@ class ServicesConfig(Section):
     """Engine of the locally started servers; auto: vllm where it is installed, else torch."""
     device: str = "cpu"
     """Device of the locally started servers."""
+    gpu_memory_utilization: float | None = Field(default=None, gt=0.0, lt=1.0)
+    """Share of the GPU each locally started vLLM server may take (weights + KV cache). Unset, vLLM
+    takes 0.92 and a second server on the same GPU cannot start; set, the servers start one after
+    another so their memory profiles do not overlap. Their shares plus the learner's need must stay
+    under 1 when all share one GPU."""
     request_timeout_s: float = Field(default=300.0, gt=0.0)
     """Per request; a generate of 256 tokens x 64 samples on a busy GPU can take minutes."""
     retry_deadline_s: float = Field(default=120.0, ge=0.0)

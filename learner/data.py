@@ -8,9 +8,12 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
+from learner.config import DataConfig
+from learner.rewards import Reward, exact
 from opd.errors import ConfigError
 from opd.tokenizer import chat_prompt_ids
 
@@ -19,23 +22,28 @@ from opd.tokenizer import chat_prompt_ids
 class PromptItem:
     prompt_ids: list[int]
     answer: str | None = None
+    reward: Reward = exact
+    """How `get_reward` checks a completion against the answer (`eval.reward`, learner/rewards.py)."""
 
     def get_reward(self, completion: str) -> float:
-        """1.0 when the completion, stripped, equals the answer; override for other tasks."""
+        """The item's reward of `completion` (the default: an exact match of the stripped text)."""
         if self.answer is None:
             raise ValueError("get_reward needs an item with an answer")
-        return float(completion.strip() == self.answer.strip())
+        return float(self.reward(completion, self.answer))
 
 
-def encode_prompt(row: dict, tokenizer: PreTrainedTokenizerBase, chat_template: bool) -> list[int]:
-    """Token ids of one JSONL row's prompt (chat-templated when asked or when it has messages)."""
+def encode_prompt(
+    row: dict, tokenizer: PreTrainedTokenizerBase, chat_template: bool, template_kwargs: dict[str, Any] | None = None
+) -> list[int]:
+    """Token ids of one JSONL row's prompt (chat-templated when asked or when it has messages;
+    `template_kwargs` go to the chat template, e.g. Qwen3's enable_thinking)."""
     if "messages" in row:
         messages = row["messages"]
     elif chat_template:
         messages = [{"role": "user", "content": row["prompt"]}]
     else:
         return list(tokenizer(row["prompt"], add_special_tokens=False)["input_ids"])
-    return chat_prompt_ids(tokenizer, messages)
+    return chat_prompt_ids(tokenizer, messages, **(template_kwargs or {}))
 
 
 def _check_row(row: object, where: str) -> dict:
@@ -47,19 +55,19 @@ def _check_row(row: object, where: str) -> dict:
 
 
 def encode_row(
-    row: object, where: str, tokenizer: PreTrainedTokenizerBase, chat_template: bool, max_prompt_tokens: int
+    row: object, where: str, tokenizer: PreTrainedTokenizerBase, data: DataConfig, reward: Reward = exact
 ) -> PromptItem:
     """One JSONL-style row as a PromptItem; errors name `where` (file:line or dataset[i])."""
     checked = _check_row(row, where)
-    ids = encode_prompt(checked, tokenizer, chat_template)
-    if len(ids) > max_prompt_tokens:
-        raise ConfigError(f"{where}: prompt has {len(ids)} tokens > data.max_prompt_tokens={max_prompt_tokens}")
+    ids = encode_prompt(checked, tokenizer, data.chat_template, data.chat_template_kwargs)
+    if len(ids) > data.max_prompt_tokens:
+        raise ConfigError(f"{where}: prompt has {len(ids)} tokens > data.max_prompt_tokens={data.max_prompt_tokens}")
     answer = checked.get("answer")
-    return PromptItem(ids, None if answer is None else str(answer))
+    return PromptItem(ids, None if answer is None else str(answer), reward)
 
 
 def load_prompts(
-    path: str, tokenizer: PreTrainedTokenizerBase, chat_template: bool, max_prompt_tokens: int
+    path: str, tokenizer: PreTrainedTokenizerBase, data: DataConfig, reward: Reward = exact
 ) -> list[PromptItem]:
     """Read and tokenize every line; errors name the file and line."""
     if not Path(path).is_file():
@@ -72,7 +80,7 @@ def load_prompts(
             row = json.loads(line)
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
-        items.append(encode_row(row, f"{path}:{number}", tokenizer, chat_template, max_prompt_tokens))
+        items.append(encode_row(row, f"{path}:{number}", tokenizer, data, reward))
     if not items:
         raise ConfigError(f"data file {path} has no prompts")
     return items

@@ -23,6 +23,8 @@ def server_args(spec: ModelSpec, config: OpdConfig) -> list[str]:
     args = ["--model", spec.path, "--dtype", spec.dtype, "--device", services.device, "--engine", services.engine]
     if spec.lora is not None:  # a LoRA student's sampler serves adapters of its rank
         args += ["--max-lora-rank", str(min(rank for rank in LORA_RANKS if rank >= spec.lora.r))]
+    if services.gpu_memory_utilization is not None:
+        args += ["--gpu-memory-utilization", str(services.gpu_memory_utilization)]
     return args
 
 
@@ -43,7 +45,8 @@ def service_urls(config: OpdConfig, log_dir: Path, world_size: int = 1) -> Itera
                for i in range(services.samplers)]  # fmt: skip
     servers += [LocalServer("grader", grader_args, log_dir, name=_log_name("grader", i, services.graders))
                 for i in range(services.graders)]  # fmt: skip
-    with local_servers(servers, services.startup_timeout_s) as urls:
+    one_at_a_time = services.gpu_memory_utilization is not None  # sharing a GPU: never profile at once
+    with local_servers(servers, services.startup_timeout_s, one_at_a_time) as urls:
         yield urls[: services.samplers], urls[services.samplers :]
 
 

@@ -33,6 +33,7 @@ from learner.evaluate import evaluate
 from learner.metrics import FanOut, JsonlLogger, MetricsLogger, NullLogger, TensorBoardLogger, timed, truncate_metrics
 from learner.policy import is_lora, push_bytes, student_policy, tensors_to_push
 from learner.producer import Producer, step_plan
+from learner.rewards import load_reward
 from learner.services import check_services, service_urls
 from learner.step_metrics import batch_metrics, mean_over_processes
 from learner.update import MicroBatch, Scored, micro_batches, ppo_update
@@ -83,7 +84,7 @@ class OnPolicyDistillationTrainer:
         if not self.train_items:
             raise ConfigError("no training prompts: set data.train_path or pass train_dataset")
         self.eval_items = load_dataset(eval_dataset if eval_dataset is not None else cfg.data.eval_path,
-                                       self.tokenizer, cfg.data)  # fmt: skip
+                                       self.tokenizer, cfg.data, load_reward(cfg.eval.reward))  # fmt: skip
         # One global order of prompts; each process takes its own slice of every global batch.
         global_batch = cfg.train.batch_size * self.processes.world_size
         self.prompts = PromptStream(self.train_items, global_batch, cfg.train.seed, cfg.data.shuffle)

@@ -1,6 +1,6 @@
 """The `opd` command line.
 
-    opd init FOLDER [--template NAME]              scaffold config.yml + train/eval JSONL
+    opd init FOLDER [-t TEMPLATE]                  scaffold config.yml + train/eval JSONL
     opd run CONFIG.yml [--section.key value ...]   the learner (starts local servers if no URLs)
     opd sampler --model PATH [--port 8001]         the student server
     opd grader --model PATH [--port 8002]          the teacher server
@@ -88,8 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     init = sub.add_parser("init", help="scaffold a project folder (config.yml, train.jsonl, eval.jsonl)")
     init.add_argument("folder", help="folder to create (files already there are never overwritten)")
-    init.add_argument("--template", default="distill-reasoning",
-                      choices=["distill-reasoning", "distill-chat", "tiny"])  # fmt: skip
+    init.add_argument("-t", "--template", default="distill-reasoning",
+                      choices=["distill-reasoning", "distill-reasoning-qwen3", "distill-chat", "tiny"])  # fmt: skip
     plot = sub.add_parser("plot", help="plot reverse KL and eval reward from runs' metrics.jsonl")
     plot.add_argument("runs", nargs="+", help="run directories (each with metrics.jsonl) or metrics.jsonl files")
     plot.add_argument("--out", default=None, help="PNG to write (default: RUN_DIR/plot.png of the first run)")
@@ -229,9 +229,15 @@ def run_init(folder: str, template: str) -> None:
 
     from opd.templates import init_project
 
-    for path in init_project(Path(folder), template):
+    paths = init_project(Path(folder), template)
+    for path in paths:
         print(f"wrote {path}")
-    print(f"next: opd run {Path(folder) / 'config.yml'}")
+    compose = [path for path in paths if path.name.startswith("docker-compose")]
+    if compose:  # the services run in containers, the learner among them
+        print(f"next: CONFIG_DIR={Path(folder).resolve()} docker compose -f deploy/docker-compose.yml "
+              f"-f {compose[0]} up --build")  # fmt: skip
+    else:
+        print(f"next: opd run {Path(folder) / 'config.yml'}")
 
 
 def run_plot(runs: list[str], out: str | None) -> None:

@@ -137,6 +137,9 @@ class LocalServer:
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen | None = None
         self.restarts = 0
+        self.started_at: float | None = None
+        """time.monotonic() of the newest start, and of the first health check it passed."""
+        self.ready_at: float | None = None
 
     @property
     def url(self) -> str:
@@ -152,6 +155,7 @@ class LocalServer:
                 self.cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True,
                 preexec_fn=_die_with_parent,
             )  # fmt: skip
+        self.started_at, self.ready_at = time.monotonic(), None
         logger.info("started %s (pid %d) at %s, log %s", self.role, self.proc.pid, self.url, self.log_path)
         return self
 
@@ -160,6 +164,10 @@ class LocalServer:
         for attempt in range(1, PORT_ATTEMPTS + 1):
             try:
                 wait_healthy(self.url, self.proc, self.role, self.log_path, timeout)
+                if self.ready_at is None:
+                    self.ready_at = time.monotonic()
+                    waited = self.ready_at - (self.started_at or self.ready_at)
+                    logger.info("%s ready at %s after %.1f s", self.name, self.url, waited)
                 return
             except ServiceError:
                 if self.proc is None or self.proc.returncode != EXIT_PORT_IN_USE or attempt == PORT_ATTEMPTS:
@@ -196,14 +204,19 @@ def _watch(servers: list[LocalServer], stop: threading.Event) -> None:
 
 
 @contextmanager
-def local_servers(servers: list[LocalServer], timeout: float = STARTUP_TIMEOUT_S) -> Iterator[list[str]]:
-    """Start all servers at once (they load their models in parallel), wait until each is healthy,
-    yield their URLs, and stop them all on exit, also on error or Ctrl-C."""
+def local_servers(
+    servers: list[LocalServer], timeout: float = STARTUP_TIMEOUT_S, one_at_a_time: bool = False
+) -> Iterator[list[str]]:
+    """Start all servers at once (they load their models in parallel), or each after the one before
+    is healthy (vLLM servers sharing a GPU, whose start-up memory profiles must not overlap); wait
+    until each is healthy, yield their URLs, and stop them all on exit, also on error or Ctrl-C."""
     stop = threading.Event()
     watchdog = threading.Thread(target=_watch, args=(servers, stop), name="opd-watchdog", daemon=True)
     try:
         for server in servers:
             server.start()
+            if one_at_a_time:
+                server.wait_ready(timeout)
         for server in servers:
             server.wait_ready(timeout)
         watchdog.start()

@@ -6,7 +6,7 @@ map. Two tokenizers with the same fingerprint map every id to the same string.
 
 import hashlib
 import json
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from transformers import PreTrainedTokenizerBase
 
@@ -55,9 +55,12 @@ def check_vocabularies(learner_vocab: int, sampler: "InfoResponse", grader: "Inf
         )
 
 
-def chat_prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> list[int]:
-    """Token ids of `messages` under the tokenizer's chat template, ready for the assistant turn."""
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+def chat_prompt_ids(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], **template_kwargs: Any
+) -> list[int]:
+    """Token ids of `messages` under the tokenizer's chat template, ready for the assistant turn;
+    `template_kwargs` are the template's own switches (Qwen3: enable_thinking)."""
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False, **template_kwargs)
     return [int(i) for i in ids]  # type: ignore[union-attr,arg-type]
 
 

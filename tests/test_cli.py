@@ -133,7 +133,7 @@ def test_weights_through_a_shared_directory(tmp_path):
     assert "weights" in (tmp_path / "run" / "logs" / "sampler.log").read_text()
 
 
-@pytest.mark.parametrize("template", ["distill-reasoning", "distill-chat", "tiny"])
+@pytest.mark.parametrize("template", ["distill-reasoning", "distill-reasoning-qwen3", "distill-chat", "tiny"])
 def test_init_scaffolds_a_valid_project(tmp_path, template):
     from learner.config import load_config
 

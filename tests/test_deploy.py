@@ -135,3 +135,57 @@ def test_replicas_override_adds_a_second_sampler_the_learner_uses(tmp_path, stud
     urls = yaml.safe_load(command[command.index("--services.sampler_urls") + 1])
     assert urls == ["http://sampler:8001", "http://sampler2:8003"]
     assert services["sampler2"]["command"][services["sampler2"]["command"].index("--port") + 1] == "8003"
+
+
+def test_qwen3_override_from_opd_init_renders_and_matches_its_config(tmp_path):
+    """`opd init -t distill-reasoning-qwen3` writes a config and the compose override deploy/ holds;
+    compose accepts the pair, each service has GPUs of its own, every command parses with opd's own
+    CLI, and the learner's config names exactly the samplers and grader the override starts."""
+    from learner.config import load_config
+    from opd.cli import build_parser
+
+    folder = tmp_path / "qwen3"
+    result = subprocess.run([sys.executable, "-m", "opd.cli", "init", str(folder), "-t", "distill-reasoning-qwen3"],
+                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    override = folder / "docker-compose.qwen3.yml"
+    assert override.read_text() == Path("deploy/docker-compose.qwen3.yml").read_text()
+    assert f"CONFIG_DIR={folder.resolve()} docker compose" in result.stdout
+    config = load_config(folder / "config.yml")
+
+    (tmp_path / "test.env").write_text(f"OPD_API_KEY={KEY}\n")
+    env = {**os.environ, "OPD_ENV_FILE": str(tmp_path / "test.env"), "CONFIG_DIR": str(folder)}
+    for name in ("STUDENT_MODEL", "TEACHER_MODEL", "MAX_MODEL_LEN"):
+        env.pop(name, None)
+    compose = [docker_compose(), "-f", str(COMPOSE), "-f", str(override), "config"]
+    rendered = subprocess.run(compose, env=env, capture_output=True, text=True, timeout=60)
+    assert rendered.returncode == 0, rendered.stderr
+    services = yaml.safe_load(rendered.stdout)["services"]
+    samplers = sorted(name for name in services if name.startswith("sampler"))
+    assert samplers == ["sampler", "sampler2", "sampler3", "sampler4", "sampler5"]
+
+    gpus = {name: services[name]["environment"]["CUDA_VISIBLE_DEVICES"].split(",") for name in services}
+    assert sorted(gpu for ids in gpus.values() for gpu in ids) == [str(i) for i in range(8)]  # none shared
+    parser = build_parser()
+    parsed = {name: parser.parse_known_args(services[name]["command"][1:]) for name in services}
+    args = {name: known for name, (known, _) in parsed.items()}
+    assert all(not rest for name, (_, rest) in parsed.items() if name != "learner")
+    assert args["grader"].tensor_parallel_size == len(gpus["grader"]) == 2
+    assert all(services[name]["volumes"] for name in samplers)
+    assert set(services["learner"]["depends_on"]) == {*samplers, "grader"}
+    # the learner reaches every sampler and the grader by its compose name and port
+    assert config.services.sampler_urls == [f"http://{name}:{args[name].port}" for name in samplers]
+    assert config.services.grader_url == f"http://grader:{args['grader'].port}"
+    # the servers fit what the config asks of them: the adapter rank, prompt + completion lengths
+    longest = config.data.max_prompt_tokens + max(config.sampling.max_tokens, config.eval.max_tokens)
+    for name in [*samplers, "grader"]:
+        assert args[name].model == (config.teacher.path if name == "grader" else config.student.path)
+        assert args[name].max_model_len >= longest
+    for name in samplers:
+        assert args[name].max_lora_rank >= config.student.lora.r
+    # the config file is the one the learner's command reads, from the folder opd init wrote
+    assert f"{folder}:/config:ro" in services["learner"]["volumes"]
+    assert args["learner"].config == "/config/config.yml"
+    assert load_config(folder / "config.yml", parsed["learner"][1]).run_dir == "/shared/runs/qwen3"
+    assert config.train.max_staleness == 1 and config.train.precision == "bf16" and config.student.lora is not None
+    assert config.data.chat_template_kwargs == {"enable_thinking": True} and config.sampling.max_tokens >= 4096

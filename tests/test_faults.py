@@ -133,6 +133,24 @@ def test_a_port_taken_before_the_server_binds_is_retried_on_another(tmp_path, te
     assert "already in use" in (tmp_path / "grader.log").read_text()
 
 
+def test_servers_sharing_a_gpu_start_one_after_the_other(tmp_path, student_dir, teacher_dir):
+    """services.gpu_memory_utilization set: each locally started server gets the share and starts
+    only once the one before is healthy (two vLLM engines profiling one GPU at once collide)."""
+    from learner.services import server_args
+
+    config = load_config("examples/tiny/config.yml", ["--services.engine", "torch",
+                                                      "--services.gpu_memory_utilization", "0.3"])  # fmt: skip
+    args = server_args(config.student, config)
+    assert args[args.index("--gpu-memory-utilization") + 1] == "0.3"
+    for one_at_a_time in (True, False):
+        servers = [LocalServer("sampler", ["--model", str(student_dir), "--engine", "torch"], tmp_path),
+                   LocalServer("grader", ["--model", str(teacher_dir), "--engine", "torch"], tmp_path)]  # fmt: skip
+        with local_servers(servers, one_at_a_time=one_at_a_time):
+            sampler, grader = servers
+            assert sampler.ready_at is not None and grader.started_at is not None
+            assert (grader.started_at > sampler.ready_at) == one_at_a_time
+
+
 def test_a_taken_port_on_the_command_line_is_one_clear_line(teacher_dir):
     with socket.create_server(("127.0.0.1", 0)) as squatter:
         port = str(squatter.getsockname()[1])
