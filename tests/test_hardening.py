@@ -5,8 +5,6 @@ sampler that is killed and restarted between a weight push and the eval that fol
 """
 
 import json
-import os
-import signal
 import struct
 import subprocess
 import sys
@@ -21,6 +19,7 @@ from learner.config import load_config
 from learner.metrics import read_metrics
 from learner.trainer import OnPolicyDistillationTrainer
 from opd.launch import LocalServer, local_server, local_servers
+from tests.faults import KillSamplerAfterPush
 from tests.test_servers import _new_student_weights
 
 
@@ -132,22 +131,10 @@ def test_a_hub_like_path_that_is_no_folder_fails_at_once_naming_it(tmp_path):
     assert time.perf_counter() - start < 20
 
 
-class KillSamplerAfterPush(OnPolicyDistillationTrainer):
-    """Fault injection: SIGKILL the sampler right after the weight push of `kill_at`; the watchdog
-    restarts it with its initial weights before the eval that follows the push."""
-
-    def __init__(self, *args, sampler: LocalServer, kill_at: int, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.server, self.kill_at = sampler, kill_at
-
-    async def push_weights(self) -> None:
-        await super().push_weights()
-        if self.step_count == self.kill_at and self.server.restarts == 0:
-            os.kill(self.server.proc.pid, signal.SIGKILL)
-
-
 @pytest.mark.slow
 def test_an_eval_after_a_sampler_restart_scores_the_learners_weights(tmp_path, student_dir, teacher_dir):
+    # the sampler is killed right after the push of step 2; the watchdog restarts it with its
+    # initial weights before the eval that follows the push
     args = ["--train.steps", "2", "--eval.eval_steps", "2", "--services.engine", "torch", "--logging.progress", "false"]
     evals = {}
     for name in ("killed", "uninterrupted"):

@@ -6,9 +6,6 @@ held-out KL falls as far as the serial loop's; two sampler replicas share the wo
 same version, and a run survives one of them being killed.
 """
 
-import os
-import signal
-
 import httpx
 import pytest
 import torch
@@ -19,6 +16,7 @@ from learner.metrics import read_metrics
 from learner.trainer import OnPolicyDistillationTrainer
 from opd.errors import ConfigError
 from opd.launch import LocalServer, local_servers
+from tests.faults import KillSamplerAfterPush
 
 EXAMPLE = "examples/tiny/config.yml"
 QUIET = ["--services.engine", "torch", "--logging.progress", "false"]
@@ -91,19 +89,6 @@ def test_staleness_1_overlaps_and_learns_as_far_as_the_serial_loop(tmp_path):
     assert min(evals(tmp_path / "pipelined").values()) <= evals(tmp_path / "serial")[30]
 
 
-class KillReplicaAfter(OnPolicyDistillationTrainer):
-    """Fault injection: SIGKILL one sampler replica right after the given step's push."""
-
-    def __init__(self, *args, replica: LocalServer, kill_at: int, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.replica, self.kill_at = replica, kill_at
-
-    async def push_weights(self) -> None:
-        await super().push_weights()
-        if self.step_count == self.kill_at and self.replica.restarts == 0:
-            os.kill(self.replica.proc.pid, signal.SIGKILL)
-
-
 @pytest.mark.slow
 def test_two_sampler_replicas_share_the_work_and_a_run_survives_losing_one(tmp_path, student_dir, teacher_dir):
     args = ["--model", str(student_dir), "--engine", "torch"]
@@ -114,7 +99,7 @@ def test_two_sampler_replicas_share_the_work_and_a_run_survives_losing_one(tmp_p
                                    "--eval.eval_steps", "0", *QUIET])  # fmt: skip
     with local_servers([*samplers, grader]) as urls:
         services = config.services.model_copy(update={"sampler_urls": urls[:2], "grader_url": urls[2]})
-        trainer = KillReplicaAfter(config.model_copy(update={"services": services}), replica=samplers[1], kill_at=2)
+        trainer = KillSamplerAfterPush(config.model_copy(update={"services": services}), sampler=samplers[1], kill_at=2)
         history = trainer.train()
         versions = [httpx.get(f"{url}/v1/info").json()["policy_version"] for url in urls[:2]]
     assert len(history) == steps and samplers[1].restarts == 1
