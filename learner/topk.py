@@ -47,6 +47,7 @@ from dataclasses import dataclass
 import torch
 
 from learner.loss import PolicyLoss, clipped_policy_loss, head_reverse_kl
+from opd.modeling import padded_rows
 
 
 @dataclass(frozen=True)
@@ -64,16 +65,12 @@ def head_tensors(
 ) -> Head:
     """Right-padded [B, T, K] head tensors from per-sample, per-position lists of equal length K."""
     k = max((len(position) for rows in ids for position in rows), default=1)
-    ids_BTK = torch.zeros(len(ids), width, k, dtype=torch.long)
-    teacher_BTK = torch.zeros(len(ids), width, k, dtype=torch.float32)
-    present_BTK = torch.zeros(len(ids), width, k, dtype=torch.bool)
-    for b, (rows, values) in enumerate(zip(ids, teacher_logprobs, strict=True)):
-        if rows:
-            ids_BTK[b, : len(rows)] = torch.tensor(rows, dtype=torch.long)
-            teacher_BTK[b, : len(rows)] = torch.tensor(values, dtype=torch.float32)
-            present_BTK[b, : len(rows)] = True
+    ids_BTK = padded_rows(ids, width, torch.long, per_position=(k,))
+    teacher_BTK = padded_rows(teacher_logprobs, width, torch.float32, per_position=(k,))
+    lengths_B = torch.tensor([len(rows) for rows in ids], dtype=torch.long)
+    present_BT1 = (torch.arange(width)[None, :] < lengths_B[:, None])[..., None]
     return Head(
-        ids_BTK.to(device), teacher_BTK.to(device), (present_BTK & first_occurrence(ids_BTK)).float().to(device)
+        ids_BTK.to(device), teacher_BTK.to(device), (present_BT1 & first_occurrence(ids_BTK)).float().to(device)
     )
 
 

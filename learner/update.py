@@ -31,7 +31,14 @@ from learner.loss import (
 from learner.policy import policy_inputs
 from learner.rollout import Graded, Rollouts
 from learner.topk import Head, head_tensors, sampled_in_head, topk_policy_loss
-from opd.modeling import PackedBatch, completion_targets, length_sorted_chunks, pack_left_padded, right_padded
+from opd.modeling import (
+    PackedBatch,
+    completion_targets,
+    length_sorted_chunks,
+    pack_left_padded,
+    padded_rows,
+    right_padded,
+)
 
 
 @dataclass(frozen=True)
@@ -63,13 +70,6 @@ class Scored:
     is_weights_BT: torch.Tensor | None = None
 
 
-def padded_rows(rows: list[list[float]], width: int, device: torch.device | str) -> torch.Tensor:
-    out = torch.zeros(len(rows), width, dtype=torch.float32)
-    for b, row in enumerate(rows):
-        out[b, : len(row)] = torch.tensor(row, dtype=torch.float32)
-    return out.to(device)
-
-
 def micro_batches(
     rollouts: Rollouts, graded: Graded, *, pad_id: int, max_tokens: int, device: torch.device | str,
     behaviour_temperature: float | None = None,
@@ -96,8 +96,8 @@ def _micro_batch(
         rows=rows,
         packed=packed,
         mask_BT=completion_mask(packed.completion_lengths_B, width),
-        sampler_logprobs_BT=padded_rows([rollouts.sampler_logprobs[r] for r in rows], width, device),
-        teacher_logprobs_BT=padded_rows([graded.logprobs[r] for r in rows], width, device),
+        sampler_logprobs_BT=padded_rows([rollouts.sampler_logprobs[r] for r in rows], width, torch.float32).to(device),
+        teacher_logprobs_BT=padded_rows([graded.logprobs[r] for r in rows], width, torch.float32).to(device),
         head=head,
         behaviour_temperature=behaviour_temperature,
     )

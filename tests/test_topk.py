@@ -100,3 +100,14 @@ def test_head_tensors_mask_repeated_ids_and_padding():
     assert head.mask_BTK.tolist() == [[[1, 1, 0], [1, 0, 1]], [[1, 0, 0], [0, 0, 0]]]
     in_head = sampled_in_head(torch.tensor([[5, 9], [4, 0]]), head)
     assert in_head.tolist() == [[1.0, 0.0], [1.0, 0.0]]  # padding (row 1, position 1) never counts
+
+
+def test_head_tensors_place_each_rows_values_and_leave_a_row_without_head_empty():
+    # row 1 has no head (a reply without top-k for it): all zeros and masked, rows 0 and 2 in place
+    ids = [[[7, 8], [9, 6]], [], [[5, 4]]]
+    logprobs = [[[-0.5, -1.5], [-2.5, -3.5]], [], [[-4.5, -5.5]]]
+    head = head_tensors(ids, logprobs, width=3, device="cpu")
+    assert head.ids_BTK.tolist() == [[[7, 8], [9, 6], [0, 0]], [[0, 0]] * 3, [[5, 4], [0, 0], [0, 0]]]
+    assert head.teacher_logprobs_BTK.tolist() == [[[-0.5, -1.5], [-2.5, -3.5], [0, 0]], [[0, 0]] * 3,
+                                                  [[-4.5, -5.5], [0, 0], [0, 0]]]  # fmt: skip
+    assert head.mask_BTK.tolist() == [[[1, 1], [1, 1], [0, 0]], [[0, 0]] * 3, [[1, 1], [0, 0], [0, 0]]]
