@@ -1,5 +1,6 @@
 """The sampler and grader as real uvicorn processes on loopback, driven over HTTP."""
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -368,3 +369,37 @@ def test_checksum_header_is_enforced(student_dir, tmp_path):
         )
         assert right.status_code == 200
         assert right.json() == {"policy_version": 1}
+
+
+def test_the_vllm_scorers_token_budget_runs_jobs_in_order_within_it_and_gets_every_token_back():
+    from grader.engines.vllm import TokenBudget, within_budget
+
+    held, starts = [0], []
+
+    def job(tokens: int, value: int, fail: bool = False):
+        async def run() -> int:
+            held[0] += tokens
+            starts.append((tokens, held[0]))
+            await asyncio.sleep(0.001 * (value % 3))
+            held[0] -= tokens
+            if fail:
+                raise RuntimeError("engine failed")
+            return value
+
+        return run
+
+    async def main(jobs) -> tuple[list[int], TokenBudget]:
+        budget = TokenBudget(10)
+        try:
+            return await within_budget(budget, jobs), budget
+        finally:
+            assert budget.used == 0  # every job gave its tokens back, also failed and cancelled ones
+
+    # 12 tokens exceed the limit alone: that job runs once it is the only one
+    results, _ = asyncio.run(main([(t, job(t, i)) for i, t in enumerate([4, 4, 4, 12, 3, 3, 3, 3])]))
+    assert results == list(range(8))
+    assert all(total <= 10 or (tokens, total) == (12, 12) for tokens, total in starts), starts
+    assert (12, 12) in starts and max(total for tokens, total in starts if tokens != 12) > 4  # jobs did overlap
+
+    with pytest.raises(RuntimeError, match="engine failed"):
+        asyncio.run(main([(5, job(5, 0)), (5, job(5, 1, fail=True)), (5, job(5, 2))]))

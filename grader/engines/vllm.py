@@ -18,13 +18,17 @@ Both give log-softmax of the raw logits, like `prompt_logprobs`.
 """
 
 import asyncio
+import functools
 import uuid
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
 from grader.engine import Scored, ToScore
 from opd.paths import resolve_model_path
 from opd.serving import InfoResponse
 from opd.vllm_engine import VllmOptions, build_async_llm, engine_errors, vllm_model_card
+
+T = TypeVar("T")
 
 MAX_TOKENS_IN_FLIGHT = 65536
 """Prompt tokens in the engine at once; bounds the logprob results held in memory. A sequence
@@ -36,17 +40,42 @@ class TokenBudget:
 
     def __init__(self, limit: int) -> None:
         self.limit, self.used = limit, 0
-        self._cond = asyncio.Condition()
+        self._freed = asyncio.Event()
 
     async def acquire(self, tokens: int) -> None:
-        async with self._cond:
-            await self._cond.wait_for(lambda: self.used == 0 or self.used + tokens <= self.limit)
-            self.used += tokens
+        # no await between the check and the update: one event loop, so nothing runs in between
+        while not (self.used == 0 or self.used + tokens <= self.limit):
+            self._freed.clear()
+            await self._freed.wait()
+        self.used += tokens
 
-    async def release(self, tokens: int) -> None:
-        async with self._cond:
-            self.used -= tokens
-            self._cond.notify_all()
+    def release(self, tokens: int) -> None:
+        self.used -= tokens
+        self._freed.set()
+
+    def release_when_done(self, task: "asyncio.Future[Any]", tokens: int) -> None:
+        """Give `tokens` back when `task` ends, however it ends (cancelled before it started too)."""
+        task.add_done_callback(lambda _: self.release(tokens))
+
+
+async def within_budget(budget: TokenBudget, jobs: Sequence[tuple[int, Callable[[], Awaitable[T]]]]) -> list[T]:
+    """Run each (tokens, job) once `budget` has room for its tokens, in order, overlapping as room
+    allows; results in order. Only the next job waits, so a release wakes one waiter per request:
+    were all of a request's jobs waiting at once, each release would wake every one of them
+    (quadratic in the jobs: 0.36 s of event-loop CPU for 4,096 sequences of 300 tokens, 0.10 s
+    this way). On an error the jobs still running are cancelled and awaited; each job's tokens come
+    back when its task ends."""
+    tasks: list[asyncio.Task[T]] = []
+    try:
+        for tokens, job in jobs:
+            await budget.acquire(tokens)
+            tasks.append(asyncio.ensure_future(job()))
+            budget.release_when_done(tasks[-1], tokens)
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for task in tasks:
+            task.cancel()  # a no-op for the finished ones
+        await asyncio.gather(*tasks, return_exceptions=True)  # ended, and their tokens back, before we return
 
 
 def _scored(output: Any, prompt_len: int, completion: list[int], top_k: int) -> Scored:
@@ -82,16 +111,10 @@ class PromptScorer:
         self._budget = TokenBudget(max_tokens_in_flight)
 
     async def score(self, sequences: list[ToScore], top_k: int, lora: Any = None) -> list[Scored]:
+        jobs = [(len(seq.prompt_ids) + len(seq.completion_ids), functools.partial(self._score_one, seq, top_k, lora))
+                for seq in sequences]  # fmt: skip
         with engine_errors():
-            return list(await asyncio.gather(*(self._within_budget(seq, top_k, lora) for seq in sequences)))
-
-    async def _within_budget(self, seq: ToScore, top_k: int, lora: Any) -> Scored:
-        tokens = len(seq.prompt_ids) + len(seq.completion_ids)
-        await self._budget.acquire(tokens)
-        try:
-            return await self._score_one(seq, top_k, lora)
-        finally:
-            await self._budget.release(tokens)
+            return await within_budget(self._budget, jobs)
 
     async def _run(self, tokens: list[int], params: Any, lora: Any) -> Any:
         from vllm.inputs import TokensPrompt
