@@ -16,8 +16,8 @@ The raw engines are built by the services' own option functions (`sampler_engine
 `grader_engine_options`) and sent the services' own request parameters, so both sides run with
 the same KV cache, batch limits, dtype, chunked-prefill and logprob settings (printed with the
 results). Only one engine is alive at a time while a throughput is measured: on a small CPU box an
-idle vLLM engine polls and takes the cores the measured one needs. Each throughput is the best of
-`--repeats` timed runs after a warm-up.
+idle vLLM engine polls and takes the cores the measured one needs. Each throughput is the median
+of `--repeats` timed runs after a warm-up (the fastest is reported too).
 """
 
 import argparse
@@ -63,7 +63,7 @@ def run_event_loop(coroutine: Any) -> Any:
         return runner.run(coroutine)
 
 
-def best_of(repeats: int, run) -> list[float]:
+def timed_runs(repeats: int, run) -> list[float]:
     """Seconds of `repeats` calls of `run` (after the caller's warm-up), fastest first."""
     return sorted(run() for _ in range(repeats))
 
@@ -160,7 +160,7 @@ def opd_generate(url: str, args: argparse.Namespace, batch: list[list[int]]) -> 
         generated = sum(len(c["completion_ids"]) for r in response.json()["results"] for c in r["completions"])
         return seconds
 
-    return throughput(best_of(args.repeats, run), generated)
+    return throughput(timed_runs(args.repeats, run), generated)
 
 
 def opd_score(url: str, args: argparse.Namespace, sequences: list[list[int]]) -> dict:
@@ -173,7 +173,7 @@ def opd_score(url: str, args: argparse.Namespace, sequences: list[list[int]]) ->
         httpx.post(f"{url}/v1/logprobs", json={"sequences": seqs}, timeout=600).raise_for_status()
         return time.perf_counter() - start
 
-    return throughput(best_of(args.repeats, run), sum(map(len, sequences)))
+    return throughput(timed_runs(args.repeats, run), sum(map(len, sequences)))
 
 
 def weight_push(url: str, student: Path, dtype: str) -> dict:
@@ -263,7 +263,8 @@ def main(argv: list[str] | None = None) -> dict:
     with local_servers([server("grader", teacher, args, args.gpu_util)]) as (url,):
         results["opd_score"] = opd_score(url, args, sequences)
     servers = [server("sampler", student, args, args.gpu_util), server("grader", teacher, args, args.gpu_util)]
-    with local_servers(servers) as urls:
+    # both on one GPU: their vLLM start-up memory profiles must not overlap
+    with local_servers(servers, one_at_a_time=cuda_available()) as urls:
         results["learner_step"] = learner_step((urls[0], urls[1]), student, teacher, args)
     report(results)
     out = args.out or Path("bench/results") / ("smoke-services.json" if args.smoke else f"services-{args.preset}.json")

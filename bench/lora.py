@@ -53,12 +53,13 @@ def measure_learner(path: str, mode: str, args: argparse.Namespace) -> dict:
     from learner.policy import student_policy
     from learner.update import ppo_update
 
-    policy = student_policy(spec(path, mode), TrainConfig(), "cpu").train()
+    train, processes = TrainConfig(), Processes(False, "cpu")
+    policy = student_policy(spec(path, mode), train, "cpu").train()
     trainable = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-5)
     vocab = policy.lm.config.vocab_size
-    batches = synthetic_batches(args.samples, args.prompt_len, args.completion_len, vocab, 16384, "cpu")
-    train, processes = TrainConfig(), Processes(False, "cpu")
+    batches = synthetic_batches(args.samples, args.prompt_len, args.completion_len, vocab, train.micro_batch_tokens,
+                                "cpu")  # fmt: skip
     ppo_update(policy, optimizer, batches, train=train, processes=processes)  # warm-up; AdamW state allocated
     start = time.perf_counter()
     for _ in range(args.steps):

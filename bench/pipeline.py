@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
     root = Path(tempfile.mkdtemp(prefix="opd-pipeline-"))
     results: dict = {"date": time.strftime("%Y-%m-%d"), "args": {k: str(v) for k, v in vars(args).items()}, "runs": {}}
     made = servers(args, student, teacher, root / "logs")
-    with local_servers(made) as urls:
+    with local_servers(made, one_at_a_time=args.gpu) as urls:  # on one GPU: start-up profiles apart
         if not args.gpu and hasattr(os, "sched_setaffinity"):
             cores = {int(c) for c in args.server_cores.split(",")}
             for server in made:  # the server and the engine processes it started
