@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
+from learner.policy import is_lora
 from opd.errors import ConfigError
 from opd.files import directory_written_aside
 
@@ -97,7 +98,7 @@ def resolve_resume(root: Path, resume: str) -> Path | None:
 def load_checkpoint(model: PreTrainedModel, path: Path) -> TrainerState:
     """Load the checkpoint's weights (or a LoRA student's adapter) into `model` in place and return
     the trainer state."""
-    if hasattr(model, "peft_config"):
+    if is_lora(model):
         from learner.lora import load_adapter
 
         load_adapter(model, path)

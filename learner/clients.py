@@ -16,7 +16,7 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
@@ -252,7 +252,7 @@ class ReplicaPool(Generic[ClientT]):
 
 def _clients(cls: type[ClientT], urls: list[str], timeout_s: float, retry: RetryPolicy, **kwargs: Any) -> list[ClientT]:
     """With several replicas each fails fast and the pool moves on; with one it keeps today's retries."""
-    own = retry if len(urls) == 1 else RetryPolicy(deadline_s=min(FAILOVER_DEADLINE_S, retry.deadline_s))
+    own = retry if len(urls) == 1 else replace(retry, deadline_s=min(FAILOVER_DEADLINE_S, retry.deadline_s))
     return [cls(url, timeout_s, own, **kwargs) for url in urls]
 
 

@@ -15,7 +15,7 @@ from transformers import PreTrainedTokenizerBase
 from learner.config import DataConfig
 from learner.rewards import Reward, exact
 from opd.errors import ConfigError
-from opd.tokenizer import chat_prompt_ids
+from opd.tokenizer import chat_prompt_ids, text_ids
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ def encode_prompt(
     elif chat_template:
         messages = [{"role": "user", "content": row["prompt"]}]
     else:
-        return list(tokenizer(row["prompt"], add_special_tokens=False)["input_ids"])
+        return text_ids(tokenizer, row["prompt"])
     return chat_prompt_ids(tokenizer, messages, **(template_kwargs or {}))
 
 

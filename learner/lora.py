@@ -7,7 +7,7 @@ A full push of an 8B student moves 16 GB (bf16) every step and AdamW keeps two f
 every weight; an adapter of rank 16 is ~0.5% of that. `peft` builds and saves the adapters (the
 `lora` extra); it is imported only when a config asks for LoRA, so the default install stays as is.
 The adapter travels as safetensors with its PEFT `adapter_config.json` in the header's metadata
-(`OPD_ADAPTER_CONFIG`), over the sampler's usual POST /v1/weights.
+(`sampler.schema.ADAPTER_CONFIG_KEY`), over the sampler's usual POST /v1/weights.
 """
 
 import json
@@ -19,9 +19,7 @@ from transformers import PreTrainedModel
 
 from learner.config import LoraSpec
 from opd.errors import ConfigError
-
-ADAPTER_CONFIG_KEY = "opd_adapter_config"
-"""The safetensors metadata key that carries the PEFT adapter_config.json of a pushed adapter."""
+from sampler.schema import ADAPTER_CONFIG_KEY
 
 
 def _peft() -> Any:
@@ -51,11 +49,6 @@ def adapter_push(lm: Any) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     safetensors metadata that carries its config."""
     tensors = _peft().get_peft_model_state_dict(lm)
     return {name: t.detach() for name, t in tensors.items()}, {ADAPTER_CONFIG_KEY: json.dumps(adapter_config(lm))}
-
-
-def save_adapter(lm: Any, directory: Path) -> None:
-    """PEFT format (adapter_config.json + adapter_model.safetensors), loadable by peft and vLLM as is."""
-    lm.save_pretrained(directory)
 
 
 def load_adapter(lm: Any, directory: Path) -> None:

@@ -118,8 +118,11 @@ class Producer:
             self._tasks.pop(step)  # failed or taken; a failed step is produced again when taken again
         waited = time.perf_counter() - start
         plan, oldest = self._plans[step], learner_version - self.lookahead
-        fresh = [await self._renew(plan, part) if min(part.rollouts.versions) < oldest else part for part in parts]
-        dropped = sum(len(p.rollouts.versions) for p, f in zip(parts, fresh, strict=True) if f is not p)
+        stale = [i for i, part in enumerate(parts) if min(part.rollouts.versions) < oldest]
+        fresh = list(parts)  # stale parts generated again, all at once (one part per prompt on vLLM)
+        for i, renewed in zip(stale, await asyncio.gather(*(self._renew(plan, parts[i]) for i in stale)), strict=True):
+            fresh[i] = renewed
+        dropped = sum(len(parts[i].rollouts.versions) for i in stale)
         if dropped:
             logger.warning("step %d: %d samples older than version %d dropped and generated again", step, dropped,
                            oldest)  # fmt: skip

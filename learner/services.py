@@ -18,11 +18,18 @@ from opd.tokenizer import check_same_tokenizer, check_vocabularies
 from sampler.schema import LORA_RANKS
 
 
+def served_lora_rank(r: int) -> int:
+    """The smallest rank vLLM's LoRA kernels are built for that holds adapters of rank `r`."""
+    if r > LORA_RANKS[-1]:
+        raise ConfigError(f"student.lora.r is {r}: vLLM serves adapters of rank at most {LORA_RANKS[-1]}")
+    return min(rank for rank in LORA_RANKS if rank >= r)
+
+
 def server_args(spec: ModelSpec, config: OpdConfig) -> list[str]:
     services = config.services
     args = ["--model", spec.path, "--dtype", spec.dtype, "--device", services.device, "--engine", services.engine]
     if spec.lora is not None:  # a LoRA student's sampler serves adapters of its rank
-        args += ["--max-lora-rank", str(min(rank for rank in LORA_RANKS if rank >= spec.lora.r))]
+        args += ["--max-lora-rank", str(served_lora_rank(spec.lora.r))]
     if services.gpu_memory_utilization is not None:
         args += ["--gpu-memory-utilization", str(services.gpu_memory_utilization)]
     return args
@@ -80,5 +87,5 @@ def check_lora(lora: LoraSpec | None, sampler: InfoResponse) -> None:
                           "--max-lora-rank")  # fmt: skip
     if lora is not None and (sampler.max_lora_rank is None or sampler.max_lora_rank < lora.r):
         raise ConfigError(f"student.lora.r is {lora.r}: start the sampler ({sampler.model}) with --max-lora-rank "
-                          f"{min(rank for rank in LORA_RANKS if rank >= lora.r)} or more "
+                          f"{served_lora_rank(lora.r)} or more "
                           f"(it serves {sampler.max_lora_rank or 'full weights'})")  # fmt: skip

@@ -210,7 +210,7 @@ class OnPolicyDistillationTrainer:
 
     async def push_weights(self) -> None:
         """Main process: send the student (or its LoRA adapter) as version `step_count` to every
-        sampler replica; `push/bytes` and `push/seconds` are logged with the next step."""
+        sampler replica; its `push/bytes` and `push/seconds` go into the metrics of the step that pushed."""
         start = time.perf_counter()
         tensors, metadata = tensors_to_push(self.processes, self.policy, self.sampler_dtype)  # collective under FSDP
         if self.processes.is_main:

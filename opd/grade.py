@@ -99,9 +99,10 @@ def grade(
     if sampler_url is not None:
         results = with_student(sampler_url, results, batch_size, problems)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("".join(json.dumps(r) + "\n" for r in sorted(results, key=lambda r: r["line"])))
+    results = sorted(results, key=lambda r: r["line"])
+    out.write_text("".join(json.dumps(r) + "\n" for r in results))
     if html_out is not None:
-        html_out.write_text(report_html(sorted(results, key=lambda r: r["line"]), source))
+        html_out.write_text(report_html(results, source))
     return len(results), problems
 
 

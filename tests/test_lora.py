@@ -20,7 +20,9 @@ from learner.distributed import Processes
 from learner.lora import adapter_push
 from learner.metrics import read_metrics
 from learner.policy import student_policy, tensors_to_push
+from learner.services import served_lora_rank
 from learner.trainer import OnPolicyDistillationTrainer
+from opd.errors import ConfigError
 from opd.launch import local_server
 from sampler.schema import ADAPTER_CONFIG_KEY
 from tests import reference
@@ -169,3 +171,9 @@ def test_tensors_to_push_for_a_full_student_are_its_parameters(student_dir):
     tensors, metadata = tensors_to_push(Processes(False, "cpu"), policy, "bfloat16")
     assert metadata is None and all(t.dtype == torch.bfloat16 for t in tensors.values())
     assert set(tensors) == {name for name, _ in reference.load(student_dir).named_parameters()}
+
+
+def test_a_lora_rank_is_served_at_the_next_rank_vllm_builds_and_one_over_the_largest_is_refused():
+    assert [served_lora_rank(r) for r in (1, 8, 9, 16, 17, 512)] == [1, 8, 16, 16, 32, 512]
+    with pytest.raises(ConfigError, match="at most 512"):
+        served_lora_rank(513)

@@ -36,7 +36,6 @@ class TorchGraderEngine:
     ) -> None:
         self.model_path = model_path
         self.dtype = dtype
-        self.device = device
         self.model = load_causal_lm(model_path, dtype, device)
         self.max_model_len = max_model_len or self.model.config.max_position_embeddings
         self.max_batch_tokens = max_batch_tokens
