@@ -53,10 +53,12 @@ async def logprobs(body: LogprobsRequest, request: Request) -> Response:
     _check_sequences(sequences, info)
     scored = await engine.score(sequences, body.top_k)
     _check_finite(scored)
-    return json_reply(LogprobsResponse(results=[
+    # With return_tokens every id and top-k id is decoded, one by one: off the event loop too.
+    results = await asyncio.to_thread(lambda: [
         _result(s, asked, given, body.return_tokens, engine.tokenizer)
         for s, asked, given in zip(scored, sequences, body.sequences, strict=True)
-    ]))  # fmt: skip
+    ])  # fmt: skip
+    return json_reply(LogprobsResponse(results=results))
 
 
 def _to_score(sequences: list[Sequence], tokenizer: PreTrainedTokenizerBase) -> list[ToScore]:
