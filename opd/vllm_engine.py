@@ -115,3 +115,16 @@ def engine_errors() -> Iterator[None]:
         raise EngineDeadError(str(exc)) from exc
     except VLLMValidationError as exc:
         raise RequestError(f"vLLM refused the request: {exc}", param=exc.parameter) from exc
+
+
+def logprob_rows(
+    positions: list[dict[int, Any]], ids: list[int], top_k: int
+) -> tuple[list[float], list[list[int]] | None, list[list[float]] | None]:
+    """From vLLM's per-position {id: Logprob} dicts: the logprob of `ids[j]` at each position j and,
+    with `top_k`, the top_k ids and logprobs there by rank (a position also holds the chosen id when
+    it ranks lower, hence the cut)."""
+    logprobs = [position[token].logprob for position, token in zip(positions, ids, strict=True)]
+    if top_k == 0:
+        return logprobs, None, None
+    tops = [sorted(position.items(), key=lambda kv: kv[1].rank)[:top_k] for position in positions]
+    return logprobs, [[t for t, _ in top] for top in tops], [[lp.logprob for _, lp in top] for top in tops]

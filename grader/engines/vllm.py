@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 from grader.engine import Scored, ToScore
 from opd.paths import resolve_model_path
 from opd.serving import InfoResponse
-from opd.vllm_engine import VllmOptions, build_async_llm, engine_errors, vllm_model_card
+from opd.vllm_engine import VllmOptions, build_async_llm, engine_errors, logprob_rows, vllm_model_card
 
 T = TypeVar("T")
 
@@ -80,11 +80,7 @@ async def within_budget(budget: TokenBudget, jobs: Sequence[tuple[int, Callable[
 
 def _scored(output: Any, prompt_len: int, completion: list[int], top_k: int) -> Scored:
     positions = output.prompt_logprobs[prompt_len : prompt_len + len(completion)]
-    logprobs = [position[token].logprob for position, token in zip(positions, completion, strict=True)]
-    if top_k == 0:
-        return Scored(logprobs)
-    tops = [sorted(position.items(), key=lambda kv: kv[1].rank)[:top_k] for position in positions]
-    return Scored(logprobs, [[t for t, _ in top] for top in tops], [[lp.logprob for _, lp in top] for top in tops])
+    return Scored(*logprob_rows(positions, completion, top_k))
 
 
 def grader_engine_options(options: VllmOptions, max_batch_tokens: int) -> VllmOptions:

@@ -31,7 +31,14 @@ from opd.modeling import DTYPES
 from opd.paths import resolve_model_path
 from opd.serving import InfoResponse
 from opd.tokenizer import chat_prompt_ids
-from opd.vllm_engine import VllmOptions, build_async_llm, cuda_available, engine_errors, vllm_model_card
+from opd.vllm_engine import (
+    VllmOptions,
+    build_async_llm,
+    cuda_available,
+    engine_errors,
+    logprob_rows,
+    vllm_model_card,
+)
 from sampler.adapters import Adapter, write_peft_dir
 from sampler.engine import Sample, SamplingParams, WeightSpec, sample_seed
 
@@ -153,15 +160,8 @@ class VllmSamplerEngine:
             final = output
         completion = final.outputs[0]
         ids = list(completion.token_ids)
-        logprobs = [position[token].logprob for position, token in zip(completion.logprobs, ids, strict=True)]
-        finish = "stop" if completion.finish_reason == "stop" else "length"
-        if not params.top_logprobs:
-            return Sample(ids, logprobs, finish)
-        # Each position holds the top-k by rank, plus the sampled token when it ranks lower.
-        tops = [sorted(position.items(), key=lambda kv: kv[1].rank)[: params.top_logprobs]
-                for position in completion.logprobs]  # fmt: skip
-        return Sample(ids, logprobs, finish, [[t for t, _ in top] for top in tops],
-                      [[lp.logprob for _, lp in top] for top in tops])  # fmt: skip
+        logprobs, top_ids, top_logprobs = logprob_rows(completion.logprobs, ids, params.top_logprobs)
+        return Sample(ids, logprobs, "stop" if completion.finish_reason == "stop" else "length", top_ids, top_logprobs)
 
     def weight_specs(self) -> dict[str, WeightSpec]:
         return self._specs
