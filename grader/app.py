@@ -9,14 +9,17 @@ The sampler serves the same POST /v1/logprobs with its student (`opd grade --sam
 """
 
 import asyncio
-import math
 from dataclasses import dataclass
 
+import torch
 from fastapi import FastAPI, Request, Response
 from transformers import PreTrainedTokenizerBase
 
-from grader.engine import GraderEngine, Scored, ToScore
+from grader import tensors
+from grader.engine import GraderEngine, Scored, ToScore, sequences_of
 from grader.schema import InfoResponse, LogprobsRequest, LogprobsResponse, ScoredSequence, Sequence
+from grader.tensors import ScoredBatch
+from opd import torch_thread
 from opd.errors import NonFiniteOutputError, RequestError
 from opd.serving import ERROR_RESPONSES, check_token_ids, create_service_app, json_reply
 from opd.tokenizer import chat_prompt_ids, text_ids, token_strings
@@ -31,9 +34,19 @@ class GraderSettings:
     (see the sampler's setting of the same name)."""
 
 
+LOGPROBS_RESPONSES: dict[int | str, dict] = {
+    **ERROR_RESPONSES,
+    200: {
+        "content": {tensors.MEDIA_TYPE: {}},
+        "description": "LogprobsResponse as JSON, or with format safetensors "
+        "the scores as flat tensors in a safetensors file (grader/tensors.py)",
+    },
+}
+
+
 def create_app(engine: GraderEngine, settings: GraderSettings | None = None) -> FastAPI:
     app = create_service_app("opd grader", engine, settings or GraderSettings())
-    app.post("/v1/logprobs", response_model=LogprobsResponse, responses=ERROR_RESPONSES)(logprobs)
+    app.post("/v1/logprobs", response_model=LogprobsResponse, responses=LOGPROBS_RESPONSES)(logprobs)
     return app
 
 
@@ -51,12 +64,14 @@ async def logprobs(body: LogprobsRequest, request: Request) -> Response:
     # Tokenising and templating text takes a while: off the event loop.
     sequences = await asyncio.to_thread(_to_score, body.sequences, engine.tokenizer)
     _check_sequences(sequences, info)
-    scored = await engine.score(sequences, body.top_k)
-    _check_finite(scored)
+    batch = await engine.score(sequences, body.top_k)
+    await torch_thread.run(_check_finite, batch)  # torch work, on the torch thread (opd/torch_thread.py)
+    if body.format == "safetensors":
+        return Response(content=await torch_thread.run(tensors.encode, batch), media_type=tensors.MEDIA_TYPE)
     # With return_tokens every id and top-k id is decoded, one by one: off the event loop too.
     results = await asyncio.to_thread(lambda: [
         _result(s, asked, given, body.return_tokens, engine.tokenizer)
-        for s, asked, given in zip(scored, sequences, body.sequences, strict=True)
+        for s, asked, given in zip(sequences_of(batch, sequences), sequences, body.sequences, strict=True)
     ])  # fmt: skip
     return json_reply(LogprobsResponse(results=results))
 
@@ -117,10 +132,10 @@ def _check_candidates(seq: ToScore, info: InfoResponse, param: str) -> None:
         check_token_ids(row, info.model_vocab_size, param=param)
 
 
-def _check_finite(scored: list[Scored]) -> None:
+def _check_finite(batch: ScoredBatch) -> None:
     # A logprob of -inf is possible only for a token of probability 0, which a softmax never gives;
     # NaN or inf means the teacher's weights overflow.
-    if any(not math.isfinite(lp) for s in scored for lp in s.logprobs):
+    if not bool(torch.isfinite(batch.logprobs_N).all()):
         raise NonFiniteOutputError("the teacher produced non-finite logprobs; its weights overflow")
 
 

@@ -9,11 +9,14 @@ prompt as `prompt` (plain text, tokenised as is) or `messages` (a chat, template
 with its tokenizer's chat template, ready for the assistant's turn), the completion as
 `completion` (tokenised on its own, no special tokens added). Text replies carry the ids the
 server tokenised to, so a caller can reuse them.
+
+With `"format": "safetensors"` the reply is not JSON but the scores as flat tensors in a
+safetensors file (`grader/tensors.py` lists them); the learner asks for that.
 """
 
-from typing import Annotated
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from opd.serving import MAX_LOGPROBS_CAP, ChatMessage, ErrorResponse, InfoResponse, Text
 
@@ -59,6 +62,26 @@ class LogprobsRequest(BaseModel):
     """Also return the k most likely tokens at each completion position (at most --max-logprobs)."""
     return_tokens: bool = False
     """Also return each completion token as text (`tokens`, and `top_tokens` with top_k) and the ids."""
+    format: Literal["json", "safetensors"] = "json"
+    """The reply's encoding: `LogprobsResponse` as JSON, or flat tensors in a safetensors file
+    (media type application/vnd.opd.logprobs+safetensors; see grader/tensors.py), ~3x smaller
+    and cheaper to read for top-k replies. Safetensors takes sequences as ids only, without
+    return_tokens, and candidate_ids on every sequence or none, of one width."""
+
+    @field_validator("format")
+    @classmethod
+    def _tensors_need_ids(cls, value: str, info: ValidationInfo) -> str:
+        sequences = info.data.get("sequences")
+        if value == "json" or sequences is None:  # sequences None: they failed, and say why themselves
+            return value
+        if info.data.get("return_tokens"):
+            raise ValueError("format safetensors has no token strings: ask return_tokens with format json")
+        if any(s.prompt_ids is None or s.completion_ids is None for s in sequences):
+            raise ValueError("format safetensors takes sequences as prompt_ids and completion_ids (text needs json, "
+                             "whose reply carries the ids it was tokenised to)")  # fmt: skip
+        if len({len(s.candidate_ids[0]) if s.candidate_ids else 0 for s in sequences}) > 1:
+            raise ValueError("format safetensors needs candidate_ids on every sequence or none, all of one width")
+        return value
 
 
 class ScoredSequence(BaseModel):

@@ -26,7 +26,9 @@ from pydantic import BaseModel
 from safetensors.torch import save as save_safetensors
 from safetensors.torch import save_file
 
+from grader import tensors
 from grader.schema import InfoResponse, LogprobsRequest, LogprobsResponse, Sequence
+from grader.tensors import ScoredBatch
 from opd.errors import GraderError, SamplerError, ServiceError
 from sampler.schema import GenerateRequest, GenerateResponse, WeightsFromPath, WeightsResponse
 
@@ -116,6 +118,19 @@ class _Client:
         reply = await self._post_model("/v1/logprobs", request, LogprobsResponse)
         assert isinstance(reply, LogprobsResponse)
         return reply
+
+    async def logprobs_tensors(self, sequences: list[Sequence], top_k: int = 0) -> ScoredBatch:
+        """POST /v1/logprobs with format safetensors: the same scores as flat tensors in request
+        order (grader/tensors.py); what the learner asks for, a third of the bytes of JSON at top-k."""
+        request = LogprobsRequest(sequences=sequences, top_k=top_k, format="safetensors")
+        content = request.model_dump_json(exclude_none=True)
+        response = await self._request("POST", "/v1/logprobs", content=content,
+                                       headers={"content-type": "application/json"})  # fmt: skip
+        try:
+            return tensors.decode(response.content)
+        except ValueError as exc:
+            message = f"{self.error_cls.service} /v1/logprobs answered with no scores in safetensors: {exc}"
+            raise self.error_cls(message) from exc
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -296,6 +311,6 @@ class GraderPool(ReplicaPool[GraderClient]):
     def __init__(self, urls: list[str], timeout_s: float, retry: RetryPolicy) -> None:
         super().__init__(_clients(GraderClient, urls, timeout_s, retry), retry.deadline_s)
 
-    async def logprobs(self, sequences: list[Sequence], top_k: int = 0) -> LogprobsResponse:
+    async def logprobs_tensors(self, sequences: list[Sequence], top_k: int = 0) -> ScoredBatch:
         work = sum(len(s.prompt_ids or []) + len(s.completion_ids or []) for s in sequences)
-        return await self.call(work, lambda client: client.logprobs(sequences, top_k))
+        return await self.call(work, lambda client: client.logprobs_tensors(sequences, top_k))

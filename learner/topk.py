@@ -47,7 +47,7 @@ from dataclasses import dataclass
 import torch
 
 from learner.loss import PolicyLoss, clipped_policy_loss, head_reverse_kl
-from opd.modeling import padded_rows
+from opd.modeling import right_padded
 
 
 @dataclass(frozen=True)
@@ -61,17 +61,15 @@ class Head:
 
 
 def head_tensors(
-    ids: list[list[list[int]]], teacher_logprobs: list[list[list[float]]], width: int, device: torch.device | str
-) -> Head:
-    """Right-padded [B, T, K] head tensors from per-sample, per-position lists of equal length K."""
-    k = max((len(position) for rows in ids for position in rows), default=1)
-    ids_BTK = padded_rows(ids, width, torch.long, per_position=(k,))
-    teacher_BTK = padded_rows(teacher_logprobs, width, torch.float32, per_position=(k,))
-    lengths_B = torch.tensor([len(rows) for rows in ids], dtype=torch.long)
+    ids_NK: torch.Tensor, teacher_logprobs_NK: torch.Tensor, lengths_B: torch.Tensor, width: int,
+    device: torch.device | str,
+) -> Head:  # fmt: skip
+    """Right-padded [B, T, K] head tensors from flat per-position ones (sample 0's positions, then
+    sample 1's, ...: `lengths_B` cuts them)."""
+    ids_BTK = right_padded(ids_NK, lengths_B, width)
     present_BT1 = (torch.arange(width)[None, :] < lengths_B[:, None])[..., None]
-    return Head(
-        ids_BTK.to(device), teacher_BTK.to(device), (present_BT1 & first_occurrence(ids_BTK)).float().to(device)
-    )
+    mask_BTK = (present_BT1 & first_occurrence(ids_BTK)).float()
+    return Head(ids_BTK.to(device), right_padded(teacher_logprobs_NK, lengths_B, width).to(device), mask_BTK.to(device))
 
 
 def first_occurrence(ids_BTK: torch.Tensor) -> torch.Tensor:

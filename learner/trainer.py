@@ -37,6 +37,7 @@ from learner.rewards import load_reward
 from learner.services import check_services, service_urls
 from learner.step_metrics import batch_metrics, mean_over_processes
 from learner.update import MicroBatch, Scored, micro_batches, ppo_update
+from opd import torch_thread
 from opd.auth import load_api_key
 from opd.errors import ConfigError, SamplerError, StaleSamplerError
 from opd.modeling import load_tokenizer
@@ -168,8 +169,8 @@ class OnPolicyDistillationTrainer:
         with timed("learn", metrics):
             micro = micro_batches(batch.rollouts, batch.graded, pad_id=self.pad_id, max_tokens=t.micro_batch_tokens,
                                   device=self.processes.device, behaviour_temperature=behaviour)  # fmt: skip
-            if t.max_staleness:  # the update runs off the event loop, which meanwhile drives the producer
-                scored, update_metrics = await asyncio.to_thread(self.update, micro)
+            if t.max_staleness:  # off the event loop, which meanwhile drives the producer; on the torch thread
+                scored, update_metrics = await torch_thread.run(self.update, micro)
             else:
                 scored, update_metrics = self.update(micro)
         self._data_state = batch.data_state

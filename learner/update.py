@@ -89,15 +89,16 @@ def _micro_batch(
     completions = [rollouts.completion_ids[r] for r in rows]
     packed = pack_left_padded([rollouts.prompt_ids[r] for r in rows], completions, pad_id, str(device))
     width = max(len(c) for c in completions)
+    teacher = graded.select(rows)
     head = None
-    if graded.head_ids is not None and graded.head_logprobs is not None:
-        head = head_tensors([graded.head_ids[r] for r in rows], [graded.head_logprobs[r] for r in rows], width, device)
+    if teacher.head_ids_NK is not None and teacher.head_logprobs_NK is not None:
+        head = head_tensors(teacher.head_ids_NK, teacher.head_logprobs_NK, teacher.lengths_B, width, device)
     return MicroBatch(
         rows=rows,
         packed=packed,
         mask_BT=completion_mask(packed.completion_lengths_B, width),
         sampler_logprobs_BT=padded_rows([rollouts.sampler_logprobs[r] for r in rows], width, torch.float32).to(device),
-        teacher_logprobs_BT=padded_rows([graded.logprobs[r] for r in rows], width, torch.float32).to(device),
+        teacher_logprobs_BT=right_padded(teacher.logprobs_N, teacher.lengths_B, width).to(device),
         head=head,
         behaviour_temperature=behaviour_temperature,
     )

@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 import torch
 
 from grader.schema import LogprobsResponse, Sequence
+from grader.tensors import ScoredBatch
 from learner.clients import GraderClient as AsyncGraderClient
 from learner.clients import RetryPolicy
 from learner.clients import SamplerClient as AsyncSamplerClient
@@ -55,6 +56,12 @@ class _SyncClient:
         """POST /v1/logprobs: the logprob of every completion token (and the top-k, the token strings)."""
         models = [s if isinstance(s, Sequence) else Sequence.model_validate(s) for s in sequences]
         return self._run(self._client.logprobs(models, top_k, return_tokens))
+
+    def logprobs_tensors(self, sequences: Sequence_[SequenceLike], *, top_k: int = 0) -> ScoredBatch:
+        """POST /v1/logprobs with format safetensors: the same scores as flat tensors in request
+        order (`grader/tensors.py`); sequences as ids. A third of JSON's bytes at top-k."""
+        models = [s if isinstance(s, Sequence) else Sequence.model_validate(s) for s in sequences]
+        return self._run(self._client.logprobs_tensors(models, top_k))
 
     def close(self) -> None:
         self._run(self._client.aclose())

@@ -11,8 +11,9 @@ from dataclasses import dataclass
 from fastapi import FastAPI, Query, Request, Response
 from starlette.requests import ClientDisconnect
 
-from grader.app import logprobs
+from grader.app import LOGPROBS_RESPONSES, logprobs
 from grader.schema import LogprobsResponse
+from opd import torch_thread
 from opd.auth import check_bearer
 from opd.errors import NonFiniteOutputError, RequestError
 from opd.serving import ERROR_RESPONSES, check_token_ids, create_service_app, json_reply
@@ -54,7 +55,7 @@ def create_app(engine: SamplerEngine, settings: SamplerSettings | None = None) -
     app = create_service_app("opd sampler", engine, settings or SamplerSettings(), frozenset({"/v1/weights"}))
     app.post("/v1/generate", response_model=GenerateResponse, responses=ERROR_RESPONSES)(generate)
     # The student's logprobs of given completions, as the grader gives the teacher's (`opd grade --sampler`).
-    app.post("/v1/logprobs", response_model=LogprobsResponse, responses=ERROR_RESPONSES)(logprobs)
+    app.post("/v1/logprobs", response_model=LogprobsResponse, responses=LOGPROBS_RESPONSES)(logprobs)
     app.post("/v1/weights", response_model=WeightsResponse, responses=ERROR_RESPONSES, openapi_extra=_WEIGHTS_BODY)(
         push_weights
     )
@@ -143,23 +144,24 @@ async def push_weights(request: Request, version: int | None = Query(default=Non
     if request.headers.get("content-type", "").startswith("application/json"):
         source = WeightsFromPath.model_validate_json(await request.body())
         version, origin = source.version, source.path
-        tensors = await asyncio.to_thread(read_safetensors_file, source.path)
+        tensors = await torch_thread.run(read_safetensors_file, source.path)
         metadata = await asyncio.to_thread(file_metadata, source.path)
     else:
         payload = await _read_capped(request, request.app.state.settings.max_weights_bytes)
-        tensors = await asyncio.to_thread(decode_safetensors, payload, request.headers.get("x-content-sha256"))
+        tensors = await torch_thread.run(decode_safetensors, payload, request.headers.get("x-content-sha256"))
         origin, metadata = payload, payload_metadata(payload)
     new_version = version if version is not None else engine.policy_version + 1
     max_rank = engine.info().max_lora_rank
-    # Decoding, hashing and checking a multi-GB push takes seconds: off the event loop.
+    # Decoding, hashing and checking a multi-GB push takes seconds: off the event loop, on the torch
+    # thread (opd/torch_thread.py: torch work from a second thread slows every later kernel on CPU).
     if max_rank is not None:
-        adapter = await asyncio.to_thread(read_adapter, tensors, metadata, engine.weight_specs(), max_rank)
+        adapter = await torch_thread.run(read_adapter, tensors, metadata, engine.weight_specs(), max_rank)
         await engine.load_adapter(adapter, new_version)
     else:
         if ADAPTER_CONFIG_KEY in metadata:
             raise RequestError("this sampler serves full weights: start it with --max-lora-rank to push LoRA adapters",
                                param="weights", status=422)  # fmt: skip
-        await asyncio.to_thread(check_weights, tensors, engine.weight_specs())
+        await torch_thread.run(check_weights, tensors, engine.weight_specs())
         await engine.load_weights(tensors, new_version, origin)
     logger.info("loaded %d weight tensors, policy_version=%d", len(tensors), new_version)
     return WeightsResponse(policy_version=new_version)

@@ -9,7 +9,8 @@ from transformers import PreTrainedTokenizerBase
 from opd.serving import InfoResponse
 
 if TYPE_CHECKING:  # sampler.adapters imports this module
-    from grader.engine import Scored, ToScore
+    from grader.engine import ToScore
+    from grader.tensors import ScoredBatch
     from sampler.adapters import Adapter
 
 
@@ -78,7 +79,7 @@ class SamplerEngine(Protocol):
         now on, as policy_version = version; the previous adapter is dropped."""
         ...
 
-    async def score(self, sequences: list["ToScore"], top_k: int) -> list["Scored"]:
+    async def score(self, sequences: list["ToScore"], top_k: int) -> "ScoredBatch":
         """The student's logprobs of given completions (POST /v1/logprobs, as the grader's), with
         the weights (or adapter) it serves."""
         ...

@@ -6,7 +6,10 @@ import time
 
 import httpx
 import pytest
+import torch
+from safetensors.torch import save
 
+from grader.schema import Sequence
 from learner.clients import GraderClient, RetryPolicy, SamplerClient
 from opd.errors import GraderError, SamplerError
 
@@ -66,3 +69,18 @@ def test_persistent_5xx_fails_with_the_status_after_the_deadline():
         run(sampler.info())
     assert info.value.status == 500
     assert len(calls) > 1
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        httpx.Response(200, json={"results": [{"logprobs": [-1.0]}]}),  # a server that ignores format
+        httpx.Response(200, content=save({"completion_lengths": torch.tensor([2]), "logprobs": torch.zeros(3)})),
+        httpx.Response(200, content=save({"logprobs": torch.zeros(1)})),
+    ],
+)
+def test_a_tensor_reply_that_is_not_the_scores_asked_for_is_a_grader_error(reply):
+    grader = client(GraderClient, lambda r, n: reply, [])
+    sequence = Sequence(prompt_ids=[1], completion_ids=[2])
+    with pytest.raises(GraderError, match="no scores in safetensors"):
+        run(grader.logprobs_tensors([sequence]))

@@ -86,6 +86,9 @@ def test_python_clients_generate_and_score(servers, student_dir, teacher_dir):
         completion = reply.results[0].completions[0].completion_ids
         scored = grader.logprobs([{"messages": CHAT, "completion_ids": completion}], return_tokens=True)
         student = sampler.logprobs([{"prompt_ids": reply.results[0].prompt_ids, "completion_ids": completion}])
+        as_tensors = grader.logprobs_tensors(
+            [{"prompt_ids": reply.results[0].prompt_ids, "completion_ids": completion}]
+        )
         assert grader.info().model == str(teacher_dir)
         with pytest.raises(ValidationError):
             grader.logprobs([{"prompt": "hi"}])  # checked before sending: no completion
@@ -95,6 +98,7 @@ def test_python_clients_generate_and_score(servers, student_dir, teacher_dir):
     assert result.prompt_ids == reply.results[0].prompt_ids and result.completion_ids == completion
     want = reference.token_logprobs(reference.load(teacher_dir), result.prompt_ids, completion)
     assert result.logprobs == pytest.approx(want, abs=1e-4)
+    assert as_tensors.lengths_B.tolist() == [len(completion)] and as_tensors.logprobs_N.tolist() == result.logprobs
     # the sampler scores with its student: at temperature 1 the same numbers as its sampled logprobs
     assert student.results[0].logprobs == pytest.approx(reply.results[0].completions[0].logprobs, abs=1e-4)
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from safetensors.torch import load as load_safetensors
 from safetensors.torch import save, save_file
 from transformers import AutoTokenizer
 
@@ -232,6 +233,23 @@ def check_candidates(url: str, teacher_dir) -> None:
         for i, (ids, values) in enumerate(zip(seq["candidate_ids"], scored.candidate_logprobs, strict=True)):
             assert values == pytest.approx(full[len(seq["prompt_ids"]) + i - 1, ids].tolist(), abs=1e-4)
             assert values[0] == pytest.approx(scored.logprobs[i], abs=1e-5)  # the actual token, asked again
+    check_tensor_reply(url, {"sequences": sequences, "top_k": 2}, LogprobsResponse.model_validate(response.json()))
+
+
+def check_tensor_reply(url: str, body: dict, json_reply: LogprobsResponse) -> None:
+    """The same request with format safetensors: the same numbers, flat in request order (read
+    with the safetensors library itself, as a user would)."""
+    response = httpx.post(f"{url}/v1/logprobs", json=body | {"format": "safetensors"}, timeout=120)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "application/vnd.opd.logprobs+safetensors"
+    wire = load_safetensors(response.content)
+    results = json_reply.results
+    assert wire["completion_lengths"].tolist() == [len(r.logprobs) for r in results]
+    assert wire["logprobs"].tolist() == [x for r in results for x in r.logprobs]
+    assert wire["top_ids"].dtype == torch.int32
+    assert wire["top_ids"].tolist() == [row for r in results for row in r.top_ids or []]
+    assert wire["top_logprobs"].tolist() == [row for r in results for row in r.top_logprobs or []]
+    assert wire["candidate_logprobs"].tolist() == [row for r in results for row in r.candidate_logprobs or []]
 
 
 def test_grader_scores_candidate_ids_at_every_position(servers, teacher_dir):
@@ -263,6 +281,24 @@ def test_grader_scores_candidate_ids_at_every_position(servers, teacher_dir):
         ({"sequences": [{"prompt_ids": [1] * 1000, "completion_ids": [1] * 100}]}, 400, "sequences.0"),
         ({"sequences": [{"prompt_ids": [1], "completion_ids": [2]}], "top_k": 21}, 422, "top_k"),
         ({"sequences": "nope"}, 422, "sequences"),
+        ({"sequences": [{"prompt": "hi", "completion_ids": [2]}], "format": "safetensors"}, 422, "format"),
+        (
+            {"sequences": [{"prompt_ids": [1], "completion_ids": [2]}], "format": "safetensors", "return_tokens": True},
+            422,
+            "format",
+        ),
+        (
+            {
+                "sequences": [
+                    {"prompt_ids": [1], "completion_ids": [2], "candidate_ids": [[3]]},
+                    {"prompt_ids": [1], "completion_ids": [2]},
+                ],
+                "format": "safetensors",
+            },
+            422,
+            "format",
+        ),
+        ({"sequences": [{"prompt_ids": [1], "completion_ids": [2]}], "format": "msgpack"}, 422, "format"),
     ],
 )
 def test_logprobs_rejects_bad_input_naming_the_field(servers, body, status, param):

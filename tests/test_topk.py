@@ -94,20 +94,27 @@ def test_the_known_biased_variants_miss_the_exact_gradient(variant):
     assert bias > 1e-2, bias
 
 
+def flat_head(ids: list[list[list[int]]], logprobs: list[list[list[float]]], width: int) -> Head:
+    """head_tensors of per-sample lists, flattened as the grader's reply is."""
+    lengths_B = torch.tensor([len(rows) for rows in ids])
+    ids_NK = torch.tensor([position for rows in ids for position in rows])
+    return head_tensors(ids_NK, torch.tensor([p for rows in logprobs for p in rows]), lengths_B, width, "cpu")
+
+
 def test_head_tensors_mask_repeated_ids_and_padding():
-    head = head_tensors([[[3, 5, 3], [1, 1, 2]], [[4, 4, 4]]], [[[-1.0, -2.0, -1.0], [-3.0, -3.0, -4.0]], [[-5.0] * 3]],
-                        width=2, device="cpu")  # fmt: skip
+    head = flat_head([[[3, 5, 3], [1, 1, 2]], [[4, 4, 4]]], [[[-1.0, -2.0, -1.0], [-3.0, -3.0, -4.0]], [[-5.0] * 3]],
+                     width=2)  # fmt: skip
     assert head.mask_BTK.tolist() == [[[1, 1, 0], [1, 0, 1]], [[1, 0, 0], [0, 0, 0]]]
     in_head = sampled_in_head(torch.tensor([[5, 9], [4, 0]]), head)
     assert in_head.tolist() == [[1.0, 0.0], [1.0, 0.0]]  # padding (row 1, position 1) never counts
 
 
-def test_head_tensors_place_each_rows_values_and_leave_a_row_without_head_empty():
-    # row 1 has no head (a reply without top-k for it): all zeros and masked, rows 0 and 2 in place
-    ids = [[[7, 8], [9, 6]], [], [[5, 4]]]
-    logprobs = [[[-0.5, -1.5], [-2.5, -3.5]], [], [[-4.5, -5.5]]]
-    head = head_tensors(ids, logprobs, width=3, device="cpu")
-    assert head.ids_BTK.tolist() == [[[7, 8], [9, 6], [0, 0]], [[0, 0]] * 3, [[5, 4], [0, 0], [0, 0]]]
-    assert head.teacher_logprobs_BTK.tolist() == [[[-0.5, -1.5], [-2.5, -3.5], [0, 0]], [[0, 0]] * 3,
-                                                  [[-4.5, -5.5], [0, 0], [0, 0]]]  # fmt: skip
-    assert head.mask_BTK.tolist() == [[[1, 1], [1, 1], [0, 0]], [[0, 0]] * 3, [[1, 1], [0, 0], [0, 0]]]
+def test_head_tensors_place_each_rows_values_from_the_flat_reply():
+    # rows of 2, 1 and 3 positions, right-padded to 3: each row's values in place, padding zero and masked
+    ids = [[[7, 8], [9, 6]], [[1, 2]], [[5, 4], [3, 2], [1, 0]]]
+    logprobs = [[[-0.5, -1.5], [-2.5, -3.5]], [[-0.25, -0.75]], [[-4.5, -5.5], [-6.5, -7.5], [-8.5, -9.5]]]
+    head = flat_head(ids, logprobs, width=3)
+    assert head.ids_BTK.tolist() == [[[7, 8], [9, 6], [0, 0]], [[1, 2], [0, 0], [0, 0]], [[5, 4], [3, 2], [1, 0]]]
+    pad = [0, 0]
+    assert head.teacher_logprobs_BTK.tolist() == [[*logprobs[0], pad], [*logprobs[1], pad, pad], logprobs[2]]
+    assert head.mask_BTK.tolist() == [[[1, 1], [1, 1], [0, 0]], [[1, 1], [0, 0], [0, 0]], [[1, 1]] * 3]

@@ -29,6 +29,10 @@ def rollouts() -> Rollouts:
     )
 
 
+def graded() -> Graded:
+    return Graded.from_lists(teacher_logprobs())
+
+
 def teacher_logprobs() -> list[list[float]]:
     gen = torch.Generator().manual_seed(0)
     # float32 values: the learner holds teacher logprobs in float32, so both sides see the same numbers
@@ -74,7 +78,7 @@ def reference_advantages(teacher, old, discount) -> list[torch.Tensor]:
 
 
 def learner_gradients(policy, train, budget, scored=None):
-    batches = micro_batches(rollouts(), Graded(teacher_logprobs()), pad_id=PAD_ID, max_tokens=budget, device="cpu")
+    batches = micro_batches(rollouts(), graded(), pad_id=PAD_ID, max_tokens=budget, device="cpu")
     policy.zero_grad(set_to_none=True)
     processes = Processes(False, "cpu")
     num_tokens = global_token_count(batches, processes)
@@ -122,7 +126,7 @@ def test_later_update_with_clipped_ratios_equals_the_whole_batch_float64_gradien
     # A later update: old logprobs from before the first step, so ratios differ from 1 and some
     # lie outside the clip range (their tokens then pass no gradient on one side).
     train = TrainConfig()
-    batches = micro_batches(rollouts(), Graded(teacher_logprobs()), pad_id=PAD_ID, max_tokens=budget, device="cpu")
+    batches = micro_batches(rollouts(), graded(), pad_id=PAD_ID, max_tokens=budget, device="cpu")
     current = old_logprobs(policy, batches, 1.0)
     gen = torch.Generator().manual_seed(1)
     olds = [c + 0.8 * (torch.rand(c.shape, generator=gen, dtype=torch.float64) - 0.5) for c in current]
@@ -144,7 +148,7 @@ def test_later_update_with_clipped_ratios_equals_the_whole_batch_float64_gradien
 def test_micro_batches_hold_the_budget_and_every_sample_once():
     lengths = [len(p) + len(c) for p, c in zip(PROMPTS, COMPLETIONS, strict=True)]
     for budget in (1, 8, 12, 20, 10_000):
-        batches = micro_batches(rollouts(), Graded(teacher_logprobs()), pad_id=PAD_ID, max_tokens=budget, device="cpu")
+        batches = micro_batches(rollouts(), graded(), pad_id=PAD_ID, max_tokens=budget, device="cpu")
         assert sorted(r for b in batches for r in b.rows) == list(range(len(PROMPTS)))
         for batch in batches:
             padded = batch.packed.input_ids_BL.numel()
@@ -154,7 +158,7 @@ def test_micro_batches_hold_the_budget_and_every_sample_once():
 
 def test_chunked_head_matches_the_models_own_logits_at_every_chunk_size(student_dir):
     lm = load_causal_lm(str(student_dir), "float32", "cpu").double()
-    batches = micro_batches(rollouts(), Graded(teacher_logprobs()), pad_id=PAD_ID, max_tokens=10_000, device="cpu")
+    batches = micro_batches(rollouts(), graded(), pad_id=PAD_ID, max_tokens=10_000, device="cpu")
     with torch.no_grad():
         expected = reference_logprobs(lm, 1.0)
         for chunk in (1, 2, 7, 4096):
@@ -197,14 +201,14 @@ def test_topk_loss_with_the_whole_vocabulary_as_head_is_the_exact_reverse_kl_gra
     vocab = policy.lm.config.vocab_size
     teacher = full_teacher(vocab)
     every_id = list(range(vocab))
-    graded = Graded(
+    whole_head = Graded.from_lists(
         logprobs=[
             [row[t].item() for row, t in zip(q, c, strict=True)] for q, c in zip(teacher, COMPLETIONS, strict=True)
         ],
         head_ids=[[every_id for _ in c] for c in COMPLETIONS],
         head_logprobs=[q.tolist() for q in teacher],
     )
-    batches = micro_batches(rollouts(), graded, pad_id=PAD_ID, max_tokens=budget, device="cpu")
+    batches = micro_batches(rollouts(), whole_head, pad_id=PAD_ID, max_tokens=budget, device="cpu")
     processes, train = Processes(False, "cpu"), TrainConfig(loss="topk")
     policy.zero_grad(set_to_none=True)
     accumulate_gradients(policy, batches, None, train=train, num_tokens=global_token_count(batches, processes),

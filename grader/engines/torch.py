@@ -3,7 +3,8 @@
 Sequences are sorted by length and cut into chunks of at most `max_batch_tokens` padded tokens,
 so rows of similar length share a chunk (little padding) and the activations of a chunk stay
 bounded; the LM head then runs a few hundred positions at a time (`opd.logprobs`), so the logits
-of a whole chunk never exist. Results go back in request order.
+of a whole chunk never exist. Results go back as flat tensors in request order (`grader/tensors.py`).
+The model loads and runs on the process's torch thread (`opd/torch_thread.py`).
 """
 
 import asyncio
@@ -11,7 +12,9 @@ import asyncio
 import torch
 from transformers import PreTrainedModel
 
-from grader.engine import Scored, ToScore
+from grader.engine import ToScore
+from grader.tensors import ScoredBatch
+from opd import torch_thread
 from opd.modeling import (
     completion_scores,
     length_sorted_chunks,
@@ -36,7 +39,7 @@ class TorchGraderEngine:
     ) -> None:
         self.model_path = model_path
         self.dtype = dtype
-        self.model = load_causal_lm(model_path, dtype, device)
+        self.model = torch_thread.call(load_causal_lm, model_path, dtype, device)
         self.max_model_len = max_model_len or self.model.config.max_position_embeddings
         self.max_batch_tokens = max_batch_tokens
         self.tokenizer, self.card = model_card(
@@ -49,10 +52,10 @@ class TorchGraderEngine:
     def info(self) -> InfoResponse:
         return self.card
 
-    async def score(self, sequences: list[ToScore], top_k: int) -> list[Scored]:
+    async def score(self, sequences: list[ToScore], top_k: int) -> ScoredBatch:
         async with self._lock:
-            return await asyncio.to_thread(score_sequences, self.model, sequences, top_k, pad_id=self.pad_id,
-                                           max_batch_tokens=self.max_batch_tokens)  # fmt: skip
+            return await torch_thread.run(score_sequences, self.model, sequences, top_k, pad_id=self.pad_id,
+                                          max_batch_tokens=self.max_batch_tokens)  # fmt: skip
 
     async def close(self) -> None:
         return None
@@ -61,39 +64,33 @@ class TorchGraderEngine:
 @torch.inference_mode()
 def score_sequences(
     model: PreTrainedModel, sequences: list[ToScore], top_k: int, *, pad_id: int, max_batch_tokens: int
-) -> list[Scored]:
+) -> ScoredBatch:
     """Logprobs of each sequence's completion tokens (and candidates, and the top-k) under `model`,
-    in length-sorted chunks of at most `max_batch_tokens` padded tokens; results in request order.
+    in length-sorted chunks of at most `max_batch_tokens` padded tokens; flat, in request order.
     The torch sampler scores with its student the same way."""
-    results: list[Scored | None] = [None] * len(sequences)
     lengths = [len(s.prompt_ids) + len(s.completion_ids) for s in sequences]
-    for chunk in length_sorted_chunks(lengths, max_batch_tokens):
-        for i, scored in zip(chunk, _score_chunk(model, [sequences[i] for i in chunk], top_k, pad_id), strict=True):
-            results[i] = scored
-    return [r for r in results if r is not None]
+    width = max((len(s.candidate_ids[0]) for s in sequences if s.candidate_ids), default=0)
+    chunks = length_sorted_chunks(lengths, max_batch_tokens)
+    parts = [_score_chunk(model, [sequences[i] for i in chunk], top_k, pad_id, width) for chunk in chunks]
+    chunk_order = torch.tensor([i for chunk in chunks for i in chunk], dtype=torch.long)
+    return ScoredBatch.concat(parts).select(torch.argsort(chunk_order))
 
 
-def _score_chunk(model: PreTrainedModel, sequences: list[ToScore], top_k: int, pad_id: int) -> list[Scored]:
+def _score_chunk(model: PreTrainedModel, sequences: list[ToScore], top_k: int, pad_id: int, width: int) -> ScoredBatch:
     device = str(model.get_output_embeddings().weight.device)
     batch = pack_left_padded([s.prompt_ids for s in sequences], [s.completion_ids for s in sequences], pad_id, device)
-    scores = completion_scores(model, batch, top_k=top_k, candidate_ids_NC=_candidates(sequences, device))
-    out, start = [], 0
-    for s in sequences:
-        rows = slice(start, start + len(s.completion_ids))
-        start = rows.stop
-        out.append(Scored(
-            logprobs=scores.token_logprobs_N[rows].tolist(),
-            top_ids=None if scores.top_ids_NK is None else scores.top_ids_NK[rows].tolist(),
-            top_logprobs=None if scores.top_logprobs_NK is None else scores.top_logprobs_NK[rows].tolist(),
-            candidate_logprobs=None if s.candidate_ids is None or scores.candidate_logprobs_NC is None
-            else scores.candidate_logprobs_NC[rows, : len(s.candidate_ids[0])].tolist(),
-        ))  # fmt: skip
-    return out
+    scores = completion_scores(model, batch, top_k=top_k, candidate_ids_NC=_candidates(sequences, width, device))
+
+    def on_host(tensor: torch.Tensor | None) -> torch.Tensor | None:
+        return None if tensor is None else tensor.cpu()
+
+    return ScoredBatch(batch.completion_lengths_B.cpu(), scores.token_logprobs_N.cpu(), on_host(scores.top_ids_NK),
+                       on_host(scores.top_logprobs_NK), on_host(scores.candidate_logprobs_NC))  # fmt: skip
 
 
-def _candidates(sequences: list[ToScore], device: str) -> torch.Tensor | None:
-    """Every sequence's candidate ids as one [N, C] tensor, rows padded with id 0 (dropped later)."""
-    width = max((len(s.candidate_ids[0]) for s in sequences if s.candidate_ids), default=0)
+def _candidates(sequences: list[ToScore], width: int, device: str) -> torch.Tensor | None:
+    """Every sequence's candidate ids as one [N, width] tensor, rows padded with id 0 (their
+    logprobs are cut off again in the JSON reply; the learner asks for one width throughout)."""
     if width == 0:
         return None
     rows = [row + [0] * (width - len(row)) for s in sequences

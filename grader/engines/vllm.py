@@ -23,7 +23,9 @@ import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
-from grader.engine import Scored, ToScore
+from grader.engine import Scored, ToScore, batch_of
+from grader.tensors import ScoredBatch
+from opd import torch_thread
 from opd.paths import resolve_model_path
 from opd.serving import InfoResponse
 from opd.vllm_engine import VllmOptions, build_async_llm, engine_errors, logprob_rows, vllm_model_card
@@ -106,11 +108,12 @@ class PromptScorer:
         self.candidates_in_one_request = bool(getattr(engine.vllm_config, "use_v2_model_runner", False))
         self._budget = TokenBudget(max_tokens_in_flight)
 
-    async def score(self, sequences: list[ToScore], top_k: int, lora: Any = None) -> list[Scored]:
+    async def score(self, sequences: list[ToScore], top_k: int, lora: Any = None) -> ScoredBatch:
         jobs = [(len(seq.prompt_ids) + len(seq.completion_ids), functools.partial(self._score_one, seq, top_k, lora))
                 for seq in sequences]  # fmt: skip
         with engine_errors():
-            return await within_budget(self._budget, jobs)
+            scored = await within_budget(self._budget, jobs)
+        return await torch_thread.run(batch_of, scored)
 
     async def _run(self, tokens: list[int], params: Any, lora: Any) -> Any:
         from vllm.inputs import TokensPrompt
@@ -169,7 +172,7 @@ class VllmGraderEngine:
     def info(self) -> InfoResponse:
         return self.card
 
-    async def score(self, sequences: list[ToScore], top_k: int) -> list[Scored]:
+    async def score(self, sequences: list[ToScore], top_k: int) -> ScoredBatch:
         return await self.scorer.score(sequences, top_k)
 
     async def close(self) -> None:

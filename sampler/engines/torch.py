@@ -3,6 +3,7 @@
 Used where vLLM is not installed and as the reference in parity tests. All prompts x n samples
 decode together in one left-padded batch with a KV cache; one lock serialises generation and
 weight swaps, so a swap waits for in-flight generation and no reply mixes two weight versions.
+The model loads and runs on the process's torch thread (`opd/torch_thread.py`).
 """
 
 import asyncio
@@ -11,8 +12,10 @@ import random
 import torch
 from transformers import DynamicCache
 
-from grader.engine import Scored, ToScore
+from grader.engine import ToScore
 from grader.engines.torch import score_sequences
+from grader.tensors import ScoredBatch
+from opd import torch_thread
 from opd.modeling import load_causal_lm, model_card, pack_left_padded
 from opd.serving import InfoResponse
 from opd.tokenizer import chat_prompt_ids, pad_token_id
@@ -90,7 +93,7 @@ class TorchSamplerEngine:
         self.model_path = model_path
         self.dtype = dtype
         self.device = device
-        self.model = load_causal_lm(model_path, dtype, device)
+        self.model = torch_thread.call(load_causal_lm, model_path, dtype, device)
         self.max_model_len = max_model_len or self.model.config.max_position_embeddings
         self.tokenizer, self.card = model_card(
             model_path, engine="torch", dtype=dtype, max_model_len=self.max_model_len,
@@ -112,7 +115,7 @@ class TorchSamplerEngine:
 
     async def generate(self, prompts: list[list[int]], params: SamplingParams) -> tuple[int, list[list[Sample]]]:
         async with self._lock:
-            samples = await asyncio.to_thread(self._generate_sync, prompts, params)
+            samples = await torch_thread.run(self._generate_sync, prompts, params)
             return self.policy_version, samples
 
     @torch.inference_mode()
@@ -182,7 +185,7 @@ class TorchSamplerEngine:
 
     async def load_weights(self, tensors: dict[str, torch.Tensor], version: int, source: str | bytes) -> None:
         async with self._lock:
-            await asyncio.to_thread(self._copy_in, tensors)
+            await torch_thread.run(self._copy_in, tensors)
             self.policy_version = version
 
     @torch.no_grad()
@@ -193,7 +196,7 @@ class TorchSamplerEngine:
 
     async def load_adapter(self, adapter: Adapter, version: int) -> None:
         async with self._lock:
-            await asyncio.to_thread(self._merge, adapter)
+            await torch_thread.run(self._merge, adapter)
             self.policy_version = version
 
     @torch.no_grad()
@@ -209,9 +212,9 @@ class TorchSamplerEngine:
             delta = adapter.scale * (b.to(self.device, torch.float32) @ a.to(self.device, torch.float32))
             weight.copy_((original.float() + delta).to(weight.dtype))
 
-    async def score(self, sequences: list[ToScore], top_k: int) -> list[Scored]:
+    async def score(self, sequences: list[ToScore], top_k: int) -> ScoredBatch:
         async with self._lock:
-            return await asyncio.to_thread(score_sequences, self.model, sequences, top_k, pad_id=self.pad_id,
+            return await torch_thread.run(score_sequences, self.model, sequences, top_k, pad_id=self.pad_id,
                                            max_batch_tokens=SCORE_BATCH_TOKENS)  # fmt: skip
 
     async def close(self) -> None:

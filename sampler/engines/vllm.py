@@ -25,8 +25,9 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from grader.engine import Scored, ToScore
+from grader.engine import ToScore
 from grader.engines.vllm import PromptScorer
+from grader.tensors import ScoredBatch
 from opd.modeling import DTYPES
 from opd.paths import resolve_model_path
 from opd.serving import InfoResponse
@@ -205,7 +206,7 @@ class VllmSamplerEngine:
             await self.engine.remove_lora(previous.lora_int_id)
             shutil.rmtree(previous.lora_path, ignore_errors=True)
 
-    async def score(self, sequences: list[ToScore], top_k: int) -> list[Scored]:
+    async def score(self, sequences: list[ToScore], top_k: int) -> ScoredBatch:
         async with self._gate.reading():  # the weights (and adapter) of one version throughout
             return await self.scorer.score(sequences, top_k, self._lora)
 
