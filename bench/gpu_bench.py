@@ -165,12 +165,14 @@ def opd_generate(url: str, args: argparse.Namespace, batch: list[list[int]]) -> 
 
 def opd_score(url: str, args: argparse.Namespace, sequences: list[list[int]]) -> dict:
     # The prompt/completion split does not change the work: vLLM scores every position either way.
+    # The reply format the learner asks for (flat tensors, grader/tensors.py).
     seqs = [{"prompt_ids": s[: args.prompt_len], "completion_ids": s[args.prompt_len :]} for s in sequences]
-    httpx.post(f"{url}/v1/logprobs", json={"sequences": seqs[:8]}, timeout=600).raise_for_status()
+    body = {"sequences": seqs, "format": "safetensors"}
+    httpx.post(f"{url}/v1/logprobs", json=body | {"sequences": seqs[:8]}, timeout=600).raise_for_status()
 
     def run() -> float:
         start = time.perf_counter()
-        httpx.post(f"{url}/v1/logprobs", json={"sequences": seqs}, timeout=600).raise_for_status()
+        httpx.post(f"{url}/v1/logprobs", json=body, timeout=600).raise_for_status()
         return time.perf_counter() - start
 
     return throughput(timed_runs(args.repeats, run), sum(map(len, sequences)))
