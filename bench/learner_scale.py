@@ -111,7 +111,8 @@ def report_process(results: dict, batches: list[int]) -> None:
 
 
 def synthetic_batches(samples: int, prompt_len: int, completion_len: int, vocab: int, budget: int, device: str):
-    from learner.rollout import Graded, Rollouts
+    from grader.engine import Scored, batch_of
+    from learner.rollout import Rollouts
     from learner.update import micro_batches
 
     gen = torch.Generator().manual_seed(0)
@@ -123,7 +124,9 @@ def synthetic_batches(samples: int, prompt_len: int, completion_len: int, vocab:
     rollouts = Rollouts([ids(prompt_len) for _ in range(samples)], completions,
                         [[-1.0] * completion_len for _ in completions], versions=[0] * samples)  # fmt: skip
     teacher = [(-3 * torch.rand(completion_len, generator=gen)).tolist() for _ in completions]
-    return micro_batches(rollouts, Graded.from_lists(teacher), pad_id=0, max_tokens=budget, device=device)
+    return micro_batches(
+        rollouts, batch_of([Scored(row) for row in teacher]), pad_id=0, max_tokens=budget, device=device
+    )
 
 
 def in_process_mode(args: argparse.Namespace) -> dict:

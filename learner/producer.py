@@ -23,10 +23,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from grader.tensors import ScoredBatch
 from learner.clients import GraderPool, SamplerPool
 from learner.config import OpdConfig
 from learner.data import PromptStream
-from learner.rollout import Graded, Rollouts, grade, sample
+from learner.rollout import Rollouts, grade, sample
 from sampler.schema import GenerateRequest
 
 logger = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ class Part:
     first_prompt: int
     prompts: list[list[int]]
     rollouts: Rollouts
-    graded: Graded
+    graded: ScoredBatch
     generate_s: tuple[float, float]
     grade_s: tuple[float, float]
     """(start, end) on the perf_counter clock."""
@@ -79,7 +80,7 @@ class Batch:
 
     step: int
     rollouts: Rollouts
-    graded: Graded
+    graded: ScoredBatch
     data_state: dict[str, int]
     times: dict[str, float]
     """time/generate and time/grade (each the span from its first request to its last reply; they
@@ -127,7 +128,7 @@ class Producer:
             logger.warning("step %d: %d samples older than version %d dropped and generated again", step, dropped,
                            oldest)  # fmt: skip
         del self._plans[step]
-        return Batch(step, Rollouts.concat([p.rollouts for p in fresh]), Graded.concat([p.graded for p in fresh]),
+        return Batch(step, Rollouts.concat([p.rollouts for p in fresh]), ScoredBatch.concat([p.graded for p in fresh]),
                      plan.data_state, _times(fresh, waited), dropped)  # fmt: skip
 
     def close(self) -> None:

@@ -6,10 +6,8 @@ them ahead of the learner, `learner/update.py` scores and learns from what they 
 
 from dataclasses import dataclass
 
-import torch
-
 from grader.schema import Sequence
-from grader.tensors import token_index
+from grader.tensors import ScoredBatch
 from learner.clients import GraderPool, SamplerPool
 from opd.errors import GraderError, StaleSamplerError
 from sampler.schema import GenerateRequest, GenerateResponse
@@ -70,54 +68,10 @@ async def sample(
     )
 
 
-@dataclass(frozen=True)
-class Graded:
-    """The teacher's view of each sample, flat over the completion tokens (sample 0's, then sample
-    1's, ...): the logprob of every completion token and, for the top-k loss, each position's head
-    (the teacher's top-k ids, then the student's) with the teacher's logprobs there."""
-
-    lengths_B: torch.Tensor
-    logprobs_N: torch.Tensor
-    head_ids_NK: torch.Tensor | None = None
-    head_logprobs_NK: torch.Tensor | None = None
-
-    def select(self, rows: list[int]) -> "Graded":
-        """Samples `rows`, in that order."""
-        rows_R = torch.tensor(rows, dtype=torch.long)
-        index_M = token_index(self.lengths_B, rows_R)
-        lengths, logprobs = self.lengths_B[rows_R], self.logprobs_N[index_M]
-        if self.head_ids_NK is None or self.head_logprobs_NK is None:
-            return Graded(lengths, logprobs)
-        return Graded(lengths, logprobs, self.head_ids_NK[index_M], self.head_logprobs_NK[index_M])
-
-    @staticmethod
-    def concat(parts: list["Graded"]) -> "Graded":
-        lengths, logprobs = torch.cat([p.lengths_B for p in parts]), torch.cat([p.logprobs_N for p in parts])
-        ids = [p.head_ids_NK for p in parts if p.head_ids_NK is not None]
-        values = [p.head_logprobs_NK for p in parts if p.head_logprobs_NK is not None]
-        if len(ids) < len(parts) or len(values) < len(parts):
-            return Graded(lengths, logprobs)
-        return Graded(lengths, logprobs, torch.cat(ids), torch.cat(values))
-
-    @staticmethod
-    def from_lists(
-        logprobs: list[list[float]], head_ids: list[list[list[int]]] | None = None,
-        head_logprobs: list[list[list[float]]] | None = None,
-    ) -> "Graded":  # fmt: skip
-        """From per-sample lists (tests and benches; the grader's reply is tensors already)."""
-        lengths = torch.tensor([len(row) for row in logprobs], dtype=torch.long)
-        flat = torch.tensor([x for row in logprobs for x in row], dtype=torch.float32)
-        if head_ids is None or head_logprobs is None:
-            return Graded(lengths, flat)
-        ids = torch.tensor([ids for rows in head_ids for ids in rows], dtype=torch.long)
-        values = torch.tensor([lps for rows in head_logprobs for lps in rows], dtype=torch.float32)
-        return Graded(lengths, flat, ids, values)
-
-
-async def grade(grader: GraderPool, rollouts: Rollouts, top_k: int = 0) -> Graded:
-    """Teacher logprobs of every completion token; with `top_k` also each position's head: the
-    teacher's top-k, followed, when the rollouts carry the student's top ids, by the teacher's
-    logprobs at those (asked as candidate_ids)."""
+async def grade(grader: GraderPool, rollouts: Rollouts, top_k: int = 0) -> ScoredBatch:
+    """The teacher's scores of every sample, flat over completion tokens (sample 0's, then sample
+    1's, ...): each token's logprob; with `top_k` also each position's top-k, and when the rollouts
+    carry the student's top ids, the teacher's logprobs at those (asked as candidate_ids)."""
     candidates = rollouts.student_top_ids if top_k else None
     sequences = [
         Sequence(prompt_ids=p, completion_ids=c, candidate_ids=None if candidates is None else candidates[i])
@@ -126,14 +80,8 @@ async def grade(grader: GraderPool, rollouts: Rollouts, top_k: int = 0) -> Grade
     scores = await grader.logprobs_tensors(sequences, top_k=top_k)
     if scores.lengths_B.tolist() != [len(c) for c in rollouts.completion_ids]:
         raise GraderError("grader returned a different number of logprobs than completion tokens")
-    if not top_k:
-        return Graded(scores.lengths_B, scores.logprobs_N)
-    if scores.top_ids_NK is None or scores.top_logprobs_NK is None:
+    if top_k and (scores.top_ids_NK is None or scores.top_logprobs_NK is None):
         raise GraderError(f"grader returned no top-{top_k}")
-    if candidates is None:
-        return Graded(scores.lengths_B, scores.logprobs_N, scores.top_ids_NK, scores.top_logprobs_NK)
-    if scores.candidate_logprobs_NC is None:
+    if candidates is not None and scores.candidate_logprobs_NC is None:
         raise GraderError("grader returned no logprobs for the student's top ids (candidate_ids)")
-    student_ids_NK = torch.tensor([ids for rows in candidates for ids in rows], dtype=torch.long)
-    return Graded(scores.lengths_B, scores.logprobs_N, torch.cat([scores.top_ids_NK, student_ids_NK], dim=1),
-                  torch.cat([scores.top_logprobs_NK, scores.candidate_logprobs_NC], dim=1))  # fmt: skip
+    return scores

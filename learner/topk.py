@@ -46,6 +46,7 @@ from dataclasses import dataclass
 
 import torch
 
+from grader.tensors import ScoredBatch
 from learner.loss import PolicyLoss, clipped_policy_loss, head_reverse_kl
 from opd.modeling import right_padded
 
@@ -58,6 +59,21 @@ class Head:
     teacher_logprobs_BTK: torch.Tensor
     mask_BTK: torch.Tensor
     """1 on the first occurrence of each id at a position, 0 on repeats and padding."""
+
+
+def head_columns(
+    teacher: ScoredBatch, student_top_ids: list[list[list[int]]] | None
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Each position's head as flat [N, K] ids and teacher logprobs: the teacher's top-k, then,
+    with the student's top ids of the same samples (their teacher logprobs asked as candidate ids),
+    those; None when the teacher's scores carry no top-k (the sampled loss)."""
+    if teacher.top_ids_NK is None or teacher.top_logprobs_NK is None:
+        return None
+    if student_top_ids is None or teacher.candidate_logprobs_NC is None:
+        return teacher.top_ids_NK, teacher.top_logprobs_NK
+    student_NK = torch.tensor([ids for rows in student_top_ids for ids in rows], dtype=torch.long)
+    return (torch.cat([teacher.top_ids_NK, student_NK], dim=1),
+            torch.cat([teacher.top_logprobs_NK, teacher.candidate_logprobs_NC], dim=1))  # fmt: skip
 
 
 def head_tensors(

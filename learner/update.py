@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from grader.tensors import ScoredBatch
 from learner.config import TrainConfig
 from learner.distributed import Processes
 from learner.loss import (
@@ -29,8 +30,8 @@ from learner.loss import (
     truncated_importance_weights,
 )
 from learner.policy import policy_inputs
-from learner.rollout import Graded, Rollouts
-from learner.topk import Head, head_tensors, sampled_in_head, topk_policy_loss
+from learner.rollout import Rollouts
+from learner.topk import Head, head_columns, head_tensors, sampled_in_head, topk_policy_loss
 from opd.modeling import (
     PackedBatch,
     completion_targets,
@@ -71,7 +72,7 @@ class Scored:
 
 
 def micro_batches(
-    rollouts: Rollouts, graded: Graded, *, pad_id: int, max_tokens: int, device: torch.device | str,
+    rollouts: Rollouts, graded: ScoredBatch, *, pad_id: int, max_tokens: int, device: torch.device | str,
     behaviour_temperature: float | None = None,
 ) -> list[MicroBatch]:  # fmt: skip
     """Pack the samples by length into micro-batches of at most `max_tokens` padded tokens."""
@@ -83,16 +84,16 @@ def micro_batches(
 
 
 def _micro_batch(
-    rollouts: Rollouts, graded: Graded, rows: list[int], pad_id: int, device: torch.device | str,
+    rollouts: Rollouts, graded: ScoredBatch, rows: list[int], pad_id: int, device: torch.device | str,
     behaviour_temperature: float | None,
 ) -> MicroBatch:  # fmt: skip
     completions = [rollouts.completion_ids[r] for r in rows]
     packed = pack_left_padded([rollouts.prompt_ids[r] for r in rows], completions, pad_id, str(device))
     width = max(len(c) for c in completions)
     teacher = graded.select(rows)
-    head = None
-    if teacher.head_ids_NK is not None and teacher.head_logprobs_NK is not None:
-        head = head_tensors(teacher.head_ids_NK, teacher.head_logprobs_NK, teacher.lengths_B, width, device)
+    student_top_ids = None if rollouts.student_top_ids is None else [rollouts.student_top_ids[r] for r in rows]
+    columns = head_columns(teacher, student_top_ids)
+    head = None if columns is None else head_tensors(*columns, teacher.lengths_B, width, device)
     return MicroBatch(
         rows=rows,
         packed=packed,

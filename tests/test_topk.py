@@ -6,11 +6,17 @@ each possible sampled token y, averaged exactly (enumerating y, weighted by p_y)
 Two biased variants seen in peers' code serve as negative controls, so the checks can fail.
 """
 
+import asyncio
+
 import pytest
 import torch
 
+from learner.clients import GraderPool, RetryPolicy, SamplerPool
 from learner.loss import advantages
+from learner.rollout import grade, sample
 from learner.topk import Head, first_occurrence, head_tensors, sampled_in_head, topk_policy_loss
+from learner.update import micro_batches
+from sampler.schema import GenerateRequest
 
 V = 10
 THETA = torch.tensor([1.2, 0.3, -0.5, 2.0, 0.0, -1.0, 0.7, -2.0, 0.4, 1.5], dtype=torch.float64)
@@ -118,3 +124,36 @@ def test_head_tensors_place_each_rows_values_from_the_flat_reply():
     pad = [0, 0]
     assert head.teacher_logprobs_BTK.tolist() == [[*logprobs[0], pad], [*logprobs[1], pad, pad], logprobs[2]]
     assert head.mask_BTK.tolist() == [[[1, 1], [1, 1], [0, 0]], [[1, 1], [0, 0], [0, 0]], [[1, 1]] * 3]
+
+
+def test_a_both_head_is_the_teachers_top_k_then_the_students_top_ids_scored_by_the_teacher(servers):
+    # Real servers on loopback: the sampler reports its top 4 with each sample, the grader scores
+    # them as candidate_ids, and each micro-batch's head holds the teacher's top 4, then those.
+    sampler_url, grader_url = servers
+    retry = RetryPolicy(deadline_s=30)
+    prompts = [[1, 365, 201, 89], [1, 67, 360], [5, 500, 6, 7, 8]]
+    request = GenerateRequest(prompt_ids=prompts, n=2, temperature=1.0, max_tokens=6, seed=3, top_logprobs=4)
+
+    async def rollouts_and_scores():
+        sampler, grader = SamplerPool([sampler_url], 60, retry), GraderPool([grader_url], 60, retry)
+        try:
+            rollouts = await sample(sampler, prompts, request, eos_id=2, min_version=0)
+            return rollouts, await grade(grader, rollouts, top_k=4)
+        finally:
+            await sampler.aclose()
+            await grader.aclose()
+
+    rollouts, scores = asyncio.run(rollouts_and_scores())
+    assert rollouts.student_top_ids is not None and scores.candidate_logprobs_NC is not None
+    batches = micro_batches(rollouts, scores, pad_id=0, max_tokens=16, device="cpu")  # several micro-batches
+    assert len(batches) > 1
+    for batch in batches:
+        assert batch.head is not None and batch.head.ids_BTK.shape[-1] == 8
+        for b, row in enumerate(batch.rows):
+            mine = scores.select([row])
+            assert mine.top_ids_NK is not None and mine.candidate_logprobs_NC is not None
+            length = len(rollouts.completion_ids[row])
+            ids, values = batch.head.ids_BTK[b, :length], batch.head.teacher_logprobs_BTK[b, :length]
+            assert ids[:, :4].tolist() == mine.top_ids_NK.tolist()
+            assert ids[:, 4:].tolist() == rollouts.student_top_ids[row]
+            assert values[:, 4:].tolist() == mine.candidate_logprobs_NC.tolist()

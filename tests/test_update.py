@@ -11,10 +11,13 @@ import math
 import pytest
 import torch
 
+from grader.engine import Scored as TeacherScores
+from grader.engine import batch_of
+from grader.tensors import ScoredBatch
 from learner.config import TrainConfig
 from learner.distributed import Processes
 from learner.policy import Policy
-from learner.rollout import Graded, Rollouts
+from learner.rollout import Rollouts
 from learner.update import Scored, accumulate_gradients, global_token_count, micro_batches, old_logprobs
 from opd.modeling import load_causal_lm
 
@@ -29,8 +32,8 @@ def rollouts() -> Rollouts:
     )
 
 
-def graded() -> Graded:
-    return Graded.from_lists(teacher_logprobs())
+def graded() -> ScoredBatch:
+    return batch_of([TeacherScores(row) for row in teacher_logprobs()])
 
 
 def teacher_logprobs() -> list[list[float]]:
@@ -201,13 +204,11 @@ def test_topk_loss_with_the_whole_vocabulary_as_head_is_the_exact_reverse_kl_gra
     vocab = policy.lm.config.vocab_size
     teacher = full_teacher(vocab)
     every_id = list(range(vocab))
-    whole_head = Graded.from_lists(
-        logprobs=[
-            [row[t].item() for row, t in zip(q, c, strict=True)] for q, c in zip(teacher, COMPLETIONS, strict=True)
-        ],
-        head_ids=[[every_id for _ in c] for c in COMPLETIONS],
-        head_logprobs=[q.tolist() for q in teacher],
-    )
+    whole_head = batch_of([
+        TeacherScores([row[t].item() for row, t in zip(q, c, strict=True)], top_ids=[every_id for _ in c],
+                      top_logprobs=q.tolist())
+        for q, c in zip(teacher, COMPLETIONS, strict=True)
+    ])  # fmt: skip
     batches = micro_batches(rollouts(), whole_head, pad_id=PAD_ID, max_tokens=budget, device="cpu")
     processes, train = Processes(False, "cpu"), TrainConfig(loss="topk")
     policy.zero_grad(set_to_none=True)
