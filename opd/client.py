@@ -38,6 +38,11 @@ SequenceLike = Sequence | dict[str, Any]
 `completion`/`completion_ids`, optional `candidate_ids`)."""
 
 
+def _wire_sequences(sequences: Sequence_[SequenceLike]) -> list[Sequence]:
+    """Dicts validated into the wire model (a bad one fails here, before anything is sent)."""
+    return [s if isinstance(s, Sequence) else Sequence.model_validate(s) for s in sequences]
+
+
 class _SyncClient:
     def __init__(self, client: AsyncGraderClient | AsyncSamplerClient) -> None:
         self._loop = asyncio.new_event_loop()
@@ -54,14 +59,12 @@ class _SyncClient:
         self, sequences: Sequence_[SequenceLike], *, top_k: int = 0, return_tokens: bool = False
     ) -> LogprobsResponse:
         """POST /v1/logprobs: the logprob of every completion token (and the top-k, the token strings)."""
-        models = [s if isinstance(s, Sequence) else Sequence.model_validate(s) for s in sequences]
-        return self._run(self._client.logprobs(models, top_k, return_tokens))
+        return self._run(self._client.logprobs(_wire_sequences(sequences), top_k, return_tokens))
 
     def logprobs_tensors(self, sequences: Sequence_[SequenceLike], *, top_k: int = 0) -> ScoredBatch:
         """POST /v1/logprobs with format safetensors: the same scores as flat tensors in request
         order (`grader/tensors.py`); sequences as ids. A third of JSON's bytes at top-k."""
-        models = [s if isinstance(s, Sequence) else Sequence.model_validate(s) for s in sequences]
-        return self._run(self._client.logprobs_tensors(models, top_k))
+        return self._run(self._client.logprobs_tensors(_wire_sequences(sequences), top_k))
 
     def close(self) -> None:
         self._run(self._client.aclose())

@@ -141,14 +141,13 @@ def right_padded(values_N: torch.Tensor, lengths_B: torch.Tensor, width: int | N
     return out
 
 
-def padded_rows(rows: list[list], width: int, dtype: torch.dtype, per_position: tuple[int, ...] = ()) -> torch.Tensor:
-    """Ragged per-sample lists (of numbers, or of equal-length lists of numbers: `per_position`
-    gives their shape) as one right-padded [B, width, *per_position] tensor, zeros past each row.
+def padded_rows(rows: list[list], width: int, dtype: torch.dtype) -> torch.Tensor:
+    """Ragged per-sample lists of numbers as one right-padded [B, width] tensor, zeros past each row.
 
-    Built from one flat tensor: a tensor per row and its copy cost ~10 us, which for a batch of
-    rows with top-k lists at every position is more than the conversion itself."""
+    Built from one flat tensor: a tensor per row and its copy cost ~10 us, more than the
+    conversion itself."""
     lengths_B = torch.tensor([len(row) for row in rows], dtype=torch.long)
-    flat = torch.tensor(list(chain.from_iterable(rows)), dtype=dtype).reshape(-1, *per_position)
+    flat = torch.tensor(list(chain.from_iterable(rows)), dtype=dtype)
     return right_padded(flat, lengths_B, width)
 
 
