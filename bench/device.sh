@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# Every GPU mode of opd's benchmarks in one prepared run, for the day a GPU is lent (about 6 minutes
+# Every GPU mode of opd's benchmarks in one prepared run, for the day a GPU is lent (about 9 minutes
 # on one H100/H200; each benchmark has its own time limit so one that hangs cannot eat the rest):
 #
-#   bash bench/device.sh            # GPU: writes bench/results/gpu-*.json, the device name inside
-#   bash bench/device.sh --smoke    # CPU: every benchmark's smoke mode on tiny models (CI runs this)
+#   bash bench/device.sh                 # GPU: writes bench/results/gpu-*.json, the device name inside
+#   bash bench/device.sh toy scale       # GPU: only these (scale, toy, services, pipeline), in that order
+#   bash bench/device.sh --smoke         # CPU: every benchmark's smoke mode on tiny models (CI runs this)
 #
 # Each benchmark writes its JSON as soon as it finishes, so a run cut short keeps what it measured.
-# Python packages the GPU machine lacks (fastapi, uvicorn, pydantic, vllm, ...) can travel as
-# wheels in .whl/ (see BENCHMARKS.md); they are installed into /tmp/opd-site first.
+# Python packages the GPU machine lacks (fastapi, uvicorn, pydantic, trl, datasets, vllm, ...) can
+# travel as wheels in .whl/ (see BENCHMARKS.md); they are installed into /tmp/opd-site first. The toy
+# comparison reuses runs/toy (the CPU runs' models; carry it) and trains them first where it is absent.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -19,14 +21,30 @@ export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 RESULTS=${OPD_BENCH_RESULTS:-bench/results}
 mkdir -p "$RESULTS"
 failed=()
+selected=()
 
 run() {  # run NAME SECONDS MODULE ARGS...
     local name=$1 limit=$2
     shift 2
     echo "== $name (limit ${limit} s): $*"
-    local start=$SECONDS
-    timeout "$limit" "$PY" -m "$@" || failed+=("$name (exit $?)")
+    local start=$SECONDS rc=0
+    timeout "$limit" "$PY" -m "$@" || rc=$?
+    [ $rc -eq 0 ] || failed+=("$name (exit $rc)")
     echo "== $name took $((SECONDS - start)) s"
+    return $rc
+}
+
+wanted() {  # wanted NAME: no names given, or NAME among them
+    [ ${#selected[@]} -eq 0 ] || [[ " ${selected[*]} " == *" $1 "* ]]
+}
+
+toy() {  # the toy task at ppo_steps 1, opd top-k vs TRL GKD on the GPU, one run per seed (issue 13)
+    local seed
+    for seed in 0 1 2; do
+        run "toy seed $seed" 150 bench.toy_distill --device cuda --engine torch --ppo-steps 1 --losses topk \
+            --seed "$seed" --out "/tmp/opd-gpu-toy-s$seed" &&
+            cp "/tmp/opd-gpu-toy-s$seed/results.json" "$RESULTS/gpu-toy_distill-s$seed.json"
+    done
 }
 
 if [ "${1:-}" = "--smoke" ]; then
@@ -34,12 +52,19 @@ if [ "${1:-}" = "--smoke" ]; then
     run services 600 bench.gpu_bench --smoke --out "$RESULTS/smoke-services.json"
     run pipeline 600 bench.pipeline --smoke --out "$RESULTS/smoke-pipeline.json"
 else
+    selected=("$@")
+    for name in "${selected[@]}"; do
+        case $name in scale | toy | services | pipeline) ;; *) echo "unknown benchmark: $name" >&2; exit 2 ;; esac
+    done
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
     "$PY" -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())" || exit 1
-    run learner_scale 120 bench.learner_scale --gpu --out "$RESULTS/gpu-learner_scale.json"
-    if "$PY" -c "import vllm" 2>/dev/null; then
-        run services 240 bench.gpu_bench --preset qwen2.5 --repeats 3 --out "$RESULTS/gpu-services.json"
-        run pipeline 150 bench.pipeline --gpu --out "$RESULTS/gpu-pipeline.json"
+    wanted scale && run learner_scale 120 bench.learner_scale --gpu --out "$RESULTS/gpu-learner_scale.json"
+    wanted toy && toy
+    if ! { wanted services || wanted pipeline; }; then
+        :
+    elif "$PY" -c "import vllm" 2>/dev/null; then
+        wanted services && run services 240 bench.gpu_bench --preset qwen2.5 --repeats 3 --out "$RESULTS/gpu-services.json"
+        wanted pipeline && run pipeline 150 bench.pipeline --gpu --out "$RESULTS/gpu-pipeline.json"
     else
         failed+=("services and pipeline: vllm is not importable (carry its wheel in .whl/)")
     fi

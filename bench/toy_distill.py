@@ -2,11 +2,14 @@
 
     pip install -e '.[bench]'
     python -m bench.toy_distill [--steps 60] [--batch-size 128] [--engine torch] [--out runs/toy-bench]
+    python -m bench.toy_distill --device cuda --engine torch ...   # both systems on the GPU (bench/device.sh)
 
 1. Builds (or reuses) the toy teacher and SFT'd student (`examples/toy/prepare.py`).
-2. Distils the student with opd, the embedded default (local sampler + grader, `--engine`).
+2. Distils the student with opd, the embedded default (local sampler + grader, `--engine`), the
+   learner and its servers on `--device`.
 3. Distils the same student with TRL `GKDTrainer` fully on-policy with reverse KL (lmbda=1,
-   beta=1), same prompts in the same order, batch, steps, learning rate, optimizer and clipping.
+   beta=1), same prompts in the same order, batch, steps, learning rate, optimizer and clipping,
+   on the same device.
 4. Scores teacher, student before and both students after with one in-process greedy evaluator.
 
 Writes `<out>/results.json`, `<out>/toy_distill.png` (reverse KL and eval reward over steps for
@@ -58,6 +61,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--top-k-head", choices=["teacher", "both"], default="teacher", help="train.top_k_head")
     parser.add_argument("--max-staleness", type=int, default=0, help="train.max_staleness of every opd run")
     parser.add_argument("--engine", choices=["auto", "vllm", "torch"], default="auto", help="opd's local servers")
+    parser.add_argument(
+        "--device", choices=["cpu", "cuda"], default="cpu",
+        help="where both systems run: opd's learner and local servers, TRL's student and teacher (cuda: the first GPU)",
+    )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-trl", action="store_true", help="opd only (TRL not installed)")
     parser.add_argument("--models", type=Path, default=Path("runs/toy"), help="toy models cache (prepare --out)")
@@ -86,8 +93,8 @@ def run_opd(
         sampling={"n": 1, "temperature": 1.0, "max_tokens": MAX_NEW_TOKENS},
         train={"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
                "ppo_steps": ppo_steps, "loss": loss, "top_k": args.top_k, "top_k_head": args.top_k_head,
-               "max_staleness": args.max_staleness},
-        eval={"eval_steps": args.eval_steps, "n": 1, "max_tokens": MAX_NEW_TOKENS}, services={"engine": args.engine},
+               "max_staleness": args.max_staleness, "device": args.device},
+        eval={"eval_steps": args.eval_steps, "n": 1, "max_tokens": MAX_NEW_TOKENS}, services=services(args),
         logging={"progress": True},
     )  # fmt: skip
     trainer.train()
@@ -97,6 +104,13 @@ def run_opd(
         "run_dir": str(run_dir),
         "final_dir": str(run_dir / "checkpoints" / f"step_{args.steps:06d}"),
     }
+
+
+def services(args: argparse.Namespace) -> dict:
+    """opd's local servers: `--engine` on `--device`; vLLM servers sharing a GPU with the learner
+    each take a fifth of it (the toy models need a few MB, the rest is KV cache)."""
+    shared_gpu = args.device != "cpu" and args.engine != "torch"
+    return {"engine": args.engine, "device": args.device} | ({"gpu_memory_utilization": 0.2} if shared_gpu else {})
 
 
 def step_stats(rows: list[dict], batch_size: int) -> dict:
@@ -110,7 +124,9 @@ def step_stats(rows: list[dict], batch_size: int) -> dict:
 
 
 def final_rewards(files: ToyFiles, eval_: list[SortItem], finals: dict[str, str]) -> dict[str, float]:
-    """Mean greedy eval reward of the teacher, the student before, and each distilled student."""
+    """Mean greedy eval reward of the teacher, the student before, and each distilled student, all
+    scored on the CPU whatever `--device` trained them: one table across CPU and GPU runs (the
+    in-run eval curves are scored where each system trains)."""
     tokenizer = AutoTokenizer.from_pretrained(files.student)
     dirs = {"teacher": str(files.teacher), "student before": str(files.student), **finals}
     scores = {}
@@ -159,12 +175,13 @@ def report(results: dict) -> str:
     return "\n".join(lines)
 
 
-def machine() -> str:
-    """CPU model, core count and torch threads, for the record."""
+def machine(device: str) -> str:
+    """CPU model, core count and torch threads (and the GPU, when the run used one), for the record."""
     cpuinfo = Path("/proc/cpuinfo")
     lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
     model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), platform.machine())
-    return f"{model}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+    gpu = f"{torch.cuda.get_device_name(torch.device(device))}, " if device.startswith("cuda") else ""
+    return f"{gpu}{model}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
 
 
 def main() -> None:
@@ -190,7 +207,8 @@ def main() -> None:
         info["stats"] = step_stats(read_metrics(Path(info["run_dir"]) / "metrics.jsonl"), args.batch_size)
     finals = {f"{name} after": info["final_dir"] for name, info in systems.items()}
     results = {
-        "date": date.today().isoformat(), "machine": machine(), "args": {k: str(v) for k, v in vars(args).items()},
+        "date": date.today().isoformat(), "machine": machine(args.device),
+        "args": {k: str(v) for k, v in vars(args).items()},
         "sft": {name: sft_summary(getattr(files, name)) for name in ("teacher", "student")},
         "rewards": final_rewards(files, eval_, finals), "systems": systems,
     }  # fmt: skip

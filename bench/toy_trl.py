@@ -2,16 +2,18 @@
 
 lmbda=1 makes every batch the student's own samples; beta=1 makes the generalised JSD the reverse
 KL(student || teacher). Everything else is set to match opd's run: one sample per prompt at
-temperature 1, at most MAX_NEW_TOKENS new tokens, AdamW at a constant learning rate, gradient norm 1.0, the same
-prompts in the same order. A callback times each step and, at opd's eval steps, scores the student
-with the same evaluator the final table uses, writing opd's metric names to `<out>/trl/metrics.jsonl`
-so `opd plot` and the benchmark's plot read both runs alike.
+temperature 1, at most MAX_NEW_TOKENS new tokens, AdamW at a constant learning rate, gradient norm
+1.0, the same prompts in the same order, the same device (`--device`: student and teacher both). A
+callback times each step and, at opd's eval steps, scores the student with the same evaluator the
+final table uses, writing opd's metric names to `<out>/trl/metrics.jsonl` so `opd plot` and the
+benchmark's plot read both runs alike.
 """
 
 import argparse
 import time
 from typing import Any
 
+import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from trl.experimental.gkd import GKDConfig, GKDTrainer
@@ -64,9 +66,11 @@ class StepMetrics(TrainerCallback):
 
     def on_step_begin(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
         self.trainer_ref[0].record = {}
+        _finish_gpu_work(args.device)
         self.start = time.perf_counter()
 
     def on_step_end(self, args, state, control, model=None, **kwargs):  # type: ignore[no-untyped-def]
+        _finish_gpu_work(args.device)  # the clipping and AdamW step may still be queued on a GPU
         step_s = time.perf_counter() - self.start
         record = dict(self.trainer_ref[0].record)
         tokens = record.pop("tokens")
@@ -76,6 +80,13 @@ class StepMetrics(TrainerCallback):
         if (self.eval_steps and state.global_step % self.eval_steps == 0) or state.global_step == state.max_steps:
             metrics |= self.evaluate(model)
         self.logger.log(metrics, step=state.global_step)
+
+
+def _finish_gpu_work(device: torch.device) -> None:
+    """Wait for `device`'s queued kernels, so each step's clock holds its own GPU work (opd's learner
+    reads its loss and grad norm as numbers, which waits the same way)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def chat_rows(problems: list[Problem]) -> Dataset:
@@ -92,7 +103,7 @@ def gkd_config(args: argparse.Namespace, out: str) -> GKDConfig:
         # SFTConfig's defaults would train in bf16 autocast with gradient checkpointing, which
         # also turns off the KV cache in generation; opd runs float32 with a cache.
         bf16=False, gradient_checkpointing=False,
-        train_sampling_strategy="sequential", seed=args.seed, use_cpu=True, report_to="none",
+        train_sampling_strategy="sequential", seed=args.seed, use_cpu=args.device == "cpu", report_to="none",
         save_strategy="no", logging_steps=args.steps, disable_tqdm=True, dataloader_num_workers=0,
     )  # fmt: skip
 

@@ -3,7 +3,8 @@
 The teacher, the students before and after, and the TRL student are all scored here, with the same
 greedy decoding and the same `SortItem.get_reward`, so their rewards compare directly. The
 reverse-KL estimate matches the learner's: sample the student at temperature 1 and average
-`logp_student - logp_teacher` over the sampled completion tokens.
+`logp_student - logp_teacher` over the sampled completion tokens. Each model runs on the device
+it is on (the TRL run scores its student where it trains it); results come back as Python values.
 """
 
 from collections.abc import Sequence
@@ -27,9 +28,11 @@ def generate(
     seed: int = 0,
 ) -> list[list[int]]:
     """Completion ids (up to and including the end token) for each prompt: greedy, or sampled at T=1."""
-    prompts_only = pack_left_padded(list(prompts), [[] for _ in prompts], int(tokenizer.pad_token_id))
+    pad_id, device = int(tokenizer.pad_token_id), str(model.device)
+    prompts_only = pack_left_padded(list(prompts), [[] for _ in prompts], pad_id, device)
     ids_BL, mask_BL = prompts_only.input_ids_BL, prompts_only.attention_mask_BL
-    with torch.random.fork_rng():  # the caller's RNG (e.g. a trainer's sampling) is left as it was
+    # the caller's RNG (e.g. a trainer's sampling) is left as it was, on the model's device too
+    with torch.random.fork_rng(devices=[model.device] if model.device.type == "cuda" else []):
         torch.manual_seed(seed)
         out = model.generate(input_ids=ids_BL, attention_mask=mask_BL, max_new_tokens=MAX_NEW_TOKENS,  # type: ignore[operator]
                              do_sample=sample, temperature=1.0 if sample else None, top_k=0 if sample else None,
@@ -68,7 +71,10 @@ def reverse_kl_per_token(
     prompts = [item.prompt_ids for item in items]
     completions = generate(student, tokenizer, prompts, sample=True, seed=seed)
     student.train(was_training)
-    packed = pack_left_padded(prompts, completions, int(tokenizer.pad_token_id))
-    gap_BT = completion_logprobs(student, packed) - completion_logprobs(teacher, packed)
-    mask_BT = torch.arange(gap_BT.shape[1]) < packed.completion_lengths_B[:, None]  # right-padded
+    pad_id = int(tokenizer.pad_token_id)
+    student_BT = completion_logprobs(student, pack_left_padded(prompts, completions, pad_id, str(student.device)))
+    teacher_BT = completion_logprobs(teacher, pack_left_padded(prompts, completions, pad_id, str(teacher.device)))
+    gap_BT = student_BT.cpu() - teacher_BT.cpu()
+    lengths_B = torch.tensor([len(c) for c in completions])
+    mask_BT = torch.arange(gap_BT.shape[1]) < lengths_B[:, None]  # right-padded
     return float((gap_BT * mask_BT).sum() / mask_BT.sum())
