@@ -40,12 +40,17 @@ class TrainerState:
 
 
 def rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "python": random.getstate()}
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_initialized():  # dropout on a GPU draws from the device's generator
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 def restore_rng(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def save_checkpoint(
@@ -105,5 +110,7 @@ def load_checkpoint(model: PreTrainedModel, path: Path) -> TrainerState:
     else:
         saved = AutoModelForCausalLM.from_pretrained(path, dtype=next(model.parameters()).dtype)
         model.load_state_dict(saved.state_dict())
-    state = torch.load(path / STATE_FILE, weights_only=False)
+    # On the CPU first: a GPU run's checkpoint resumes on another machine too, and the optimizer's
+    # load_state_dict moves each state tensor to its parameter's device anyway.
+    state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
     return TrainerState(**state)
