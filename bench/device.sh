@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Every GPU mode of opd's benchmarks in one prepared run, for the day a GPU is lent (about 9 minutes
-# on one H100/H200; each benchmark has its own time limit so one that hangs cannot eat the rest):
+# Every GPU mode of opd's benchmarks in one prepared run, for the day a GPU is lent (each benchmark
+# has its own time limit so one that hangs cannot eat the rest; all four can take up to 16 minutes,
+# so name a part per call where one call may run 10):
 #
 #   bash bench/device.sh                 # GPU: writes bench/results/gpu-*.json, the device name inside
 #   bash bench/device.sh toy scale       # GPU: only these (scale, toy, services, pipeline), in that order
