@@ -9,7 +9,8 @@ and Qwen2.5-1.5B (teacher), `tiny` the test models. Every opd number sits next t
 measured in the same run:
   1. generation tokens/s: vLLM's in-process `AsyncLLM` driven directly (one request per sample,
      as the sampler does) vs the same prompts through the sampler over HTTP;
-  2. prompt-logprob tokens/s: the same for the grader;
+  2. prompt-logprob tokens/s: the same for the grader (at `--top-k`; above 0 also raw vLLM with
+     its default per-position dict logprobs, against the flat ones the grader asks for);
   3. weight push of the student: safetensors over HTTP, and a path on a shared volume;
   4. one learner step (both servers up), split into generate / grade / learn / push.
 The raw engines are built by the services' own option functions (`sampler_engine_options`,
@@ -97,17 +98,19 @@ async def raw_generate(model: Path, args: argparse.Namespace, batch: list[list[i
     return throughput([seconds for seconds, _ in runs], runs[0][1])
 
 
-async def raw_score(model: Path, args: argparse.Namespace, sequences: list[list[int]]) -> dict:
-    """vLLM's engine with the grader's settings and requests, no HTTP in between."""
+async def raw_score(model: Path, args: argparse.Namespace, sequences: list[list[int]], flat: bool = True) -> dict:
+    """vLLM's engine with the grader's settings and requests, no HTTP in between; `flat=False`:
+    vLLM's default per-position {id: Logprob} dicts instead (what the grader asked for before)."""
     from vllm.inputs import TokensPrompt
 
     from grader.engines.vllm import grader_engine_options, prompt_logprob_params
 
     engine = build_async_llm(str(model), grader_engine_options(engine_options(args, args.gpu_util), 16384))
+    params = prompt_logprob_params(args.top_k)
+    params.flat_logprobs = flat
 
     async def one(ids: list[int]) -> None:
-        async for _ in engine.generate(TokensPrompt(prompt_token_ids=ids), prompt_logprob_params(0),
-                                       request_id=uuid.uuid4().hex):  # fmt: skip
+        async for _ in engine.generate(TokensPrompt(prompt_token_ids=ids), params, request_id=uuid.uuid4().hex):
             pass
 
     async def timed(rows: list[list[int]]) -> float:
@@ -167,7 +170,7 @@ def opd_score(url: str, args: argparse.Namespace, sequences: list[list[int]]) ->
     # The prompt/completion split does not change the work: vLLM scores every position either way.
     # The reply format the learner asks for (flat tensors, grader/tensors.py).
     seqs = [{"prompt_ids": s[: args.prompt_len], "completion_ids": s[args.prompt_len :]} for s in sequences]
-    body = {"sequences": seqs, "format": "safetensors"}
+    body = {"sequences": seqs, "top_k": args.top_k, "format": "safetensors"}
     httpx.post(f"{url}/v1/logprobs", json=body | {"sequences": seqs[:8]}, timeout=600).raise_for_status()
 
     def run() -> float:
@@ -228,6 +231,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--n", type=int, default=4)
     parser.add_argument("--step-prompts", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--top-k", type=int, default=0,
+        help="the teacher's top-k at every position when scoring (the top-k loss asks 16); above 0, raw vLLM is "
+        "also measured with its default per-position dict logprobs",
+    )  # fmt: skip
     parser.add_argument("--gpu-util", type=float, default=0.3, help="per engine; one engine at a time is measured")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -262,6 +270,8 @@ def main(argv: list[str] | None = None) -> dict:
         results["opd_generate"] = opd_generate(url, args, batch)
         results["weight_push"] = weight_push(url, student, args.dtype)
     results["raw_score"] = run_event_loop(raw_score(teacher, args, sequences))
+    if args.top_k:
+        results["raw_score_dicts"] = run_event_loop(raw_score(teacher, args, sequences, flat=False))
     with local_servers([server("grader", teacher, args, args.gpu_util)]) as (url,):
         results["opd_score"] = opd_score(url, args, sequences)
     servers = [server("sampler", student, args, args.gpu_util), server("grader", teacher, args, args.gpu_util)]
@@ -300,6 +310,10 @@ def report(r: dict) -> None:
         print(f"{name:<32}{raw['tokens_per_s']:>12.0f}{ours['tokens_per_s']:>12.0f}"
               f"{ours['tokens_per_s'] / raw['tokens_per_s']:>9.2f}"
               f"{ours['best_tokens_per_s'] / raw['best_tokens_per_s']:>11.2f}")  # fmt: skip
+    if "raw_score_dicts" in r:
+        flat, dicts = r["raw_score"]["tokens_per_s"], r["raw_score_dicts"]["tokens_per_s"]
+        print(f"raw vLLM scoring at top-{r['args']['top_k']}: flat logprobs {flat:.0f} tok/s, per-position dicts "
+              f"{dicts:.0f} tok/s ({flat / dicts:.2f}x)")  # fmt: skip
     push = r["weight_push"]
     print(
         f"weight push {push['bytes'] / 1e6:.1f} MB: stream {push['stream_s']:.2f} s, shared path {push['path_s']:.2f} s"

@@ -29,10 +29,8 @@ class Scored:
 
 
 def batch_of(scored: list[Scored]) -> ScoredBatch:
-    """Per-sequence lists as one flat batch; candidate rows padded with 0.0 to the widest (and
-    sequences without candidates given rows of padding)."""
+    """Per-sequence lists as one flat batch (candidates as `padded_candidates` has them)."""
     lengths = [len(s.logprobs) for s in scored]
-    width = max((len(s.candidate_logprobs[0]) for s in scored if s.candidate_logprobs), default=0)
 
     def per_position(field: str, dtype: torch.dtype) -> torch.Tensor | None:
         per_sequence = [getattr(s, field) for s in scored]
@@ -40,18 +38,24 @@ def batch_of(scored: list[Scored]) -> ScoredBatch:
             return None
         return torch.tensor([row for rows in per_sequence for row in rows], dtype=dtype).reshape(sum(lengths), -1)
 
-    candidates = None
-    if width:
-        rows = [row + [0.0] * (width - len(row)) for s, n in zip(scored, lengths, strict=True)
-                for row in (s.candidate_logprobs or [[]] * n)]  # fmt: skip
-        candidates = torch.tensor(rows, dtype=torch.float32)
     return ScoredBatch(
         torch.tensor(lengths, dtype=torch.long),
         torch.tensor([x for s in scored for x in s.logprobs], dtype=torch.float32),
         per_position("top_ids", torch.long),
         per_position("top_logprobs", torch.float32),
-        candidates,
+        padded_candidates([s.candidate_logprobs for s in scored], lengths),
     )
+
+
+def padded_candidates(per_sequence: list[list[list[float]] | None], lengths: list[int]) -> torch.Tensor | None:
+    """Each sequence's candidate rows (or none) as one [N, C] tensor: rows padded with 0.0 to the
+    widest, sequences without candidates given rows of padding; None when no sequence has any."""
+    width = max((len(rows[0]) for rows in per_sequence if rows), default=0)
+    if width == 0:
+        return None
+    padded = [row + [0.0] * (width - len(row)) for rows, n in zip(per_sequence, lengths, strict=True)
+              for row in (rows or [[]] * n)]  # fmt: skip
+    return torch.tensor(padded, dtype=torch.float32)
 
 
 def sequences_of(batch: ScoredBatch, asked: list["ToScore"]) -> list[Scored]:

@@ -117,14 +117,33 @@ def engine_errors() -> Iterator[None]:
         raise RequestError(f"vLLM refused the request: {exc}", param=exc.parameter) from exc
 
 
+def flat_entries(positions: Any, ids: list[int], top_k: int) -> tuple[list[int], list[float]]:
+    """The ids and logprobs of vLLM's flat logprobs of consecutive positions (a `FlatLogprobs`, what
+    requests with `flat_logprobs=True` return), checked to hold 1 + top_k entries per position:
+    the position's own token (`ids[j]`: the prompt's, or the sampled one), then the top_k by rank (a
+    token also in the top_k appears twice). Read by stride, they make no per-position objects: the
+    default per-position {id: Logprob} dicts cost the grader more than the teacher's forward at
+    top-k (BENCHMARKS.md, vLLM grader at top-k)."""
+    width, n = 1 + top_k, len(ids)
+    if n == 0:
+        return [], []
+    first = positions.start_indices[0]
+    if len(positions) != n or positions.end_indices[-1] - first != n * width:
+        raise RuntimeError(f"vLLM's logprobs of {n} positions are not {width} entries each")
+    token_ids = positions.token_ids[first : first + n * width]
+    if token_ids[::width] != ids:
+        raise RuntimeError("vLLM's logprobs do not start each position with its own token")
+    return token_ids, positions.logprobs[first : first + n * width]
+
+
 def logprob_rows(
-    positions: list[dict[int, Any]], ids: list[int], top_k: int
+    positions: Any, ids: list[int], top_k: int
 ) -> tuple[list[float], list[list[int]] | None, list[list[float]] | None]:
-    """From vLLM's per-position {id: Logprob} dicts: the logprob of `ids[j]` at each position j and,
-    with `top_k`, the top_k ids and logprobs there by rank (a position also holds the chosen id when
-    it ranks lower, hence the cut)."""
-    logprobs = [position[token].logprob for position, token in zip(positions, ids, strict=True)]
+    """Per position (`flat_entries`): the logprob of `ids[j]` and, with `top_k`, the top_k ids and
+    logprobs by rank, as lists (the sampler's JSON reply)."""
+    token_ids, values = flat_entries(positions, ids, top_k)
+    width = 1 + top_k
     if top_k == 0:
-        return logprobs, None, None
-    tops = [sorted(position.items(), key=lambda kv: kv[1].rank)[:top_k] for position in positions]
-    return logprobs, [[t for t, _ in top] for top in tops], [[lp.logprob for _, lp in top] for top in tops]
+        return values, None, None
+    starts = range(1, len(values), width)
+    return values[::width], [token_ids[s : s + top_k] for s in starts], [values[s : s + top_k] for s in starts]

@@ -214,3 +214,57 @@ def test_a_request_vllm_refuses_is_a_400_naming_the_parameter():
     with pytest.raises(RequestError) as caught, engine_errors():
         raise VLLMValidationError("temperature must be in [0, 2], got 3.0", parameter="temperature")
     assert (caught.value.status, caught.value.param) == (400, "temperature")
+
+
+def _flat(positions: list[tuple[int, list[int], list[float]]]):
+    """vLLM's FlatLogprobs as its engine fills it: per position its own token (with its rank), then
+    the top-k by rank (`vllm.logprobs.append_logprobs_for_next_position`)."""
+    import itertools
+
+    from vllm.logprobs import FlatLogprobs, append_logprobs_for_next_position
+
+    flat = FlatLogprobs()
+    flat.append(None)  # a prompt's first position has no logprobs
+    for own, top_ids, values in positions:
+        append_logprobs_for_next_position(flat, [own, *top_ids], values, itertools.repeat(None), 7, len(top_ids))
+    return flat
+
+
+def test_flat_logprobs_are_read_by_position_and_rank():
+    from opd.vllm_engine import flat_entries, logprob_rows
+
+    # position 1's own token (5) is also its top-1: vLLM lists it twice
+    flat = _flat([(9, [4, 2], [-3.0, -0.5, -1.5]), (5, [5, 8], [-0.2, -0.2, -2.5])])[1:]
+    assert logprob_rows(flat, [9, 5], 2) == ([-3.0, -0.2], [[4, 2], [5, 8]], [[-0.5, -1.5], [-0.2, -2.5]])
+    assert flat_entries(flat, [9, 5], 2) == ([9, 4, 2, 5, 5, 8], [-3.0, -0.5, -1.5, -0.2, -0.2, -2.5])
+    assert logprob_rows(_flat([(9, [], [-3.0])])[1:], [9], 0) == ([-3.0], None, None)
+    assert logprob_rows(_flat([]), [], 2) == ([], [], [])
+    with pytest.raises(RuntimeError, match="own token"):
+        logprob_rows(flat, [9, 6], 2)  # not the tokens these positions scored
+    with pytest.raises(RuntimeError, match="3 entries each"):
+        logprob_rows(flat[:1], [9, 5], 2)  # fewer positions than tokens
+    with pytest.raises(RuntimeError, match="2 entries each"):
+        logprob_rows(flat, [9, 5], 1)  # a top-k other than the one asked
+
+
+def test_flat_scores_make_the_batch_that_per_sequence_lists_make():
+    from grader.engine import Scored, batch_of
+    from grader.engines.vllm import FlatScored, batch_of_flat
+    from opd.vllm_engine import flat_entries, logprob_rows
+
+    torch.manual_seed(0)
+    sequences = []
+    for n in (3, 1, 4):
+        own = torch.randint(0, 50, (n,)).tolist()
+        sequences.append((own, [(o, torch.randint(0, 50, (2,)).tolist(), torch.randn(3).tolist()) for o in own]))
+    candidates = [[[-1.0, -2.0]] * 3, None, [[-3.0]] * 4]  # mixed widths, padded alike
+    for k in (2, 0):
+        flats = [_flat([(o, t[:k], v[: 1 + k]) for o, t, v in rows])[1:] for _, rows in sequences]
+        triples = list(zip(flats, [own for own, _ in sequences], candidates, strict=True))
+        parts = [FlatScored(*flat_entries(f, own, k), c) for f, own, c in triples]
+        lists = [Scored(*logprob_rows(f, own, k), c) for f, own, c in triples]
+        got, want = batch_of_flat(parts, k), batch_of(lists)
+        for name in ("lengths_B", "logprobs_N", "top_ids_NK", "top_logprobs_NK", "candidate_logprobs_NC"):
+            a, b = getattr(got, name), getattr(want, name)
+            assert (a is None and b is None) or torch.equal(a, b), (k, name)
+        assert (got.top_ids_NK is None) == (k == 0) and got.candidate_logprobs_NC.shape == (8, 2)

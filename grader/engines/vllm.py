@@ -2,9 +2,11 @@
 
 Each sequence becomes one request over `prompt_ids + completion_ids` that generates a single
 token; vLLM returns, for every prompt position, the logprob of the token there (and the top-k
-when asked), from which we keep only the completion part. Prompt-logprob requests skip the
-prefix cache and materialise full-vocab logits for every token, so the engine's batched tokens
-(`max_num_batched_tokens`) and the number of sequences in flight at once are both capped.
+when asked), from which we keep only the completion part, read from vLLM's flat layout into one
+array per request (`batch_of_flat`: per-position objects cost more than the forward at top-k).
+Prompt-logprob requests skip the prefix cache and materialise full-vocab logits for every token,
+so the engine's batched tokens (`max_num_batched_tokens`) and the number of sequences in flight at
+once are both capped.
 
 Candidate ids (the teacher's logprobs at ids the caller names, per completion position) take one
 of two routes, by vLLM's model runner:
@@ -21,14 +23,18 @@ import asyncio
 import functools
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from grader.engine import Scored, ToScore, batch_of
+import numpy as np
+import torch
+
+from grader.engine import ToScore, padded_candidates
 from grader.tensors import ScoredBatch
 from opd import torch_thread
 from opd.paths import resolve_model_path
 from opd.serving import InfoResponse
-from opd.vllm_engine import VllmOptions, build_async_llm, engine_errors, logprob_rows, vllm_model_card
+from opd.vllm_engine import VllmOptions, build_async_llm, engine_errors, flat_entries, vllm_model_card
 
 T = TypeVar("T")
 
@@ -80,9 +86,33 @@ async def within_budget(budget: TokenBudget, jobs: Sequence[tuple[int, Callable[
         await asyncio.gather(*tasks, return_exceptions=True)  # ended, and their tokens back, before we return
 
 
-def _scored(output: Any, prompt_len: int, completion: list[int], top_k: int) -> Scored:
+@dataclass(frozen=True)
+class FlatScored:
+    """One sequence's scores as vLLM lays them out (`opd.vllm_engine.flat_entries`): 1 + top_k
+    entries per completion position, its own token's first; candidates as rows."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    candidate_logprobs: list[list[float]] | None = None
+
+
+def _scored(output: Any, prompt_len: int, completion: list[int], top_k: int) -> FlatScored:
     positions = output.prompt_logprobs[prompt_len : prompt_len + len(completion)]
-    return Scored(*logprob_rows(positions, completion, top_k))
+    return FlatScored(*flat_entries(positions, completion, top_k))
+
+
+def batch_of_flat(parts: list[FlatScored], top_k: int) -> ScoredBatch:
+    """The request's sequences as one ScoredBatch, each column cut from one [N, 1 + top_k] array
+    (numpy reads a list of floats several times faster than torch.tensor does)."""
+    width = 1 + top_k
+    lengths = [len(p.logprobs) // width for p in parts]
+    values = torch.from_numpy(np.concatenate([np.array(p.logprobs, dtype=np.float32) for p in parts])).view(-1, width)
+    candidates = padded_candidates([p.candidate_logprobs for p in parts], lengths)
+    if top_k == 0:
+        return ScoredBatch(torch.tensor(lengths, dtype=torch.long), values[:, 0], candidate_logprobs_NC=candidates)
+    ids = torch.from_numpy(np.concatenate([np.array(p.token_ids, dtype=np.int64) for p in parts])).view(-1, width)
+    return ScoredBatch(torch.tensor(lengths, dtype=torch.long), values[:, 0].contiguous(), ids[:, 1:].contiguous(),
+                       values[:, 1:].contiguous(), candidates)  # fmt: skip
 
 
 def grader_engine_options(options: VllmOptions, max_batch_tokens: int) -> VllmOptions:
@@ -93,10 +123,12 @@ def grader_engine_options(options: VllmOptions, max_batch_tokens: int) -> VllmOp
 
 
 def prompt_logprob_params(top_k: int, extra: dict[str, Any] | None = None) -> Any:
-    """A scoring request: one generated token, the prompt's logprobs (and top-k) over all positions."""
+    """A scoring request: one generated token, the prompt's logprobs (and top-k) over all positions,
+    flat (`opd.vllm_engine.flat_entries`)."""
     from vllm import SamplingParams
 
-    return SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=top_k, detokenize=False, **(extra or {}))
+    return SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=top_k, detokenize=False, flat_logprobs=True,
+                          **(extra or {}))  # fmt: skip
 
 
 class PromptScorer:
@@ -113,7 +145,7 @@ class PromptScorer:
                 for seq in sequences]  # fmt: skip
         with engine_errors():
             scored = await within_budget(self._budget, jobs)
-        return await torch_thread.run(batch_of, scored)
+        return await torch_thread.run(batch_of_flat, scored, top_k)
 
     async def _run(self, tokens: list[int], params: Any, lora: Any) -> Any:
         from vllm.inputs import TokensPrompt
@@ -124,7 +156,7 @@ class PromptScorer:
             final = output
         return final
 
-    async def _score_one(self, seq: ToScore, top_k: int, lora: Any) -> Scored:
+    async def _score_one(self, seq: ToScore, top_k: int, lora: Any) -> FlatScored:
         together = seq.candidate_ids is not None and self.candidates_in_one_request
         extra: dict[str, Any] = {}
         if together:
@@ -141,7 +173,7 @@ class PromptScorer:
             candidates = [[float(v) for v in row] for row in rows]
         else:
             candidates = await self._candidates_per_position(seq, lora)
-        return Scored(scored.logprobs, scored.top_ids, scored.top_logprobs, candidates)
+        return FlatScored(scored.token_ids, scored.logprobs, candidates)
 
     async def _candidates_per_position(self, seq: ToScore, lora: Any) -> list[list[float]]:
         """The V1 route: position j's candidates as `logprob_token_ids` of a request that continues

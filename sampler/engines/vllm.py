@@ -110,7 +110,7 @@ def vllm_sampling_params(params: SamplingParams, seed: int) -> Any:
 
     return VllmSamplingParams(
         n=1, temperature=params.temperature, top_p=params.top_p, max_tokens=params.max_tokens,
-        seed=seed, logprobs=params.top_logprobs, detokenize=False,
+        seed=seed, logprobs=params.top_logprobs, detokenize=False, flat_logprobs=True,
     )  # fmt: skip
 
 
