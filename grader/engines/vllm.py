@@ -89,7 +89,7 @@ async def within_budget(budget: TokenBudget, jobs: Sequence[tuple[int, Callable[
 @dataclass(frozen=True)
 class FlatScored:
     """One sequence's scores as vLLM lays them out (`opd.vllm_engine.flat_entries`): 1 + top_k
-    entries per completion position, its own token's first; candidates as rows."""
+    entries per completion position, its own token first; candidates as rows."""
 
     token_ids: list[int]
     logprobs: list[float]
