@@ -1,4 +1,5 @@
-"""Learner memory and speed at a real vocabulary: one micro-batch holding everything vs micro-batches.
+"""Learner memory and speed at a real vocabulary: one micro-batch holding everything vs micro-batches,
+and the sampled loss vs the top-k loss.
 
     python -m bench.learner_scale                       # CPU: `opd run` processes at vocab 151,936
     python -m bench.learner_scale --gpu                 # GPU: Qwen2.5-0.5B shape, bf16, tokens/s + MFU
@@ -13,12 +14,16 @@ vocabulary dominates memory. It reports peak RSS (the child's `ru_maxrss`) and l
   before-style: `train.micro_batch_tokens` and `train.logprob_chunk_tokens` so large that the
                 whole batch is one forward with full logits (what the learner did before);
   micro-batched: `micro_batch_tokens` 512 with the default 512-position LM-head chunks,
-and the ratios between them, measured in the same run.
+  micro-batched topk: the same with `train.loss: topk` (the grader's top 16 at every position,
+                at this vocabulary: the head's logprobs and the exact head KL in each LM-head chunk),
+and the ratios between them, measured in the same run (`--modes` picks some).
 
-GPU mode runs the update in process on synthetic samples (random tokens and teacher logprobs):
-a random-init model of Qwen2.5-0.5B's shape, bf16 autocast with float32 master weights, 8k-token
-micro-batches; it reports update tokens/s, peak GPU memory and MFU (6 x parameters x tokens/s
-over the device's dense bf16 peak; attention FLOPs left out, so MFU is a lower bound).
+GPU mode runs the update in process on synthetic samples (random tokens, teacher logprobs and,
+for the top-k loss, a random teacher top-16 at every position): a random-init model of
+Qwen2.5-0.5B's shape, bf16 autocast with float32 master weights, 8k-token micro-batches, once per
+`--losses` entry; it reports update tokens/s, peak GPU memory and MFU (6 x parameters x tokens/s
+over the device's dense bf16 peak; attention FLOPs and the head's extra work left out, so MFU is a
+lower bound).
 """
 
 import argparse
@@ -41,6 +46,7 @@ BODY = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_att
 MODES = {
     "before-style": ["--train.micro_batch_tokens", "1000000000", "--train.logprob_chunk_tokens", "1000000000"],
     "micro-batched": ["--train.micro_batch_tokens", "512"],
+    "micro-batched topk": ["--train.micro_batch_tokens", "512", "--train.loss", "topk", "--train.top_k", "16"],
 }
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 """Dense bf16 peak by device name (no sparsity), for MFU."""
@@ -83,7 +89,7 @@ def process_mode(args: argparse.Namespace, root: Path) -> dict:
             "checkpoint": {"save_steps": 0, "keep_last": 1}, "logging": {"progress": False},
         }))  # fmt: skip
         for batch in args.batches:
-            for mode in MODES:
+            for mode in args.modes:
                 row = run_learner(config, root / f"run-{mode}-{batch}", batch, mode, args)
                 results.setdefault(mode, {})[batch] = row
                 print(f"batch {batch:3d} {mode:14s} {row}", flush=True)
@@ -91,18 +97,14 @@ def process_mode(args: argparse.Namespace, root: Path) -> dict:
 
 
 def report_process(results: dict, batches: list[int]) -> None:
-    print("\n| batch | peak RSS before-style | peak RSS micro-batched | memory ratio | learner tok/s before | "
-          "learner tok/s micro | speed ratio |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|")
-    for batch in batches:
-        before, micro = results["before-style"][batch], results["micro-batched"][batch]
-        if "error" in before or "error" in micro:
-            print(f"| {batch} | {before.get('error', '')} | {micro.get('error', '')} | | | | |")
-            continue
-        memory, speed = (micro[k] / before[k] for k in ("peak_rss_gb", "learner_tokens_per_s"))
-        rss, tok_s = "peak_rss_gb", "learner_tokens_per_s"
-        print(f"| {batch} | {before[rss]:.2f} GB | {micro[rss]:.2f} GB | {memory:.2f} | "
-              f"{before[tok_s]:.0f} | {micro[tok_s]:.0f} | {speed:.2f} |")  # fmt: skip
+    if {"before-style", "micro-batched"} <= set(results):
+        print("\n| batch | peak RSS before-style | peak RSS micro-batched | memory ratio | learner tok/s before | "
+              "learner tok/s micro | speed ratio |")  # fmt: skip
+        _ratio_rows(results["before-style"], results["micro-batched"], batches)
+    if {"micro-batched", "micro-batched topk"} <= set(results):
+        print("\n| batch | peak RSS sampled | peak RSS topk | memory ratio | learner tok/s sampled | "
+              "learner tok/s topk | speed ratio |")  # fmt: skip
+        _ratio_rows(results["micro-batched"], results["micro-batched topk"], batches)
     for mode, rows in results.items():
         ok = [b for b in batches if "error" not in rows[b]]
         if len(ok) >= 2:
@@ -110,8 +112,26 @@ def report_process(results: dict, batches: list[int]) -> None:
             print(f"{mode}: peak RSS x{growth:.2f} from batch {ok[0]} to {ok[-1]} (x{ok[-1] // ok[0]} the batch)")
 
 
-def synthetic_batches(samples: int, prompt_len: int, completion_len: int, vocab: int, budget: int, device: str):
-    from grader.engine import Scored, batch_of
+def _ratio_rows(reference: dict, other: dict, batches: list[int]) -> None:
+    """Table rows of `other` against `reference` (memory and speed ratios other / reference)."""
+    print("|---|---|---|---|---|---|---|")
+    rss, tok_s = "peak_rss_gb", "learner_tokens_per_s"
+    for batch in batches:
+        ref, row = reference[batch], other[batch]
+        if "error" in ref or "error" in row:
+            print(f"| {batch} | {ref.get('error', '')} | {row.get('error', '')} | | | | |")
+            continue
+        print(f"| {batch} | {ref[rss]:.2f} GB | {row[rss]:.2f} GB | {row[rss] / ref[rss]:.2f} | "
+              f"{ref[tok_s]:.0f} | {row[tok_s]:.0f} | {row[tok_s] / ref[tok_s]:.2f} |")  # fmt: skip
+
+
+def synthetic_batches(
+    samples: int, prompt_len: int, completion_len: int, vocab: int, budget: int, device: str, top_k: int = 0
+):  # fmt: skip
+    """Random samples packed into micro-batches, graded with random teacher logprobs and, with
+    `top_k`, a random teacher top-k at each position (k consecutive ids from a random start,
+    logprobs descending): the shapes and work of a real top-k step, not its values."""
+    from grader.tensors import ScoredBatch
     from learner.rollout import Rollouts
     from learner.update import micro_batches
 
@@ -123,10 +143,14 @@ def synthetic_batches(samples: int, prompt_len: int, completion_len: int, vocab:
     completions = [ids(completion_len) for _ in range(samples)]
     rollouts = Rollouts([ids(prompt_len) for _ in range(samples)], completions,
                         [[-1.0] * completion_len for _ in completions], versions=[0] * samples)  # fmt: skip
-    teacher = [(-3 * torch.rand(completion_len, generator=gen)).tolist() for _ in completions]
-    return micro_batches(
-        rollouts, batch_of([Scored(row) for row in teacher]), pad_id=0, max_tokens=budget, device=device
-    )
+    positions = samples * completion_len
+    top_ids = top_logprobs = None
+    if top_k:
+        top_ids = torch.randint(0, vocab - top_k, (positions, 1), generator=gen) + torch.arange(top_k)
+        top_logprobs = -(torch.rand(positions, top_k, generator=gen) * 8).sort(dim=1).values
+    graded = ScoredBatch(torch.full((samples,), completion_len, dtype=torch.long),
+                         -3 * torch.rand(positions, generator=gen), top_ids, top_logprobs, None)  # fmt: skip
+    return micro_batches(rollouts, graded, pad_id=0, max_tokens=budget, device=device)
 
 
 def in_process_mode(args: argparse.Namespace) -> dict:
@@ -145,12 +169,13 @@ def in_process_mode(args: argparse.Namespace) -> dict:
     precision = "bf16" if device == "cuda" else "fp32"
     policy = Policy(lm, precision, args.chunk, args.gradient_checkpointing).train()
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-5)
-    train = TrainConfig(micro_batch_tokens=args.micro_batch_tokens, logprob_chunk_tokens=args.chunk)
     processes = Processes(False, device)
     rows = []
-    for samples in args.samples:
+    for loss, samples in ((loss, samples) for loss in args.losses for samples in args.samples):
+        train = TrainConfig(micro_batch_tokens=args.micro_batch_tokens, logprob_chunk_tokens=args.chunk, loss=loss,
+                            top_k=args.top_k)  # fmt: skip
         batches = synthetic_batches(samples, args.prompt_len, args.completion_len, shape["vocab_size"],
-                                    args.micro_batch_tokens, device)  # fmt: skip
+                                    args.micro_batch_tokens, device, args.top_k if loss == "topk" else 0)  # fmt: skip
         tokens = samples * (args.prompt_len + args.completion_len)
         ppo_update(policy, optimizer, batches, train=train, processes=processes)  # warm-up
         if device == "cuda":
@@ -162,7 +187,7 @@ def in_process_mode(args: argparse.Namespace) -> dict:
         if device == "cuda":
             torch.cuda.synchronize()
         seconds = (time.perf_counter() - start) / args.repeats
-        row = {"samples": samples, "tokens": tokens, "micro_batches": len(batches), "seconds": seconds,
+        row = {"loss": loss, "samples": samples, "tokens": tokens, "micro_batches": len(batches), "seconds": seconds,
                "tokens_per_s": tokens / seconds}  # fmt: skip
         if device == "cuda":
             row["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 2**30
@@ -179,6 +204,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gpu", action="store_true", help="in-process update at Qwen2.5-0.5B shape (needs CUDA)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, seconds: checks the benchmark runs")
     parser.add_argument("--batches", type=int, nargs="+", default=[2, 4, 8, 16, 32])
+    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES), help="process mode's runs")
+    parser.add_argument("--losses", nargs="+", choices=["sampled", "topk"], default=["sampled", "topk"],
+                        help="in-process (GPU) mode: one update per loss and sample count")  # fmt: skip
+    parser.add_argument("--top-k", type=int, default=16, help="train.top_k of the topk loss (in-process mode)")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--vocab", type=int, default=VOCAB)

@@ -20,8 +20,8 @@ class ToScore:
 
 @dataclass(frozen=True)
 class Scored:
-    """One sequence's scores as lists: the JSON reply's view of a batch (`sequences_of`); tests and
-    bench/learner_scale.py build batches from them (`batch_of`). The engines return ScoredBatch."""
+    """One sequence's scores as lists: the JSON reply's view of a batch (`sequences_of`); tests build
+    batches from them (`batch_of`). The engines return ScoredBatch."""
 
     logprobs: list[float]
     top_ids: list[list[int]] | None = None

@@ -21,6 +21,8 @@ def test_device_script_runs_every_benchmark_in_smoke_mode(tmp_path):
     assert {"raw_generate", "opd_generate", "raw_score", "opd_score", "weight_push", "learner_step"} <= set(services)
     assert services["engine_settings"]["sampler"]["enable_chunked_prefill"] == "False"  # the same on both sides
     scale = json.loads((tmp_path / "smoke-learner_scale.json").read_text())
-    assert set(scale["process"]) == {"before-style", "micro-batched"} and scale["in_process"]["rows"]
+    assert set(scale["process"]) == {"before-style", "micro-batched", "micro-batched topk"}
+    assert all("error" not in row for rows in scale["process"].values() for row in rows.values())
+    assert {row["loss"] for row in scale["in_process"]["rows"]} == {"sampled", "topk"}
     pipeline = json.loads((tmp_path / "smoke-pipeline.json").read_text())
     assert set(pipeline["runs"]) == {"0", "1"} and pipeline["runs"]["1"]["lag_max"] <= 1
