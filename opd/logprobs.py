@@ -24,14 +24,23 @@ def _chunk_logprobs(
 ) -> torch.Tensor:  # fmt: skip
     raw_CV = F.linear(hidden_CH, weight_VH, bias_V)
     raw_CV = raw_CV.to(torch.promote_types(raw_CV.dtype, torch.float32))
-    logits_CV = raw_CV / temperature
-    logprobs_CK = logits_CV.gather(-1, ids_CK) - logits_CV.logsumexp(-1, keepdim=True)
+    logprobs_CK = _log_softmax_at(raw_CV, temperature, ids_CK)
     if aux_temperature is None:
         return logprobs_CK
     with torch.no_grad():
-        aux_CV = raw_CV.detach() / aux_temperature
-        aux_C1 = aux_CV.gather(-1, ids_CK[:, :1]) - aux_CV.logsumexp(-1, keepdim=True)
+        aux_C1 = _log_softmax_at(raw_CV.detach(), aux_temperature, ids_CK[:, :1])
     return torch.cat([logprobs_CK, aux_C1], dim=1)
+
+
+def _log_softmax_at(logits_CV: torch.Tensor, temperature: float, ids_CK: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits / temperature) at `ids_CK`. At a 152k vocabulary each elementwise pass
+    over a chunk's logits costs a good part of the head's matmul (on a GPU, where the matmul runs
+    on tensor cores and the pass at memory speed, about as much), so: no scaled copy at
+    temperature 1, the usual case, and one fused log_softmax instead of logsumexp's separate
+    passes. A 512-position chunk's forward and backward at 152k, hidden 128, on 2 CPU cores:
+    1.47 s -> 0.98 s."""
+    scaled_CV = logits_CV if temperature == 1.0 else logits_CV / temperature
+    return torch.log_softmax(scaled_CV, dim=-1).gather(-1, ids_CK)
 
 
 def token_logprobs(

@@ -39,6 +39,18 @@ def test_values_and_gradients_match_the_full_log_softmax(chunk, temperature, bia
         torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("temperature, aux_temperature", [(1.0, 0.7), (0.7, 1.0)])
+def test_aux_column_is_the_first_ids_logprob_at_its_own_temperature_without_gradient(temperature, aux_temperature):
+    hidden, weight, bias_V, ids = inputs()
+    ours = token_logprobs(hidden, weight, bias_V, ids, temperature, chunk_size=4, aux_temperature=aux_temperature)
+    assert ours.shape == (N, K + 1)
+    torch.testing.assert_close(ours[:, :K], reference(hidden, weight, bias_V, ids, temperature), rtol=0, atol=1e-12)
+    aux_ref = reference(hidden, weight, bias_V, ids[:, :1], aux_temperature)[:, 0]
+    torch.testing.assert_close(ours[:, K], aux_ref, rtol=0, atol=1e-12)
+    grads = torch.autograd.grad(ours[:, K].sum(), [hidden, weight, bias_V], allow_unused=True)
+    assert all(g is None or not g.any() for g in grads)
+
+
 def test_hand_values():
     # One position, vocabulary of 2, hidden 1: logits [2, 0]; log softmax = [2, 0] - log(e^2 + 1)
     # = [-0.126928, -2.126928]; at temperature 2 the logits are [1, 0]: [-0.313262, -1.313262].
