@@ -63,10 +63,15 @@ def run_learner(config: Path, run_dir: Path, batch: int, mode: str, args: argpar
         return {"error": f"exit status {status}; log {run_dir.parent / run_dir.name}.log"}
     steps = [m for m in read_metrics(run_dir / "metrics.jsonl") if "time/learn" in m]
     tokens = sum(m["completion/mean_length"] * batch for m in steps)
+
+    def mean(key: str) -> float:
+        return sum(m[key] for m in steps) / len(steps)
+
     return {
         "peak_rss_gb": usage.ru_maxrss / 2**20,  # KiB on Linux
         "learner_tokens_per_s": tokens / sum(m["time/learn"] for m in steps),
         "completion_tokens_per_step": tokens / len(steps),
+        "seconds_per_step": {phase: mean(f"time/{phase}") for phase in ("step", "generate", "grade", "learn")},
     }
 
 
