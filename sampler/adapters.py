@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from opd.errors import RequestError
 from sampler.engine import WeightSpec
 from sampler.schema import ADAPTER_CONFIG_KEY
+from sampler.weights import all_finite
 
 _NAME = re.compile(r"^base_model\.model\.(.+)\.lora_([AB])\.weight$")
 UNSUPPORTED = ("use_dora", "lora_bias")
@@ -70,7 +71,7 @@ def read_adapter(
         if match is None or f"{match[1]}.weight" not in specs:
             raise RequestError(f"{name} is not a LoRA weight of a module of this model", param=f"weights.{name}",
                                status=422)  # fmt: skip
-        if not torch.isfinite(tensor).all():
+        if not all_finite(tensor):
             raise RequestError(f"weight {name} has non-finite values", param=f"weights.{name}", status=422)
         pairs.setdefault(match[1], {})[match[2]] = tensor
     modules = {module: _pair(module, found, specs, config["r"]) for module, found in pairs.items()}

@@ -98,13 +98,14 @@ def test_bad_adapters_are_refused_and_the_old_one_keeps_serving(student_dir, tmp
     tensors, metadata = adapter_push(lm)
     name = next(n for n in tensors if n.endswith("q_proj.lora_A.weight"))
     wrong_shape = {**tensors, name: torch.zeros(8, 7)}
+    not_finite = {**tensors, name: tensors[name].clone().index_fill_(1, torch.tensor([3]), float("nan"))}
     rank_16 = {ADAPTER_CONFIG_KEY: json.dumps({**json.loads(metadata[ADAPTER_CONFIG_KEY]), "r": 16})}
     full = {n: p.detach() for n, p in reference.load(student_dir).named_parameters()}
     with local_server("sampler", ["--model", str(student_dir), "--engine", "torch", *LORA], tmp_path) as url:
         assert asyncio.run(push(url, tensors, 1, metadata)) == 1
         before = generate(url, prompt_ids=PROMPTS, n=1, temperature=0.0, max_tokens=6)
-        for body, param in [(save(wrong_shape, metadata), "weights."), (save(tensors, rank_16), "adapter_config.r"),
-                            (save(full), "weights")]:  # fmt: skip
+        for body, param in [(save(wrong_shape, metadata), "weights."), (save(not_finite, metadata), f"weights.{name}"),
+                            (save(tensors, rank_16), "adapter_config.r"), (save(full), "weights")]:  # fmt: skip
             response = httpx.post(f"{url}/v1/weights", content=body, params={"version": 7})
             assert response.status_code == 422, response.text
             assert response.json()["error"]["param"].startswith(param)

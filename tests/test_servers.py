@@ -321,6 +321,13 @@ def test_info_reports_the_same_tokenizer_for_student_and_teacher(servers, studen
 # ---- weight push --------------------------------------------------------------------------------
 
 
+def _with_value(tensor: torch.Tensor, value: float) -> torch.Tensor:
+    """A copy of `tensor` with one entry, in the middle, set to `value`."""
+    out = tensor.clone()
+    out.view(-1)[out.numel() // 2] = value
+    return out
+
+
 def _new_student_weights(seed: int) -> dict[str, torch.Tensor]:
     torch.manual_seed(seed)
     model = build_model("student", build_tokenizer())
@@ -379,7 +386,9 @@ def test_weight_push_stream_then_path_then_refusal(student_dir, tmp_path):
             (save(dict(other) | {name: other[name].double()}), f"weights.{name}"),
             (save(dict(other) | {"extra.weight": torch.zeros(1)}), "weights.extra.weight"),
             (save(other)[:-100], "body"),
-        ]:
+            *((save(dict(other) | {name: _with_value(other[name], value)}), f"weights.{name}")
+              for value in (float("nan"), float("inf"), float("-inf"))),
+        ]:  # fmt: skip
             response = httpx.post(f"{url}/v1/weights", content=body, timeout=60)
             assert 400 <= response.status_code < 500, response.text
             assert response.json()["error"]["param"] == param
@@ -389,6 +398,23 @@ def test_weight_push_stream_then_path_then_refusal(student_dir, tmp_path):
             assert response.json()["error"]["param"] == "path"
         assert httpx.get(f"{url}/v1/info").json()["policy_version"] == 4
         assert _greedy_all(url) == serving
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_all_finite_finds_one_bad_value_anywhere_and_accepts_the_largest_finite_ones(dtype):
+    from sampler.weights import all_finite
+
+    gen = torch.Generator().manual_seed(0)
+    for n in (1, 7, 1000, 100_003):
+        for where in (0, n // 2, n - 1):
+            for value in (float("nan"), float("inf"), float("-inf")):
+                tensor = torch.randn(n, generator=gen).to(dtype)
+                tensor[where] = value
+                assert not all_finite(tensor), (n, where, value)
+    for extreme in (torch.finfo(dtype).max, torch.finfo(dtype).min):
+        assert all_finite(torch.full((5,), extreme, dtype=dtype))
+    assert all_finite(torch.randn(64, 33, generator=gen).to(dtype).t())  # not contiguous
+    assert all_finite(torch.empty(0, dtype=dtype)) and all_finite(torch.arange(5))
 
 
 def test_checksum_header_is_enforced(student_dir, tmp_path):
