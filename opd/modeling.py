@@ -165,7 +165,7 @@ def completion_logprobs(
     completion token's at `aux_temperature` (no gradient; see `opd.logprobs.token_logprobs`).
 
     Differentiable when called with grad enabled (the learner's update); at least float32 whatever
-    the model's dtype. Memory beyond the model's body: about 4 x chunk_size x V floats.
+    the model's dtype. Memory beyond the model's body: about 2 x chunk_size x V floats.
     """
     hidden_NH = completion_hidden_states(model, batch)
     weight_VH, bias_V = lm_head(model)

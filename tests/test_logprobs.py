@@ -3,6 +3,7 @@ gradients, and proof that autograd never keeps a [N, V] tensor."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from opd.logprobs import token_logprobs, top_k_logprobs
 
@@ -49,6 +50,39 @@ def test_aux_column_is_the_first_ids_logprob_at_its_own_temperature_without_grad
     torch.testing.assert_close(ours[:, K], aux_ref, rtol=0, atol=1e-12)
     grads = torch.autograd.grad(ours[:, K].sum(), [hidden, weight, bias_V], allow_unused=True)
     assert all(g is None or not g.any() for g in grads)
+
+
+def test_an_id_asked_twice_at_a_position_gets_both_gradients():
+    hidden, weight, bias_V, ids = inputs()
+    ids[:, 1] = ids[:, 0]
+    upstream = torch.randn(N, K, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    ours = torch.autograd.grad((token_logprobs(hidden, weight, bias_V, ids, 0.7, 4) * upstream).sum(), [hidden, weight])
+    ref = torch.autograd.grad((reference(hidden, weight, bias_V, ids, 0.7) * upstream).sum(), [hidden, weight])
+    for mine, theirs in zip(ours, ref, strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-12)
+
+
+def test_under_bf16_autocast_gradients_are_as_close_to_float32_as_autograds():
+    """The hand-written backward recomputes the head under the forward's autocast state, keeps the
+    softmax in float32 and runs the matmuls in bf16, as autograd through F.linear under autocast,
+    an upcast, log_softmax and gather does: its gradients (float32, for float32 master weights)
+    are no further from the float32 ones than autograd's own."""
+    gen = torch.Generator().manual_seed(3)
+    hidden = torch.randn(N, H, generator=gen, requires_grad=True)
+    weight = torch.randn(V, H, generator=gen, requires_grad=True)
+    ids = torch.randint(0, V, (N, K), generator=gen)
+    upstream = torch.randn(N, K, generator=gen)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = token_logprobs(hidden, weight, None, ids, 0.7, chunk_size=4)
+        autograds = torch.log_softmax(F.linear(hidden, weight).float() / 0.7, dim=-1).gather(-1, ids)
+    exact = torch.log_softmax(F.linear(hidden, weight) / 0.7, dim=-1).gather(-1, ids)
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours, autograds, rtol=0, atol=1e-5)
+    grads = [torch.autograd.grad((out * upstream).sum(), [hidden, weight]) for out in (ours, autograds, exact)]
+    for mine, theirs, truth in zip(*grads, strict=True):
+        assert mine.dtype == torch.float32
+        scale = float(truth.abs().max())
+        assert float((mine - truth).abs().max()) <= 2 * float((theirs - truth).abs().max()) + 1e-3 * scale
 
 
 def test_hand_values():
