@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU mode of opd's benchmarks in one prepared run, for the day a GPU is lent (each benchmark
-# has its own time limit so one that hangs cannot eat the rest; all four can take up to 16 minutes,
+# has its own time limit so one that hangs cannot eat the rest; all four parts can take up to 17 minutes,
 # so name a part per call where one call may run 10):
 #
 #   bash bench/device.sh                 # GPU: writes bench/results/gpu-*.json, the device name inside
@@ -50,6 +50,7 @@ toy() {  # the toy task at ppo_steps 1, opd top-k vs TRL GKD on the GPU, one run
 
 if [ "${1:-}" = "--smoke" ]; then
     run learner_scale 300 bench.learner_scale --smoke --out "$RESULTS/smoke-learner_scale.json"
+    run lm_head 60 bench.lm_head --smoke --out "$RESULTS/smoke-lm_head.json"
     run services 600 bench.gpu_bench --smoke --out "$RESULTS/smoke-services.json"
     run pipeline 600 bench.pipeline --smoke --out "$RESULTS/smoke-pipeline.json"
 else
@@ -59,6 +60,7 @@ else
     done
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
     "$PY" -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())" || exit 1
+    wanted scale && run lm_head 30 bench.lm_head --gpu --out "$RESULTS/gpu-lm_head.json"
     wanted scale && run learner_scale 120 bench.learner_scale --gpu --out "$RESULTS/gpu-learner_scale.json"
     wanted toy && toy
     if ! { wanted services || wanted pipeline; }; then

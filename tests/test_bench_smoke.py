@@ -24,5 +24,7 @@ def test_device_script_runs_every_benchmark_in_smoke_mode(tmp_path):
     assert set(scale["process"]) == {"before-style", "micro-batched", "micro-batched topk"}
     assert all("error" not in row for rows in scale["process"].values() for row in rows.values())
     assert {row["loss"] for row in scale["in_process"]["rows"]} == {"sampled", "topk"}
+    lm_head = json.loads((tmp_path / "smoke-lm_head.json").read_text())
+    assert lm_head["opd"]["ms"] > 0 and lm_head["autograd"]["ms"] > 0
     pipeline = json.loads((tmp_path / "smoke-pipeline.json").read_text())
     assert set(pipeline["runs"]) == {"0", "1"} and pipeline["runs"]["1"]["lag_max"] <= 1
