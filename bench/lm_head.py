@@ -80,7 +80,8 @@ def main(argv: list[str] | None = None) -> dict:
     reference = step(lambda: checkpoint(autograd_chunk, hidden_CH, weight_VH, ids_CK, use_reentrant=False))
     results = {"date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name() if args.gpu else "cpu",
                "args": {k: str(v) for k, v in vars(args).items()}, "hidden": hidden_size,
-               "autograd": timed(reference, args.repeats, device), "opd": timed(ours, args.repeats, device)}  # fmt: skip
+               "autograd": timed(reference, args.repeats, device),
+               "opd": timed(ours, args.repeats, device)}  # fmt: skip
     results["speedup"] = results["autograd"]["ms"] / results["opd"]["ms"]
     print(json.dumps(results, indent=2))
     name = "smoke-lm_head.json" if args.smoke else ("gpu-lm_head.json" if args.gpu else "lm_head.json")
