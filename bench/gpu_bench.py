@@ -23,7 +23,6 @@ of `--repeats` timed runs after a warm-up (the fastest is reported too).
 
 import argparse
 import asyncio
-import json
 import random
 import statistics
 import tempfile
@@ -37,6 +36,7 @@ import torch
 from safetensors.torch import save, save_file
 
 from bench.models import QWEN25_SHAPES, random_model
+from bench.output import write_results
 from opd.launch import LocalServer, local_servers
 from opd.tiny import ensure_tiny_model
 from opd.vllm_engine import VllmOptions, build_async_llm, cuda_available
@@ -279,10 +279,7 @@ def main(argv: list[str] | None = None) -> dict:
     with local_servers(servers, one_at_a_time=cuda_available()) as urls:
         results["learner_step"] = learner_step((urls[0], urls[1]), student, teacher, args)
     report(results)
-    out = args.out or Path("bench/results") / ("smoke-services.json" if args.smoke else f"services-{args.preset}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    print(f"wrote {out}")
+    write_results(results, args.out, "smoke-services.json" if args.smoke else f"services-{args.preset}.json")
     return results
 
 

@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 from bench.models import QWEN25_SHAPES, random_model
+from bench.output import write_results
 from learner.metrics import read_metrics
 from opd.launch import LocalServer, local_servers
 
@@ -245,10 +246,7 @@ def main(argv: list[str] | None = None) -> None:
     name = (
         "gpu-learner_scale.json" if args.gpu else ("smoke-learner_scale.json" if args.smoke else "learner_scale.json")
     )
-    out = args.out or Path("bench/results") / name
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2, default=str))
-    print(f"wrote {out}")
+    write_results(results, args.out, name)
 
 
 if __name__ == "__main__":

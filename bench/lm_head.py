@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from bench.output import write_results
 from opd.logprobs import token_logprobs
 
 
@@ -85,10 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
     results["speedup"] = results["autograd"]["ms"] / results["opd"]["ms"]
     print(json.dumps(results, indent=2))
     name = "smoke-lm_head.json" if args.smoke else ("gpu-lm_head.json" if args.gpu else "lm_head.json")
-    out = args.out or Path("bench/results") / name
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    print(f"wrote {out}")
+    write_results(results, args.out, name)
     return results
 
 

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from bench.models import QWEN25_SHAPES, random_model
+from bench.output import write_results
 
 MODES = ("full", "lora")
 RANK = 16
@@ -143,10 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
             results["runs"][f"{name} {mode}"] = row
             print(f"{name} {mode}: {row}", flush=True)
     report(results, args.names)
-    out = args.out or Path("bench/results") / ("smoke-lora.json" if args.smoke else "lora.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    print(f"wrote {out}")
+    write_results(results, args.out, "smoke-lora.json" if args.smoke else "lora.json")
     return results
 
 

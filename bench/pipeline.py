@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from bench.models import QWEN25_SHAPES, random_model
+from bench.output import write_results
 from learner.metrics import read_metrics
 from opd.launch import LocalServer, local_servers
 from opd.tiny import ensure_tiny_model
@@ -154,10 +155,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"max_staleness {k}: {results['runs'][str(k)]}", flush=True)
     report(results)
     name = "gpu-pipeline.json" if args.gpu else ("smoke-pipeline.json" if args.smoke else "pipeline.json")
-    out = args.out or Path("bench/results") / name
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    print(f"wrote {out}")
+    write_results(results, args.out, name)
     return results
 
 

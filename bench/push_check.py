@@ -10,7 +10,6 @@ shapes (the sampler's dtype on a GPU); the model is built on the meta device for
 """
 
 import argparse
-import json
 import statistics
 import time
 from collections.abc import Callable
@@ -19,6 +18,7 @@ from pathlib import Path
 import torch
 
 from bench.models import QWEN25_SHAPES
+from bench.output import write_results
 from sampler.engine import WeightSpec
 from sampler.weights import check_weights
 
@@ -65,13 +65,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="+", choices=list(QWEN25_SHAPES), default=["0.5b", "1.5b"])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=Path("bench/results/push_check.json"))
+    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     results = {"date": time.strftime("%Y-%m-%d"), "threads": torch.get_num_threads(), "torch": torch.__version__,
                "rows": [measure(name, args.repeats) for name in args.shapes]}  # fmt: skip
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2))
-    print(f"wrote {args.out}")
+    write_results(results, args.out, "push_check.json")
 
 
 if __name__ == "__main__":
