@@ -35,8 +35,8 @@ import httpx
 import torch
 from safetensors.torch import save, save_file
 
+from bench.common import write_results
 from bench.models import QWEN25_SHAPES, random_model
-from bench.output import write_results
 from opd.launch import LocalServer, local_servers
 from opd.tiny import ensure_tiny_model
 from opd.vllm_engine import VllmOptions, build_async_llm, cuda_available

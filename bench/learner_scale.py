@@ -37,8 +37,8 @@ from pathlib import Path
 
 import torch
 
+from bench.common import write_results
 from bench.models import QWEN25_SHAPES, random_model
-from bench.output import write_results
 from learner.metrics import read_metrics
 from opd.launch import LocalServer, local_servers
 

@@ -13,7 +13,6 @@ recomputed in backward by activation checkpointing, logits upcast to float32 fir
 
 import argparse
 import json
-import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from bench.output import write_results
+from bench.common import median_seconds, write_results
 from opd.logprobs import token_logprobs
 
 
@@ -32,18 +31,17 @@ def autograd_chunk(hidden_CH: torch.Tensor, weight_VH: torch.Tensor, ids_CK: tor
 
 
 def timed(step: Callable[[], None], repeats: int, device: str) -> dict:
-    step()  # warm-up
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+    """Median milliseconds of `step` (queued GPU work included), and on a GPU its peak memory."""
+
+    def synced() -> None:
         step()
         if device == "cuda":
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    row = {"ms": 1000 * statistics.median(times)}
+
+    synced()  # warm-up
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    row = {"ms": 1000 * median_seconds(synced, repeats)}
     if device == "cuda":
         row["peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
     return row

@@ -23,8 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.common import write_results
 from bench.models import QWEN25_SHAPES, random_model
-from bench.output import write_results
 from learner.metrics import read_metrics
 from opd.launch import LocalServer, local_servers
 from opd.tiny import ensure_tiny_model

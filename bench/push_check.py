@@ -10,15 +10,13 @@ shapes (the sampler's dtype on a GPU); the model is built on the meta device for
 """
 
 import argparse
-import statistics
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from bench.common import median_seconds, write_results
 from bench.models import QWEN25_SHAPES
-from bench.output import write_results
 from sampler.engine import WeightSpec
 from sampler.weights import check_weights
 
@@ -36,15 +34,6 @@ def per_value_check(tensors: dict[str, torch.Tensor]) -> None:
     for name, tensor in tensors.items():
         if not torch.isfinite(tensor).all():
             raise ValueError(f"{name} has non-finite values")
-
-
-def median_seconds(fn: Callable[[], None], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def measure(name: str, repeats: int) -> dict:
