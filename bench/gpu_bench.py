@@ -33,7 +33,7 @@ from typing import Any
 
 import httpx
 import torch
-from safetensors.torch import save, save_file
+from safetensors.torch import save
 
 from bench.common import write_results
 from bench.models import QWEN25_SHAPES, random_model
@@ -182,21 +182,36 @@ def opd_score(url: str, args: argparse.Namespace, sequences: list[list[int]]) ->
 
 
 def weight_push(url: str, student: Path, dtype: str) -> dict:
+    """A full push as the learner sends it (`sampler/wire.py`: streamed from the tensors' memory),
+    over HTTP and through a shared path, against the safetensors library's `save` + one POST."""
     from transformers import AutoModelForCausalLM
+
+    from learner.clients import SamplerClient, write_shared
 
     model = AutoModelForCausalLM.from_pretrained(student, dtype=getattr(torch, dtype))
     tensors = {name: p.detach().contiguous() for name, p in model.named_parameters()}
+
+    async def opd_push(version: int, shared: str | None = None) -> float:
+        client = SamplerClient(url, timeout_s=600)
+        try:
+            start = time.perf_counter()
+            if shared is None:
+                await client.push_weights(tensors, version)
+            else:
+                await client.push_path(await write_shared(tensors, version, Path(shared)), version)
+            return time.perf_counter() - start
+        finally:
+            await client.aclose()
+
     start = time.perf_counter()
     payload = save(tensors)
     httpx.post(f"{url}/v1/weights", content=payload, params={"version": 1}, timeout=600).raise_for_status()
-    stream_s = time.perf_counter() - start
+    library_s = time.perf_counter() - start
+    stream_s = asyncio.run(opd_push(2))
     with tempfile.TemporaryDirectory() as tmp:
-        start = time.perf_counter()
-        save_file(tensors, f"{tmp}/w.safetensors")
-        body = {"path": f"{tmp}/w.safetensors", "version": 2}
-        httpx.post(f"{url}/v1/weights", json=body, timeout=600).raise_for_status()
-        path_s = time.perf_counter() - start
-    return {"bytes": len(payload), "stream_s": stream_s, "path_s": path_s}
+        path_s = asyncio.run(opd_push(3, tmp))
+    return {"bytes": len(payload), "stream_s": stream_s, "path_s": path_s, "stream_library_s": library_s,
+            "stream_speedup": library_s / stream_s}  # fmt: skip
 
 
 def learner_step(urls: tuple[str, str], student: Path, teacher: Path, args: argparse.Namespace) -> dict:
@@ -313,7 +328,8 @@ def report(r: dict) -> None:
               f"{dicts:.0f} tok/s ({flat / dicts:.2f}x)")  # fmt: skip
     push = r["weight_push"]
     print(
-        f"weight push {push['bytes'] / 1e6:.1f} MB: stream {push['stream_s']:.2f} s, shared path {push['path_s']:.2f} s"
+        f"weight push {push['bytes'] / 1e6:.1f} MB: stream {push['stream_s']:.2f} s (library save + POST "
+        f"{push['stream_library_s']:.2f} s), shared path {push['path_s']:.2f} s"
     )
     print("learner step: " + ", ".join(f"{k}={v:.2f}" for k, v in r["learner_step"].items()))
 

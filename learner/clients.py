@@ -23,14 +23,13 @@ from typing import Any, Generic, TypeVar
 import httpx
 import torch
 from pydantic import BaseModel
-from safetensors.torch import save as save_safetensors
-from safetensors.torch import save_file
 
 from grader import tensors
 from grader.schema import InfoResponse, LogprobsRequest, LogprobsResponse, Sequence
 from grader.tensors import ScoredBatch
 from opd.errors import GraderError, SamplerError, ServiceError
 from sampler.schema import GenerateRequest, GenerateResponse, WeightsFromPath, WeightsResponse
+from sampler.wire import Body, encode
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +136,7 @@ class _Client:
 
 
 def _host_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Detached, contiguous CPU copies: what safetensors can serialise."""
+    """Detached, contiguous CPU tensors (the same ones where they already are): what goes on the wire."""
     return {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
 
 
@@ -153,15 +152,15 @@ class SamplerClient(_Client):
         self, tensors: dict[str, torch.Tensor], version: int, metadata: dict[str, str] | None = None
     ) -> int:
         """Stream `tensors` as one safetensors body; returns the sampler's new policy_version."""
-        return await self.push_payload(await safetensors_payload(tensors, metadata), version)
+        return await self.push_body(weights_body(tensors, metadata), version)
 
-    async def push_payload(self, payload: bytes, version: int) -> int:
+    async def push_body(self, body: Body, version: int) -> int:
         response = await self._request(
             "POST",
             "/v1/weights",
             params={"version": version},
-            content=payload,
-            headers={"content-type": "application/octet-stream"},
+            content=body,  # streamed from the tensors' memory; sent again whole if the push is retried
+            headers={"content-type": "application/octet-stream", "content-length": str(body.size)},
         )
         return WeightsResponse.model_validate_json(response.content).policy_version
 
@@ -180,9 +179,10 @@ class SamplerClient(_Client):
         return WeightsResponse.model_validate_json(response.content).policy_version
 
 
-async def safetensors_payload(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
-    """The safetensors bytes of `tensors`; `metadata` goes into the header (a LoRA adapter's config)."""
-    return await asyncio.to_thread(save_safetensors, _host_tensors(tensors), metadata)
+def weights_body(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Body:
+    """`tensors` as a safetensors body that shares their memory (`sampler/wire.py`); `metadata`
+    goes into the header (a LoRA adapter's config)."""
+    return encode(_host_tensors(tensors), metadata)
 
 
 async def write_shared(
@@ -193,7 +193,7 @@ async def write_shared(
     shared_dir.mkdir(parents=True, exist_ok=True)
     final = shared_dir / f"weights-v{version:06d}.safetensors"
     tmp = shared_dir / f".{final.name}.{os.getpid()}.tmp"
-    await asyncio.to_thread(save_file, _host_tensors(tensors), tmp, metadata)
+    await asyncio.to_thread(weights_body(tensors, metadata).write_to, tmp)
     os.replace(tmp, final)
     return final
 
@@ -283,8 +283,8 @@ class SamplerPool(ReplicaPool[SamplerClient]):
         self, tensors: dict[str, torch.Tensor], version: int, metadata: dict[str, str] | None = None
     ) -> int:
         """The same safetensors body to every replica at once (see `_push_all`)."""
-        payload = await safetensors_payload(tensors, metadata)
-        return await self._push_all(lambda client: client.push_payload(payload, version), version)
+        body = weights_body(tensors, metadata)
+        return await self._push_all(lambda client: client.push_body(body, version), version)
 
     async def push_weights_by_path(
         self, tensors: dict[str, torch.Tensor], version: int, shared_dir: Path, metadata: dict[str, str] | None = None

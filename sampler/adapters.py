@@ -10,13 +10,11 @@ adapter is a 422 naming what is wrong, and the old adapter keeps serving.
 import json
 import math
 import re
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from opd.errors import RequestError
@@ -39,21 +37,6 @@ class Adapter:
     """The update is scale * B @ A: alpha / r (alpha / sqrt(r) with use_rslora)."""
     modules: dict[str, tuple[torch.Tensor, torch.Tensor]]
     """HF module name (`model.layers.0.self_attn.q_proj`) -> (A [r, in], B [out, r])."""
-
-
-def payload_metadata(payload: bytes) -> dict[str, str]:
-    """The `__metadata__` of a safetensors byte string's JSON header ({} if none)."""
-    try:
-        (length,) = struct.unpack("<Q", payload[:8])
-        header = json.loads(payload[8 : 8 + length])
-    except (struct.error, ValueError) as exc:
-        raise RequestError(f"body is not a valid safetensors file: {exc}", param="body") from exc
-    return header.get("__metadata__") or {} if isinstance(header, dict) else {}
-
-
-def file_metadata(path: str) -> dict[str, str]:
-    with safe_open(path, framework="pt") as handle:
-        return handle.metadata() or {}
 
 
 def read_adapter(

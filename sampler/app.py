@@ -17,7 +17,7 @@ from opd import torch_thread
 from opd.auth import check_bearer
 from opd.errors import NonFiniteOutputError, RequestError
 from opd.serving import ERROR_RESPONSES, check_token_ids, create_service_app, json_reply
-from sampler.adapters import file_metadata, payload_metadata, read_adapter
+from sampler.adapters import read_adapter
 from sampler.engine import Sample, SamplerEngine, SamplingParams
 from sampler.schema import (
     ADAPTER_CONFIG_KEY,
@@ -140,19 +140,18 @@ async def push_weights(request: Request, version: int | None = Query(default=Non
     """Swap in new weights: a safetensors body, or JSON naming a file on a shared volume."""
     check_bearer(request.headers.get("authorization"), request.app.state.settings.api_key)
     engine: SamplerEngine = request.app.state.engine
-    origin: str | bytes  # what the tensors were decoded from; the engine may load from it
+    origin: str | bytearray  # what the tensors were decoded from; the engine may load from it
     if request.headers.get("content-type", "").startswith("application/json"):
         source = WeightsFromPath.model_validate_json(await request.body())
         version, origin = source.version, source.path
-        tensors = await torch_thread.run(read_safetensors_file, source.path)
-        metadata = await asyncio.to_thread(file_metadata, source.path)
+        tensors, metadata = await torch_thread.run(read_safetensors_file, source.path)
     else:
         payload = await _read_capped(request, request.app.state.settings.max_weights_bytes)
-        tensors = await torch_thread.run(decode_safetensors, payload, request.headers.get("x-content-sha256"))
-        origin, metadata = payload, payload_metadata(payload)
+        tensors, metadata = await torch_thread.run(decode_safetensors, payload, request.headers.get("x-content-sha256"))
+        origin = payload
     new_version = version if version is not None else engine.policy_version + 1
     max_rank = engine.info().max_lora_rank
-    # Decoding, hashing and checking a multi-GB push takes seconds: off the event loop, on the torch
+    # Hashing and checking a multi-GB push take seconds: off the event loop, on the torch
     # thread (opd/torch_thread.py: torch work from a second thread slows every later kernel on CPU).
     if max_rank is not None:
         adapter = await torch_thread.run(read_adapter, tensors, metadata, engine.weight_specs(), max_rank)
@@ -167,17 +166,20 @@ async def push_weights(request: Request, version: int | None = Query(default=Non
     return WeightsResponse(policy_version=new_version)
 
 
-async def _read_capped(request: Request, limit: int) -> bytes:
+async def _read_capped(request: Request, limit: int) -> bytearray:
+    """The whole body, received into one buffer of its declared length (or grown as it comes):
+    a push is held once, not once in chunks and again joined (16 GB each at 8B)."""
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    expected = int(declared) if declared is not None and declared.isdigit() else None
+    if expected is not None and expected > limit:
         raise RequestError(f"weights body of {declared} bytes exceeds the limit of {limit}", param="body", status=413)
-    chunks, size = [], 0
+    body, size = bytearray(expected or 0), 0
     try:
         async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
+            if size + len(chunk) > limit:
                 raise RequestError(f"weights body exceeds the limit of {limit} bytes", param="body", status=413)
-            chunks.append(chunk)
+            body[size : size + len(chunk)] = chunk  # in place within the declared length
+            size += len(chunk)
     except ClientDisconnect as exc:
         # A push cut off mid-stream: nothing was loaded, the old weights keep serving.
         logger.warning(
@@ -186,4 +188,4 @@ async def _read_capped(request: Request, limit: int) -> bytes:
             request.app.state.engine.policy_version,
         )
         raise RequestError("the weights body ended before it was complete", param="body") from exc
-    return b"".join(chunks)
+    return body

@@ -67,7 +67,7 @@ class SamplerEngine(Protocol):
 
     def weight_specs(self) -> dict[str, WeightSpec]: ...
 
-    async def load_weights(self, tensors: dict[str, torch.Tensor], version: int, source: str | bytes) -> None:
+    async def load_weights(self, tensors: dict[str, torch.Tensor], version: int, source: str | bytearray) -> None:
         """Swap in already validated tensors and set policy_version = version. `source` is what
         they were decoded from: the safetensors file's path on a shared volume, or the pushed
         safetensors bytes; an engine whose model lives in another process (vLLM's worker) sends

@@ -8,30 +8,22 @@ import hashlib
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as load_safetensors_bytes
-from safetensors.torch import load_file
 
 from opd.errors import RequestError
 from sampler.engine import WeightSpec
-
-UNREADABLE = (SafetensorError, ValueError, KeyError, TypeError, OverflowError)
-"""What safetensors raises on a malformed file: its own error, or KeyError for a dtype torch
-lacks (`F8_E8M0`), ValueError/TypeError/OverflowError for odd headers and shapes."""
+from sampler.wire import Decoded, decode, decode_file
 
 
-def decode_safetensors(payload: bytes, sha256: str | None) -> dict[str, torch.Tensor]:
-    """Tensors from a safetensors byte string, after checking the optional SHA-256."""
+def decode_safetensors(payload: bytes | bytearray, sha256: str | None) -> Decoded:
+    """Tensors (views into `payload`, `sampler/wire.py`) and metadata of a safetensors byte
+    string, after checking the optional SHA-256."""
     if sha256 is not None and hashlib.sha256(payload).hexdigest() != sha256.lower():
         raise RequestError("body does not match the X-Content-SHA256 header", param="body")
-    try:
-        return load_safetensors_bytes(payload)
-    except UNREADABLE as exc:
-        raise RequestError(f"body is not a valid safetensors file: {exc!r}", param="body") from exc
+    return decode(payload)
 
 
-def read_safetensors_file(path: str) -> dict[str, torch.Tensor]:
-    """Tensors from a safetensors file on a shared volume."""
+def read_safetensors_file(path: str) -> Decoded:
+    """Tensors (views into the file's memory map) and metadata of a safetensors file on a shared volume."""
     try:
         found = Path(path).is_file()
     except OSError as exc:  # a name the filesystem refuses outright, e.g. a component over 255 bytes
@@ -41,9 +33,9 @@ def read_safetensors_file(path: str) -> dict[str, torch.Tensor]:
     if not found:
         raise RequestError(f"no such file on the sampler's filesystem: {path}", param="path")
     try:
-        return load_file(path)
-    except (*UNREADABLE, OSError) as exc:
-        raise RequestError(f"{path} is not a valid safetensors file: {exc!r}", param="path") from exc
+        return decode_file(path)
+    except OSError as exc:
+        raise RequestError(f"cannot read {path}: {exc.strerror}", param="path") from exc
 
 
 def check_weights(tensors: dict[str, torch.Tensor], specs: dict[str, WeightSpec]) -> None:

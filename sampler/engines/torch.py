@@ -183,7 +183,7 @@ class TorchSamplerEngine:
     def weight_specs(self) -> dict[str, WeightSpec]:
         return {name: WeightSpec(tuple(p.shape), p.dtype) for name, p in self.model.named_parameters()}
 
-    async def load_weights(self, tensors: dict[str, torch.Tensor], version: int, source: str | bytes) -> None:
+    async def load_weights(self, tensors: dict[str, torch.Tensor], version: int, source: str | bytearray) -> None:
         async with self._lock:
             await torch_thread.run(self._copy_in, tensors)
             self.policy_version = version

@@ -167,14 +167,14 @@ class VllmSamplerEngine:
     def weight_specs(self) -> dict[str, WeightSpec]:
         return self._specs
 
-    async def load_weights(self, tensors: dict[str, torch.Tensor], version: int, source: str | bytes) -> None:
+    async def load_weights(self, tensors: dict[str, torch.Tensor], version: int, source: str | bytearray) -> None:
         # The worker process reloads from `source`: the tensors decoded here were for checking.
         async with self._gate.writing():
             with engine_errors():
                 await self._swap(source)
             self.policy_version = version
 
-    async def _swap(self, source: str | bytes) -> None:
+    async def _swap(self, source: str | bytearray) -> None:
         await self.engine.pause_generation(mode="wait", clear_cache=True)
         try:
             if isinstance(source, str):

@@ -9,18 +9,17 @@ as a path. Method names carry an `opd_` prefix because a name that clashes with 
 
 from typing import Any
 
-from safetensors.torch import load as load_safetensors_bytes
-from safetensors.torch import load_file
+from sampler.wire import decode, decode_file
 
 
 class OpdWeightLoader:
     model_runner: Any  # provided by the vLLM worker this class is mixed into
 
     def opd_load_safetensors_bytes(self, payload: bytes) -> int:
-        return self._opd_reload(load_safetensors_bytes(bytes(payload)))
+        return self._opd_reload(decode(payload)[0])  # views into the payload: no second copy
 
     def opd_load_safetensors_file(self, path: str) -> int:
-        return self._opd_reload(load_file(path, device="cpu"))
+        return self._opd_reload(decode_file(path)[0])
 
     def _opd_reload(self, tensors: dict) -> int:
         # vLLM's in-place reload maps HF checkpoint names onto its fused layers (qkv, gate_up).
