@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Every GPU mode of opd's benchmarks in one prepared run, for the day a GPU is lent (each benchmark
-# has its own time limit so one that hangs cannot eat the rest; all four parts can take up to 17 minutes,
+# has its own time limit so one that hangs cannot eat the rest; all five parts can take up to 22 minutes,
 # so name a part per call where one call may run 10):
 #
 #   bash bench/device.sh                 # GPU: writes bench/results/gpu-*.json, the device name inside
-#   bash bench/device.sh toy scale       # GPU: only these (scale, toy, services, pipeline), in that order
+#   bash bench/device.sh toy scale       # GPU: only these (scale, toy, gkd, services, pipeline), in that order
 #   bash bench/device.sh --smoke         # CPU: every benchmark's smoke mode on tiny models (CI runs this)
 #
 # Each benchmark writes its JSON as soon as it finishes, so a run cut short keeps what it measured.
@@ -51,18 +51,22 @@ toy() {  # the toy task at ppo_steps 1, opd top-k vs TRL GKD on the GPU, one run
 if [ "${1:-}" = "--smoke" ]; then
     run learner_scale 300 bench.learner_scale --smoke --out "$RESULTS/smoke-learner_scale.json"
     run lm_head 60 bench.lm_head --smoke --out "$RESULTS/smoke-lm_head.json"
+    run gkd 300 bench.gkd_scale --smoke --losses topk --out "$RESULTS/smoke-gkd_scale.json"
     run services 600 bench.gpu_bench --smoke --out "$RESULTS/smoke-services.json"
     run pipeline 600 bench.pipeline --smoke --out "$RESULTS/smoke-pipeline.json"
 else
     selected=("$@")
     for name in "${selected[@]}"; do
-        case $name in scale | toy | services | pipeline) ;; *) echo "unknown benchmark: $name" >&2; exit 2 ;; esac
+        case $name in scale | toy | gkd | services | pipeline) ;; *) echo "unknown benchmark: $name" >&2; exit 2 ;; esac
     done
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
     "$PY" -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())" || exit 1
     wanted scale && run lm_head 30 bench.lm_head --gpu --out "$RESULTS/gpu-lm_head.json"
     wanted scale && run learner_scale 120 bench.learner_scale --gpu --out "$RESULTS/gpu-learner_scale.json"
     wanted toy && toy
+    # time per step at Qwen2.5 shapes, opd sampled and top-k vs TRL GKD (issue 13; builds its models first)
+    wanted gkd && run gkd 300 bench.gkd_scale --device cuda --batch-size 16 --prompt-digits 120 --max-tokens 256 \
+        --steps 5 --out "$RESULTS/gpu-gkd_scale.json"
     if ! { wanted services || wanted pipeline; }; then
         :
     elif "$PY" -c "import vllm" 2>/dev/null; then

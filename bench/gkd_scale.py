@@ -1,0 +1,163 @@
+"""Time per step at Qwen2.5's shapes: opd (sampled and top-k loss) against TRL's GKD, in one run.
+
+    python -m bench.gkd_scale [--steps 4] [--batch-size 4] [--prompt-digits 48] [--max-tokens 64]
+    python -m bench.gkd_scale --smoke            # tiny models: checks the bench runs
+
+The toy task (bench/toy_distill.py) compares quality, with 1M-parameter models whose steps last
+0.2 s, where a step's fixed costs (a weight push, HTTP round trips, three processes taking turns)
+are a tenth of it. This compares time only, at the shapes users distil (a Qwen2.5-0.5B-shaped
+student, a 1.5B-shaped teacher, 151,936 vocabulary rows; random weights, bench/models.py): the
+same prompts, one sample each at temperature 1 up to `--max-tokens`, one update per batch, AdamW
+at the same settings, float32 on the CPU (bf16 weights for the servers and autocast for the
+learner on a GPU, `--device cuda`). opd runs its torch servers (the same HF kernels as TRL) on
+the same device. Time per step is the median over steps 2..N (the first warms up). Random models
+rarely emit their stop token, so every completion runs to `--max-tokens` in both systems.
+"""
+
+import argparse
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+
+from bench.common import write_results
+from bench.models import QWEN25_SHAPES, random_model
+from bench.toy_trl import MeasuredGKDTrainer
+from learner.config import OpdConfig
+from learner.metrics import NullLogger
+from learner.trainer import OnPolicyDistillationTrainer
+from opd.tiny import ensure_tiny_model
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=4, help="prompts per step, one sample each")
+    parser.add_argument("--prompt-digits", type=int, default=48, help="each prompt: 'sort' and this many digits")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--top-k", type=int, default=16)
+    parser.add_argument("--losses", nargs="+", choices=["sampled", "topk"], default=["sampled", "topk"])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--models", type=Path, default=Path(tempfile.gettempdir()) / "opd-bench-models")
+    parser.add_argument("--smoke", action="store_true", help="tiny models, two steps")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.steps, args.batch_size, args.prompt_digits, args.max_tokens = 2, 2, 8, 8
+    return args
+
+
+def chats(args: argparse.Namespace) -> list[list[dict[str, str]]]:
+    rng = random.Random(0)
+    digits = [
+        "".join(rng.choice("0123456789") for _ in range(args.prompt_digits))
+        for _ in range(args.steps * args.batch_size)
+    ]
+    return [[{"role": "user", "content": f"sort {d}"}] for d in digits]
+
+
+def median_step(times: list[float]) -> float:
+    return statistics.median(times[1:] if len(times) > 1 else times)
+
+
+def run_opd(student: Path, teacher: Path, loss: str, args: argparse.Namespace) -> dict:
+    gpu = args.device == "cuda"
+    model_dtype = "bfloat16" if gpu else "float32"
+    config = OpdConfig.model_validate({
+        "student": {"path": str(student), "dtype": model_dtype},
+        "teacher": {"path": str(teacher), "dtype": model_dtype},
+        "run_dir": tempfile.mkdtemp(prefix="opd-gkd-scale-"),
+        "sampling": {"n": 1, "temperature": 1.0, "max_tokens": args.max_tokens},
+        "train": {"steps": args.steps, "batch_size": args.batch_size, "loss": loss, "top_k": args.top_k, "ppo_steps": 1,
+                  "lr": 1e-5, "device": args.device, "precision": "bf16" if gpu else "fp32"},
+        "services": {"engine": "torch", "device": args.device},
+        "eval": {"eval_steps": 0}, "checkpoint": {"save_steps": 0},
+        "logging": {"progress": False, "tensorboard": False},
+    })  # fmt: skip
+    start = time.perf_counter()
+    items = [{"messages": chat} for chat in chats(args)]
+    history = OnPolicyDistillationTrainer(config, train_dataset=items, eval_dataset=[], metrics=NullLogger()).train()
+    phases = ["time/generate", "time/grade", "time/learn", "time/push"]
+    row = {"s_per_step": median_step([h["time/step"] for h in history]),
+           "steps_s": [h["time/step"] for h in history], "wall_s": time.perf_counter() - start,
+           "tokens_per_step": statistics.mean(h["throughput/tokens_per_s"] * h["time/step"] for h in history),
+           **{p: median_step([h[p] for h in history]) for p in phases}}  # fmt: skip
+    print(f"opd {loss}: {row['s_per_step']:.2f} s/step", {p: round(row[p], 2) for p in phases}, flush=True)
+    return row
+
+
+class StepClock(TrainerCallback):
+    def __init__(self, trainer_ref: list) -> None:
+        self.trainer_ref, self.rows, self.start = trainer_ref, [], 0.0
+
+    def on_step_begin(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        self.trainer_ref[0].record = {}
+        if args.device.type == "cuda":
+            torch.cuda.synchronize(args.device)
+        self.start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        if args.device.type == "cuda":
+            torch.cuda.synchronize(args.device)
+        self.rows.append({"time/step": time.perf_counter() - self.start, **self.trainer_ref[0].record})
+
+
+def run_gkd(student: Path, teacher: Path, args: argparse.Namespace) -> dict:
+    from trl.experimental.gkd import GKDConfig
+
+    gpu = args.device == "cuda"
+    start = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(student)
+    rows = [{"messages": [*chat, {"role": "assistant", "content": ""}]} for chat in chats(args)]
+    config = GKDConfig(
+        output_dir=tempfile.mkdtemp(prefix="gkd-scale-"), lmbda=1.0, beta=1.0, temperature=1.0,
+        max_new_tokens=args.max_tokens, per_device_train_batch_size=args.batch_size, max_steps=args.steps,
+        learning_rate=1e-5, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
+        bf16=gpu, gradient_checkpointing=False, train_sampling_strategy="sequential", seed=0, use_cpu=not gpu,
+        report_to="none", save_strategy="no", logging_steps=args.steps, disable_tqdm=True, dataloader_num_workers=0,
+    )  # fmt: skip
+    ref: list = [None]
+    clock = StepClock(ref)
+    trainer = MeasuredGKDTrainer(
+        model=AutoModelForCausalLM.from_pretrained(student),
+        # on a GPU the teacher scores in bf16, as opd's grader does; the student trains in float32 under autocast
+        teacher_model=AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.bfloat16 if gpu else torch.float32),
+        args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer, callbacks=[clock],
+    )  # fmt: skip
+    ref[0] = trainer
+    trainer.train()
+    times = [r["time/step"] for r in clock.rows]
+    row = {"s_per_step": median_step(times), "steps_s": times, "wall_s": time.perf_counter() - start,
+           "tokens_per_step": statistics.mean(r["tokens"] for r in clock.rows),
+           "time/generate": median_step([r["time/generate"] for r in clock.rows])}  # fmt: skip
+    print(f"trl gkd: {row['s_per_step']:.2f} s/step, generate {row['time/generate']:.2f}", flush=True)
+    return row
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    if args.smoke:
+        student, teacher = ensure_tiny_model("student"), ensure_tiny_model("teacher")
+    else:
+        student = random_model(args.models, "qwen2.5-0.5b", QWEN25_SHAPES["0.5b"], seed=0)
+        teacher = random_model(args.models, "qwen2.5-1.5b", QWEN25_SHAPES["1.5b"], seed=0)
+    device = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    results: dict = {"date": time.strftime("%Y-%m-%d"), "args": {k: str(v) for k, v in vars(args).items()},
+                     "device": device, "torch": torch.__version__, "systems": {}}  # fmt: skip
+    for loss in args.losses:
+        results["systems"][f"opd {loss}"] = run_opd(student, teacher, loss, args)
+    results["systems"]["trl gkd"] = gkd = run_gkd(student, teacher, args)
+    for name, row in results["systems"].items():
+        row["x_gkd"] = row["s_per_step"] / gkd["s_per_step"]
+        print(f"{name:12s} {row['s_per_step']:8.2f} s/step  {row['x_gkd']:.2f}x GKD", flush=True)
+    write_results(results, args.out, f"{'smoke-' if args.smoke else ''}gkd_scale.json")
+    return results
+
+
+if __name__ == "__main__":
+    main()
