@@ -21,6 +21,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -95,7 +96,7 @@ def _die_with_parent() -> None:
 
 def stop_process(proc: subprocess.Popen, group: bool = False) -> None:
     """SIGTERM the child, SIGKILL it after the grace period. With `group` (a child started in its
-    own session) the whole process group is signalled, and engine processes it left are killed."""
+    own session) the rest of its process group (engine processes it left) is SIGKILLed after it."""
 
     def send(sig: int) -> None:
         with contextlib.suppress(ProcessLookupError):
@@ -105,7 +106,11 @@ def stop_process(proc: subprocess.Popen, group: bool = False) -> None:
                 proc.send_signal(sig)
 
     if proc.poll() is None:
-        send(signal.SIGTERM)
+        # The server alone first: it shuts its engine down in order (vLLM's engine process then
+        # stops its workers and unlinks its shared memory); a SIGTERM to the whole group at once
+        # cut that short and left shared-memory segments in /dev/shm on every run.
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(timeout=STOP_GRACE_S)
         except subprocess.TimeoutExpired:
@@ -225,8 +230,9 @@ def local_servers(
         stop.set()
         if watchdog.is_alive():
             watchdog.join()
-        for server in servers:
-            server.stop()
+        # all at once: each server takes seconds to shut its engine down in order
+        with ThreadPoolExecutor(max_workers=max(1, len(servers))) as pool:
+            list(pool.map(LocalServer.stop, servers))
 
 
 @contextmanager

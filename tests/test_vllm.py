@@ -157,6 +157,12 @@ def test_vllm_grader_matches_a_direct_forward(teacher_dir, tmp_path):
     assert too_many.json()["error"]["param"] == "top_k"
 
 
+def shared_memory_names() -> set[str]:
+    """What multiprocessing's shared memory and semaphores hold in /dev/shm (vLLM's message queues)."""
+    shm = Path("/dev/shm")
+    return {p.name for p in shm.iterdir() if p.name.startswith(("psm_", "sem.mp-"))} if shm.is_dir() else set()
+
+
 @pytest.mark.slow
 def test_distillation_with_both_vllm_servers_lowers_reverse_kl(tmp_path, student_dir, teacher_dir):
     config = load_config("examples/tiny/config.yml", [
@@ -167,10 +173,13 @@ def test_distillation_with_both_vllm_servers_lowers_reverse_kl(tmp_path, student
         LocalServer("sampler", ["--model", str(student_dir), *VLLM], tmp_path),
         LocalServer("grader", ["--model", str(teacher_dir), *VLLM], tmp_path),
     ]
+    shared_before = shared_memory_names()
     with local_servers(servers) as (sampler_url, grader_url):
         services = config.services.model_copy(update={"sampler_url": sampler_url, "grader_url": grader_url})
         history = OnPolicyDistillationTrainer(config.model_copy(update={"services": services})).train()
         assert httpx.get(f"{sampler_url}/v1/info").json()["engine"] == "vllm"
+    # stopped in order, the engines unlink their shared memory (a group SIGTERM left 6 entries a run)
+    assert shared_memory_names() - shared_before == set()
     evals = [m for m in read_metrics(tmp_path / "run" / "metrics.jsonl") if "eval/reverse_kl_per_token" in m]
     before, after = evals[0]["eval/reverse_kl_per_token"], evals[-1]["eval/reverse_kl_per_token"]
     assert after <= 0.7 * before, (before, after)
