@@ -65,13 +65,26 @@ def median_step(times: list[float]) -> float:
     return statistics.median(times[1:] if len(times) > 1 else times)
 
 
+class StepsOnly(OnPolicyDistillationTrainer):
+    """The loop as users run it, without the final checkpoint: at 0.5B with AdamW's state that is
+    6 GB written after the timed steps, which TRL's run (save_strategy "no") does not write."""
+
+    def _maybe_save(self) -> None:
+        return None
+
+
 def run_opd(student: Path, teacher: Path, loss: str, args: argparse.Namespace) -> dict:
+    with tempfile.TemporaryDirectory(prefix="opd-gkd-scale-") as run_dir:
+        return _run_opd(student, teacher, loss, args, run_dir)
+
+
+def _run_opd(student: Path, teacher: Path, loss: str, args: argparse.Namespace, run_dir: str) -> dict:
     gpu = args.device == "cuda"
     model_dtype = "bfloat16" if gpu else "float32"
     config = OpdConfig.model_validate({
         "student": {"path": str(student), "dtype": model_dtype},
         "teacher": {"path": str(teacher), "dtype": model_dtype},
-        "run_dir": tempfile.mkdtemp(prefix="opd-gkd-scale-"),
+        "run_dir": run_dir,
         "sampling": {"n": 1, "temperature": 1.0, "max_tokens": args.max_tokens},
         "train": {"steps": args.steps, "batch_size": args.batch_size, "loss": loss, "top_k": args.top_k, "ppo_steps": 1,
                   "lr": 1e-5, "device": args.device, "precision": "bf16" if gpu else "fp32"},
@@ -81,7 +94,7 @@ def run_opd(student: Path, teacher: Path, loss: str, args: argparse.Namespace) -
     })  # fmt: skip
     start = time.perf_counter()
     items = [{"messages": chat} for chat in chats(args)]
-    history = OnPolicyDistillationTrainer(config, train_dataset=items, eval_dataset=[], metrics=NullLogger()).train()
+    history = StepsOnly(config, train_dataset=items, eval_dataset=[], metrics=NullLogger()).train()
     phases = ["time/generate", "time/grade", "time/learn", "time/push"]
     row = {"s_per_step": median_step([h["time/step"] for h in history]),
            "steps_s": [h["time/step"] for h in history], "wall_s": time.perf_counter() - start,
@@ -108,6 +121,11 @@ class StepClock(TrainerCallback):
 
 
 def run_gkd(student: Path, teacher: Path, args: argparse.Namespace) -> dict:
+    with tempfile.TemporaryDirectory(prefix="gkd-scale-") as out:
+        return _run_gkd(student, teacher, args, out)
+
+
+def _run_gkd(student: Path, teacher: Path, args: argparse.Namespace, out: str) -> dict:
     from trl.experimental.gkd import GKDConfig
 
     gpu = args.device == "cuda"
@@ -115,7 +133,7 @@ def run_gkd(student: Path, teacher: Path, args: argparse.Namespace) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(student)
     rows = [{"messages": [*chat, {"role": "assistant", "content": ""}]} for chat in chats(args)]
     config = GKDConfig(
-        output_dir=tempfile.mkdtemp(prefix="gkd-scale-"), lmbda=1.0, beta=1.0, temperature=1.0,
+        output_dir=out, lmbda=1.0, beta=1.0, temperature=1.0,
         max_new_tokens=args.max_tokens, per_device_train_batch_size=args.batch_size, max_steps=args.steps,
         learning_rate=1e-5, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
         bf16=gpu, gradient_checkpointing=False, train_sampling_strategy="sequential", seed=0, use_cpu=not gpu,
