@@ -44,7 +44,8 @@ def render(tmp_path: Path, student_dir: Path, teacher_dir: Path) -> dict:
 
 
 def test_compose_file_is_valid(tmp_path, student_dir, teacher_dir):
-    services = render(tmp_path, student_dir, teacher_dir)["services"]
+    rendered = render(tmp_path, student_dir, teacher_dir)
+    services = rendered["services"]
     assert set(services) == {"sampler", "grader", "learner"}
     for name in ("sampler", "grader"):
         assert services[name]["healthcheck"]["test"][0] == "CMD"
@@ -54,6 +55,15 @@ def test_compose_file_is_valid(tmp_path, student_dir, teacher_dir):
         "grader": {"condition": "service_healthy"},
     }
     assert all(services[s]["environment"]["OPD_API_KEY"] == KEY for s in services)
+    # the per-step weight file goes through memory (tmpfs), mounted where the learner writes it
+    assert rendered["volumes"]["weights"]["driver_opts"]["type"] == "tmpfs"
+    learner = services["learner"]["command"]
+    assert learner[learner.index("--services.shared_dir") + 1] == "/weights"
+    for name in ("sampler", "learner"):  # compose v1 renders a volume as "source:target:mode"
+        mounted = [
+            v.split(":")[:2] if isinstance(v, str) else [v["source"], v["target"]] for v in services[name]["volumes"]
+        ]
+        assert ["weights", "/weights"] in mounted, (name, mounted)
 
 
 def local_command(command: list[str], ports: dict[str, int], mounts: dict[str, Path]) -> list[str]:
@@ -89,7 +99,8 @@ def short_run_config(config_dir: Path) -> None:
 def test_compose_services_run_a_distillation_as_local_processes(tmp_path, student_dir, teacher_dir):
     short_run_config(tmp_path / "config")
     services = render(tmp_path, student_dir, teacher_dir)["services"]
-    mounts = {"/config": tmp_path / "config", "/shared": tmp_path / "shared", "/hf-cache": tmp_path / "hf"}
+    mounts = {"/config": tmp_path / "config", "/shared": tmp_path / "shared", "/weights": tmp_path / "weights",
+              "/hf-cache": tmp_path / "hf"}  # fmt: skip
     ports = {"sampler": free_port(), "grader": free_port()}
     procs = {}
     try:
@@ -115,7 +126,7 @@ def test_compose_services_run_a_distillation_as_local_processes(tmp_path, studen
     assert (run_dir / "checkpoints" / "step_000003" / "model.safetensors").exists()
     # weights went through the shared volume; the sampler required the env file's key (it is set in
     # its environment), so every push carried it, and the key itself never reaches the log
-    assert [p.name for p in (tmp_path / "shared" / "weights").iterdir()] == ["weights-v000003.safetensors"]
+    assert [p.name for p in (tmp_path / "weights").iterdir()] == ["weights-v000003.safetensors"]
     assert KEY not in (tmp_path / "sampler.log").read_text()
 
 
