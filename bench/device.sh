@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU mode of opd's benchmarks in one prepared run, for the day a GPU is lent (each benchmark
-# has its own time limit so one that hangs cannot eat the rest; all five parts can take up to 22 minutes,
+# has its own time limit so one that hangs cannot eat the rest; all five parts can take up to 24 minutes,
 # so name a part per call where one call may run 10):
 #
 #   bash bench/device.sh                 # GPU: writes bench/results/gpu-*.json, the device name inside
@@ -65,8 +65,10 @@ else
     wanted scale && run learner_scale 120 bench.learner_scale --gpu --out "$RESULTS/gpu-learner_scale.json"
     wanted toy && toy
     # time per step at Qwen2.5 shapes, opd sampled and top-k vs TRL GKD (issue 13; builds its models first)
-    wanted gkd && run gkd 300 bench.gkd_scale --device cuda --batch-size 16 --prompt-digits 120 --max-tokens 256 \
-        --steps 5 --out "$RESULTS/gpu-gkd_scale.json"
+    # (torch engines decode one token per forward: 128 tokens keep a step to seconds; building the
+    # models and starting 2 x 2 servers take most of the limit)
+    wanted gkd && run gkd 400 bench.gkd_scale --device cuda --batch-size 16 --prompt-digits 120 --max-tokens 128 \
+        --steps 4 --out "$RESULTS/gpu-gkd_scale.json"
     if ! { wanted services || wanted pipeline; }; then
         :
     elif "$PY" -c "import vllm" 2>/dev/null; then
