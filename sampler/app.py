@@ -167,24 +167,23 @@ async def push_weights(request: Request, version: int | None = Query(default=Non
 
 
 async def _read_capped(request: Request, limit: int) -> bytearray:
-    """The whole body, received into one buffer of its declared length (or grown as it comes):
-    a push is held once, not once in chunks and again joined (16 GB each at 8B)."""
+    """The whole body in one buffer grown as it comes: a push is held once, not once in chunks and
+    again joined (16 GB each at 8B). Growing does not copy what is there (a large buffer is
+    remapped), and nothing is allocated on the word of a Content-Length header alone."""
     declared = request.headers.get("content-length")
-    expected = int(declared) if declared is not None and declared.isdigit() else None
-    if expected is not None and expected > limit:
+    if declared is not None and declared.isdigit() and int(declared) > limit:
         raise RequestError(f"weights body of {declared} bytes exceeds the limit of {limit}", param="body", status=413)
-    body, size = bytearray(expected or 0), 0
+    body = bytearray()
     try:
         async for chunk in request.stream():
-            if size + len(chunk) > limit:
+            if len(body) + len(chunk) > limit:
                 raise RequestError(f"weights body exceeds the limit of {limit} bytes", param="body", status=413)
-            body[size : size + len(chunk)] = chunk  # in place within the declared length
-            size += len(chunk)
+            body += chunk
     except ClientDisconnect as exc:
         # A push cut off mid-stream: nothing was loaded, the old weights keep serving.
         logger.warning(
             "weight push cut off after %d bytes; keeping policy_version %d",
-            size,
+            len(body),
             request.app.state.engine.policy_version,
         )
         raise RequestError("the weights body ended before it was complete", param="body") from exc
