@@ -27,7 +27,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 from bench.common import write_results
 from bench.models import QWEN25_SHAPES, random_model
-from bench.toy_trl import MeasuredGKDTrainer
+from bench.toy_trl import MeasuredGKDTrainer, finish_gpu_work
 from learner.config import OpdConfig
 from learner.metrics import NullLogger
 from learner.trainer import OnPolicyDistillationTrainer
@@ -110,13 +110,11 @@ class StepClock(TrainerCallback):
 
     def on_step_begin(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
         self.trainer_ref[0].record = {}
-        if args.device.type == "cuda":
-            torch.cuda.synchronize(args.device)
+        finish_gpu_work(args.device)
         self.start = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
-        if args.device.type == "cuda":
-            torch.cuda.synchronize(args.device)
+        finish_gpu_work(args.device)
         self.rows.append({"time/step": time.perf_counter() - self.start, **self.trainer_ref[0].record})
 
 

@@ -66,11 +66,11 @@ class StepMetrics(TrainerCallback):
 
     def on_step_begin(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
         self.trainer_ref[0].record = {}
-        _finish_gpu_work(args.device)
+        finish_gpu_work(args.device)
         self.start = time.perf_counter()
 
     def on_step_end(self, args, state, control, model=None, **kwargs):  # type: ignore[no-untyped-def]
-        _finish_gpu_work(args.device)  # the clipping and AdamW step may still be queued on a GPU
+        finish_gpu_work(args.device)  # the clipping and AdamW step may still be queued on a GPU
         step_s = time.perf_counter() - self.start
         record = dict(self.trainer_ref[0].record)
         tokens = record.pop("tokens")
@@ -82,7 +82,7 @@ class StepMetrics(TrainerCallback):
         self.logger.log(metrics, step=state.global_step)
 
 
-def _finish_gpu_work(device: torch.device) -> None:
+def finish_gpu_work(device: torch.device) -> None:
     """Wait for `device`'s queued kernels, so each step's clock holds its own GPU work (opd's learner
     reads its loss and grad norm as numbers, which waits the same way)."""
     if device.type == "cuda":

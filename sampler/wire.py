@@ -193,7 +193,7 @@ def _view(payload: Buffer, start: int, entry: _Entry) -> torch.Tensor:
     if stop == begin:  # frombuffer refuses zero-size views
         return torch.empty(entry.shape, dtype=dtype)
     with warnings.catch_warnings():
-        # A read-only body (bytes, a read-only map): the views are only read (checked, copied from).
+        # A read-only body (bytes, as the vLLM worker and tests hand it): the views are only read.
         warnings.filterwarnings("ignore", message="The given buffer is not writable")
         flat = torch.frombuffer(payload, dtype=dtype, count=(stop - begin) // dtype.itemsize, offset=start + begin)
     return flat.view(entry.shape)
