@@ -111,11 +111,24 @@ class Processes:
         if self.accelerator:
             self.accelerator.wait_for_everyone()
 
+    def release(self, model: Any) -> Any:
+        """`model` without its data-parallel wrapper, and the accelerator's own references to the
+        wrapper dropped: call before `finish`, keeping the returned model in place of the wrapper.
+        DDP's reducer holds the process group; while the wrapper lives, `finish` cannot free the
+        group, and gloo's worker threads run on into interpreter exit (see `finish`)."""
+        if self.accelerator is None:
+            return model
+        plain = self.accelerator.unwrap_model(model)
+        self.accelerator.free_memory()
+        return plain
+
     def finish(self) -> None:
-        """End the process group once every process is done. Left to interpreter exit, gloo's
-        worker threads die with the interpreter and abort the process now and then ("terminate
-        called without an active exception", SIGABRT after a finished run). Only on success: a
-        failed process would leave the others stuck in this barrier until the timeout."""
+        """End the process group once every process is done, after `release`. A gloo worker
+        thread frees each finished collective's tensors, which takes the GIL; one still doing so
+        when the interpreter exits is killed inside C++ code, and the process aborts now and then
+        ("terminate called without an active exception", SIGABRT after a finished run). Freed
+        here, the group joins its threads first. Only on success: a failed process would leave
+        the others stuck in this barrier until the timeout."""
         if self.accelerator:
             self.accelerator.wait_for_everyone()
             self.accelerator.end_training()

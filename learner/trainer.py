@@ -109,12 +109,13 @@ class OnPolicyDistillationTrainer:
 
     def train(self) -> list[dict[str, float]]:
         """Run `train.steps` steps (starting local servers if the config names none). Under
-        `use_accelerate`, a run that finishes also ends the process group: one `train()` per
-        launch."""
+        `use_accelerate`, a run that finishes also ends the process group, and `policy` is then
+        the plain model (its DDP wrapper dropped): one `train()` per launch."""
         if self.processes.is_main:
             dump_config(self.config, self.run_dir / "config.yml")
         with service_urls(self.config, self.run_dir / "logs", self.processes.world_size) as (sampler_urls, grader_urls):
             history = asyncio.run(self._train(sampler_urls, grader_urls))
+        self.policy = self.processes.release(self.policy)
         self.processes.finish()
         return history
 
