@@ -27,7 +27,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 from bench.common import write_results
 from bench.models import QWEN25_SHAPES, random_model
-from bench.toy_trl import MeasuredGKDTrainer, finish_gpu_work
+from bench.toy_trl import MeasuredGKDTrainer, finish_gpu_work, gkd_config
 from learner.config import OpdConfig
 from learner.metrics import NullLogger
 from learner.trainer import OnPolicyDistillationTrainer
@@ -124,19 +124,12 @@ def run_gkd(student: Path, teacher: Path, args: argparse.Namespace) -> dict:
 
 
 def _run_gkd(student: Path, teacher: Path, args: argparse.Namespace, out: str) -> dict:
-    from trl.experimental.gkd import GKDConfig
-
     gpu = args.device == "cuda"
     start = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(student)
     rows = [{"messages": [*chat, {"role": "assistant", "content": ""}]} for chat in chats(args)]
-    config = GKDConfig(
-        output_dir=out, lmbda=1.0, beta=1.0, temperature=1.0,
-        max_new_tokens=args.max_tokens, per_device_train_batch_size=args.batch_size, max_steps=args.steps,
-        learning_rate=1e-5, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
-        bf16=gpu, gradient_checkpointing=False, train_sampling_strategy="sequential", seed=0, use_cpu=not gpu,
-        report_to="none", save_strategy="no", logging_steps=args.steps, disable_tqdm=True, dataloader_num_workers=0,
-    )  # fmt: skip
+    config = gkd_config(out, batch_size=args.batch_size, steps=args.steps, lr=1e-5, max_new_tokens=args.max_tokens,
+                        seed=0, device=args.device, bf16=gpu)  # fmt: skip
     ref: list = [None]
     clock = StepClock(ref)
     trainer = MeasuredGKDTrainer(

@@ -95,16 +95,21 @@ def chat_rows(problems: list[Problem]) -> Dataset:
     return Dataset.from_list([{"messages": messages} for messages in rows])
 
 
-def gkd_config(args: argparse.Namespace, out: str) -> GKDConfig:
+def gkd_config(
+    out: str, *, batch_size: int, steps: int, lr: float, max_new_tokens: int, seed: int, device: str, bf16: bool = False
+) -> GKDConfig:
+    """Fully on-policy GKD with the exact reverse KL (lmbda 1, beta 1) and opd's optimizer settings
+    (constant lr, no weight decay, grad norm 1.0), the batches in dataset order."""
     return GKDConfig(
-        output_dir=out, lmbda=1.0, beta=1.0, temperature=1.0, max_new_tokens=MAX_NEW_TOKENS,
-        per_device_train_batch_size=args.batch_size, max_steps=args.steps, learning_rate=args.lr,
+        output_dir=out, lmbda=1.0, beta=1.0, temperature=1.0, max_new_tokens=max_new_tokens,
+        per_device_train_batch_size=batch_size, max_steps=steps, learning_rate=lr,
         lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
         # SFTConfig's defaults would train in bf16 autocast with gradient checkpointing, which
-        # also turns off the KV cache in generation; opd runs float32 with a cache.
-        bf16=False, gradient_checkpointing=False,
-        train_sampling_strategy="sequential", seed=args.seed, use_cpu=args.device == "cpu", report_to="none",
-        save_strategy="no", logging_steps=args.steps, disable_tqdm=True, dataloader_num_workers=0,
+        # also turns off the KV cache in generation; opd runs float32 with a cache (bf16: autocast
+        # only where the caller asks, as gkd_scale does on a GPU).
+        bf16=bf16, gradient_checkpointing=False,
+        train_sampling_strategy="sequential", seed=seed, use_cpu=device == "cpu", report_to="none",
+        save_strategy="no", logging_steps=steps, disable_tqdm=True, dataloader_num_workers=0,
     )  # fmt: skip
 
 
@@ -119,9 +124,11 @@ def run_trl(
     tokenizer = AutoTokenizer.from_pretrained(files.student)
     teacher = AutoModelForCausalLM.from_pretrained(files.teacher).eval()
     logger, ref = JsonlLogger(out / "metrics.jsonl"), [None]
+    config = gkd_config(str(out), batch_size=args.batch_size, steps=args.steps, lr=args.lr,
+                        max_new_tokens=MAX_NEW_TOKENS, seed=args.seed, device=args.device)  # fmt: skip
     trainer = MeasuredGKDTrainer(
         model=AutoModelForCausalLM.from_pretrained(files.student), teacher_model=teacher,
-        args=gkd_config(args, str(out)), train_dataset=chat_rows(train_problems), processing_class=tokenizer,
+        args=config, train_dataset=chat_rows(train_problems), processing_class=tokenizer,
         callbacks=[StepMetrics(ref, teacher, tokenizer, eval_items, args.eval_steps, args.seed, logger)],
     )  # fmt: skip
     ref[0] = trainer

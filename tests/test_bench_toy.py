@@ -7,7 +7,6 @@ BENCHMARKS.md, so nothing here looks at a timing.
 import json
 import subprocess
 import sys
-from argparse import Namespace
 
 import pytest
 
@@ -15,9 +14,9 @@ import pytest
 def test_trl_runs_in_float32_with_a_kv_cache_like_opd(tmp_path):
     from bench.toy_trl import gkd_config
 
-    args = Namespace(batch_size=8, steps=2, lr=1e-4, seed=0, device="cpu")
-    config = gkd_config(args, str(tmp_path))
-    assert config.use_cpu and not gkd_config(Namespace(**{**vars(args), "device": "cuda"}), str(tmp_path)).use_cpu
+    args = {"batch_size": 8, "steps": 2, "lr": 1e-4, "max_new_tokens": 10, "seed": 0}
+    config = gkd_config(str(tmp_path), **args, device="cpu")
+    assert config.use_cpu and not gkd_config(str(tmp_path), **args, device="cuda").use_cpu
     assert (config.bf16, config.fp16, config.gradient_checkpointing) == (False, False, False)
     assert (config.lmbda, config.beta, config.temperature) == (1.0, 1.0, 1.0)
     assert config.lr_scheduler_type == "constant" and config.max_grad_norm == 1.0
