@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from opd import torch_thread
 from opd.errors import RequestError
 from sampler.engine import WeightSpec
 from sampler.wire import Decoded, decode, decode_file
@@ -39,24 +40,29 @@ def read_safetensors_file(path: str) -> Decoded:
 
 
 def check_weights(tensors: dict[str, torch.Tensor], specs: dict[str, WeightSpec]) -> None:
-    """Require exactly the model's parameter names, each with the model's shape and dtype."""
+    """Require exactly the model's parameter names, each with the model's shape and dtype, and
+    finite values."""
     unknown = sorted(set(tensors) - set(specs))
     if unknown:
         raise RequestError(f"unknown weight names: {unknown[:5]}", param=f"weights.{unknown[0]}", status=422)
     missing = sorted(set(specs) - set(tensors))
     if missing:
         raise RequestError(f"missing weights: {missing[:5]}", param=f"weights.{missing[0]}", status=422)
-    for name, tensor in tensors.items():
-        spec = specs[name]
-        if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
-            raise RequestError(
-                f"weight {name} has shape {tuple(tensor.shape)} and dtype {tensor.dtype}; "
-                f"the model needs shape {spec.shape} and dtype {spec.dtype}",
-                param=f"weights.{name}",
-                status=422,
-            )
-        if not all_finite(tensor):
-            raise RequestError(f"weight {name} has non-finite values", param=f"weights.{name}", status=422)
+    with torch_thread.alone_if_small(sum(t.numel() * t.element_size() for t in tensors.values())):
+        for name, tensor in tensors.items():
+            _check_one(name, tensor, specs[name])
+
+
+def _check_one(name: str, tensor: torch.Tensor, spec: WeightSpec) -> None:
+    if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
+        raise RequestError(
+            f"weight {name} has shape {tuple(tensor.shape)} and dtype {tensor.dtype}; "
+            f"the model needs shape {spec.shape} and dtype {spec.dtype}",
+            param=f"weights.{name}",
+            status=422,
+        )
+    if not all_finite(tensor):
+        raise RequestError(f"weight {name} has non-finite values", param=f"weights.{name}", status=422)
 
 
 def all_finite(tensor: torch.Tensor) -> bool:

@@ -191,8 +191,9 @@ class TorchSamplerEngine:
     @torch.no_grad()
     def _copy_in(self, tensors: dict[str, torch.Tensor]) -> None:
         params = dict(self.model.named_parameters())
-        for name, tensor in tensors.items():
-            params[name].copy_(tensor.to(self.device))
+        with torch_thread.alone_if_small(sum(t.numel() * t.element_size() for t in tensors.values())):
+            for name, tensor in tensors.items():
+                params[name].copy_(tensor.to(self.device))
 
     async def load_adapter(self, adapter: Adapter, version: int) -> None:
         async with self._lock:
