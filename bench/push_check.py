@@ -1,9 +1,13 @@
 """A full weight push on the host at real shapes, each part against what it replaced, measured in
 the same run: the sampler's check (`sampler.weights.check_weights` against a per-value
 finiteness check), and the wire format at both ends (`sampler/wire.py` against the safetensors
-library's `save` on the learner and `load` on the sampler), in seconds and in peak memory.
+library's `save` on the learner and `load` on the sampler), in seconds and in peak memory. Then
+a small push (the tiny student, 1.4 MB) into a torch sampler over HTTP, back to back and after the
+sampler idled, checked and copied on every thread (as before) against one thread
+(`opd.torch_thread.alone_if_small`).
 
     python -m bench.push_check [--shapes 0.5b 1.5b] [--repeats 3]
+    python -m bench.push_check --shapes          # the small push alone
 
 Every full push is serialised, sent, decoded and checked before it touches the served model;
 all of it runs on the host's CPU whatever the engine, so its cost is paid on every step of the
@@ -13,16 +17,24 @@ is the growth of the process's resident set during one call (Linux: VmHWM after 
 """
 
 import argparse
+import asyncio
 import re
+import statistics
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from safetensors.torch import load, save
+from transformers import AutoModelForCausalLM
 
 from bench.common import median_seconds, write_results
 from bench.models import QWEN25_SHAPES
+from learner.clients import SamplerClient
+from opd.launch import LocalServer, local_servers
+from opd.tiny import ensure_tiny_model
 from sampler.engine import WeightSpec
 from sampler.weights import check_weights
 from sampler.wire import decode, encode
@@ -100,10 +112,55 @@ def measure_wire(name: str, tensors: dict[str, torch.Tensor], repeats: int) -> d
     return row
 
 
+class _EveryThreadSampler(LocalServer):
+    """The sampler as it was: `alone_if_small` never applies (its limit set to 0 before the CLI runs)."""
+
+    @property
+    def cmd(self) -> list[str]:
+        patch = ("import runpy, opd.torch_thread as t; t.SMALL_WORK_BYTES = 0; "
+                 "runpy.run_module('opd.cli', run_name='__main__')")  # fmt: skip
+        return [sys.executable, "-c", patch, *super().cmd[3:]]  # super: python -m opd.cli ROLE ARGS
+
+
+async def _small_pushes(url: str, tensors: dict[str, torch.Tensor], idle_s: float, repeats: int) -> float:
+    """Median seconds of the learner's push (its client, over HTTP), each after `idle_s` idle."""
+    client, times = SamplerClient(url), []
+    try:
+        for version in range(1, repeats + 1):
+            await asyncio.sleep(idle_s)
+            start = time.perf_counter()
+            await client.push_weights(tensors, version)
+            times.append(time.perf_counter() - start)
+    finally:
+        await client.aclose()
+    return statistics.median(times)
+
+
+def measure_after_idle(repeats: int, idle_s: float) -> dict:
+    """The tiny student's push into a torch sampler, back to back and after the sampler idled
+    (as it does in the loop while the teacher grades and the learner learns), on every thread
+    (before) and on one thread (now)."""
+    model_dir = ensure_tiny_model("student")
+    tensors = {n: p.detach() for n, p in AutoModelForCausalLM.from_pretrained(model_dir).named_parameters()}
+    row: dict = {"bytes": sum(t.numel() * t.element_size() for t in tensors.values()), "idle_s": idle_s}
+    with tempfile.TemporaryDirectory(prefix="push-check-") as logs:
+        args = ["--model", str(model_dir), "--engine", "torch"]
+        for label, server in (("every_thread", _EveryThreadSampler), ("one_thread", LocalServer)):
+            with local_servers([server("sampler", args, Path(logs))]) as urls:
+                asyncio.run(_small_pushes(urls[0], tensors, 0.0, 3))  # warm-up
+                row[f"{label}_back_to_back_s"] = asyncio.run(_small_pushes(urls[0], tensors, 0.0, repeats))
+                row[f"{label}_after_idle_s"] = asyncio.run(_small_pushes(urls[0], tensors, idle_s, repeats))
+    print(row, flush=True)
+    return row
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", nargs="+", choices=list(QWEN25_SHAPES), default=["0.5b", "1.5b"])
+    parser.add_argument("--shapes", nargs="*", choices=list(QWEN25_SHAPES), default=["0.5b", "1.5b"],
+                        help="none: the small push alone")  # fmt: skip
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--idle-s", type=float, default=0.15, help="the small push's idle spell (the toy loop's)")
+    parser.add_argument("--small-repeats", type=int, default=30)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     rows, wire = [], []
@@ -112,8 +169,9 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(measure_check(name, tensors, args.repeats))
         wire.append(measure_wire(name, tensors, args.repeats))
         del tensors
+    small = measure_after_idle(args.small_repeats, args.idle_s)
     results = {"date": time.strftime("%Y-%m-%d"), "threads": torch.get_num_threads(), "torch": torch.__version__,
-               "rows": rows, "wire": wire}  # fmt: skip
+               "rows": rows, "wire": wire, "small_push": small}  # fmt: skip
     write_results(results, args.out, "push_check.json")
 
 

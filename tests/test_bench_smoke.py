@@ -30,3 +30,15 @@ def test_device_script_runs_every_benchmark_in_smoke_mode(tmp_path):
     assert set(gkd["systems"]) == {"opd topk", "trl gkd"} and all(r["s_per_step"] > 0 for r in gkd["systems"].values())
     pipeline = json.loads((tmp_path / "smoke-pipeline.json").read_text())
     assert set(pipeline["runs"]) == {"0", "1"} and pipeline["runs"]["1"]["lag_max"] <= 1
+
+
+def test_push_check_times_a_small_push_on_every_thread_and_on_one(tmp_path):
+    out = tmp_path / "push_check.json"
+    cmd = [sys.executable, "-m", "bench.push_check", "--shapes", "--small-repeats", "2", "--idle-s", "0.01",
+           "--out", str(out)]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    small = json.loads(out.read_text())["small_push"]
+    for way in ("every_thread", "one_thread"):
+        assert small[f"{way}_back_to_back_s"] > 0 and small[f"{way}_after_idle_s"] > 0
+    assert 1_000_000 < small["bytes"] < 2_000_000  # the tiny student, float32
