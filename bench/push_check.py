@@ -4,10 +4,13 @@ finiteness check), and the wire format at both ends (`sampler/wire.py` against t
 library's `save` on the learner and `load` on the sampler), in seconds and in peak memory. Then
 a small push (the tiny student, 1.4 MB) into a torch sampler over HTTP, back to back and after the
 sampler idled, checked and copied on every thread (as before) against one thread
-(`opd.torch_thread.alone_if_small`).
+(`opd.torch_thread.alone_if_small`). With `--vllm SHAPE`, a bf16 push of that shape into a vLLM
+sampler: the body staged as an in-memory file for vLLM's worker (`sampler/staging.py`) against
+the body passed through vLLM's collective_rpc, and a push by path through /dev/shm.
 
     python -m bench.push_check [--shapes 0.5b 1.5b] [--repeats 3]
     python -m bench.push_check --shapes          # the small push alone
+    python -m bench.push_check --shapes --vllm 0.5b
 
 Every full push is serialised, sent, decoded and checked before it touches the served model;
 all of it runs on the host's CPU whatever the engine, so its cost is paid on every step of the
@@ -27,11 +30,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors.torch import load, save
+from safetensors.torch import load, load_file, save
 from transformers import AutoModelForCausalLM
 
 from bench.common import median_seconds, write_results
-from bench.models import QWEN25_SHAPES
+from bench.models import QWEN25_SHAPES, random_model
 from learner.clients import SamplerClient
 from opd.launch import LocalServer, local_servers
 from opd.tiny import ensure_tiny_model
@@ -112,14 +115,23 @@ def measure_wire(name: str, tensors: dict[str, torch.Tensor], repeats: int) -> d
     return row
 
 
-class _EveryThreadSampler(LocalServer):
-    """The sampler as it was: `alone_if_small` never applies (its limit set to 0 before the CLI runs)."""
+class _ServerBefore(LocalServer):
+    """A server as it was before a change: `patch` (Python) runs in its process before the CLI."""
+
+    def __init__(self, patch: str, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.patch = patch
 
     @property
     def cmd(self) -> list[str]:
-        patch = ("import runpy, opd.torch_thread as t; t.SMALL_WORK_BYTES = 0; "
-                 "runpy.run_module('opd.cli', run_name='__main__')")  # fmt: skip
-        return [sys.executable, "-c", patch, *super().cmd[3:]]  # super: python -m opd.cli ROLE ARGS
+        run_cli = "import runpy; runpy.run_module('opd.cli', run_name='__main__')"
+        return [sys.executable, "-c", f"{self.patch}; {run_cli}", *super().cmd[3:]]  # super: python -m opd.cli ...
+
+
+EVERY_THREAD = "import opd.torch_thread as t; t.SMALL_WORK_BYTES = 0"
+"""Small pushes checked and copied on every thread: `alone_if_small` never applies."""
+THROUGH_RPC = "import sampler.engines.vllm as v; v.stage = lambda payload: None"
+"""A body handed to vLLM's worker through collective_rpc, as if staging had failed."""
 
 
 async def _small_pushes(url: str, tensors: dict[str, torch.Tensor], idle_s: float, repeats: int) -> float:
@@ -145,11 +157,55 @@ def measure_after_idle(repeats: int, idle_s: float) -> dict:
     row: dict = {"bytes": sum(t.numel() * t.element_size() for t in tensors.values()), "idle_s": idle_s}
     with tempfile.TemporaryDirectory(prefix="push-check-") as logs:
         args = ["--model", str(model_dir), "--engine", "torch"]
-        for label, server in (("every_thread", _EveryThreadSampler), ("one_thread", LocalServer)):
-            with local_servers([server("sampler", args, Path(logs))]) as urls:
+        for label, before in (("every_thread", True), ("one_thread", False)):
+            server = (
+                _ServerBefore(EVERY_THREAD, "sampler", args, Path(logs))
+                if before
+                else LocalServer("sampler", args, Path(logs))
+            )
+            with local_servers([server]) as urls:
                 asyncio.run(_small_pushes(urls[0], tensors, 0.0, 3))  # warm-up
                 row[f"{label}_back_to_back_s"] = asyncio.run(_small_pushes(urls[0], tensors, 0.0, repeats))
                 row[f"{label}_after_idle_s"] = asyncio.run(_small_pushes(urls[0], tensors, idle_s, repeats))
+    print(row, flush=True)
+    return row
+
+
+async def _vllm_pushes(url: str, tensors: dict[str, torch.Tensor], shared_dir: Path | None, repeats: int) -> list:
+    client, times = SamplerClient(url, timeout_s=600), []
+    try:
+        for version in range(1, repeats + 2):  # the first is a warm-up
+            start = time.perf_counter()
+            if shared_dir is None:
+                await client.push_weights(tensors, version)
+            else:
+                await client.push_weights_by_path(tensors, version, shared_dir)
+            times.append(time.perf_counter() - start)
+    finally:
+        await client.aclose()
+    return times[1:]
+
+
+def measure_vllm(models: Path, shape: str, repeats: int) -> dict:
+    """A bf16 push of a Qwen2.5 shape into a vLLM sampler on this host: over HTTP with the body
+    staged as a file for the worker (now) and passed through collective_rpc (before), and by path
+    through /dev/shm (`weight_transport: path`)."""
+    model_dir = random_model(models, f"qwen2.5-{shape}", QWEN25_SHAPES[shape], seed=0)
+    tensors = {n: t.to(torch.bfloat16) for n, t in load_file(model_dir / "model.safetensors").items()}
+    row: dict = {"shape": shape, "bytes": sum(t.numel() * t.element_size() for t in tensors.values())}
+    args = ["--model", str(model_dir), "--engine", "vllm", "--dtype", "bfloat16", "--max-model-len", "1024"]
+    with tempfile.TemporaryDirectory(prefix="push-check-") as logs:
+        for label, before in (("http_rpc", True), ("http_staged", False)):
+            server = (
+                _ServerBefore(THROUGH_RPC, "sampler", args, Path(logs))
+                if before
+                else LocalServer("sampler", args, Path(logs))
+            )
+            with local_servers([server], timeout=900) as urls:
+                row[f"{label}_s"] = asyncio.run(_vllm_pushes(urls[0], tensors, None, repeats))
+                if not before:
+                    with tempfile.TemporaryDirectory(prefix="push-check-", dir="/dev/shm") as shared:
+                        row["path_shm_s"] = asyncio.run(_vllm_pushes(urls[0], tensors, Path(shared), repeats))
     print(row, flush=True)
     return row
 
@@ -161,6 +217,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--idle-s", type=float, default=0.15, help="the small push's idle spell (the toy loop's)")
     parser.add_argument("--small-repeats", type=int, default=30)
+    parser.add_argument("--vllm", choices=list(QWEN25_SHAPES), default=None,
+                        help="also push this shape into a vLLM sampler (needs vllm; minutes on CPU)")  # fmt: skip
+    parser.add_argument("--vllm-repeats", type=int, default=3)
+    parser.add_argument("--models", type=Path, default=Path(tempfile.gettempdir()) / "opd-bench-models")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     rows, wire = [], []
@@ -170,8 +230,9 @@ def main(argv: list[str] | None = None) -> None:
         wire.append(measure_wire(name, tensors, args.repeats))
         del tensors
     small = measure_after_idle(args.small_repeats, args.idle_s)
+    vllm = measure_vllm(args.models, args.vllm, args.vllm_repeats) if args.vllm else None
     results = {"date": time.strftime("%Y-%m-%d"), "threads": torch.get_num_threads(), "torch": torch.__version__,
-               "rows": rows, "wire": wire, "small_push": small}  # fmt: skip
+               "rows": rows, "wire": wire, "small_push": small, "vllm_push": vllm}  # fmt: skip
     write_results(results, args.out, "push_check.json")
 
 

@@ -115,6 +115,7 @@ def test_vllm_weight_push_equals_a_model_with_the_pushed_weights(which, student_
         weights = _perturbed(model_dir, seed=1)
         response = httpx.post(f"{url}/v1/weights", params={"version": 1}, content=save(weights), timeout=120)
         assert response.json() == {"policy_version": 1}, response.text
+        assert "staged in memory" in (tmp_path / "sampler.log").read_text()  # the worker read it from a file
         want = [reference.greedy(_with_weights(model_dir, weights), p, 10, EOS) for p in PROMPTS]
         assert want != before
         assert _greedy_all(url) == want

@@ -7,12 +7,14 @@ those of the distribution actually sampled, after temperature and top-p, as the 
 Weight swaps: a drain gate lets any number of generate calls run together but makes a swap wait
 until all in-flight calls have finished and holds new ones until it is done, so one reply never
 mixes two versions. The swap itself pauses the engine, reloads the tensors in place in the
-worker (`vllm_worker.OpdWeightLoader`), resets the prefix cache (cached KV of the old weights
-would otherwise be reused), and resumes.
+worker (`vllm_worker.OpdWeightLoader`, from a file: a pushed body is staged as an in-memory
+one first, `sampler/staging.py`), resets the prefix cache (cached KV of the old weights would otherwise be
+reused), and resumes.
 """
 
 import asyncio
 import itertools
+import logging
 import random
 import shutil
 import tempfile
@@ -42,8 +44,11 @@ from opd.vllm_engine import (
 )
 from sampler.adapters import Adapter, write_peft_dir
 from sampler.engine import Sample, SamplingParams, WeightSpec, sample_seed
+from sampler.staging import stage
 
 WORKER_EXTENSION = "sampler.engines.vllm_worker.OpdWeightLoader"
+
+logger = logging.getLogger(__name__)
 
 
 class DrainGate:
@@ -168,11 +173,19 @@ class VllmSamplerEngine:
         return self._specs
 
     async def load_weights(self, tensors: dict[str, torch.Tensor], version: int, source: str | bytearray) -> None:
-        # The worker process reloads from `source`: the tensors decoded here were for checking.
-        async with self._gate.writing():
-            with engine_errors():
-                await self._swap(source)
-            self.policy_version = version
+        # The worker process reloads from `source`: the tensors decoded here were for checking. A
+        # body is staged as a file first (sampler/staging.py), while generation goes on.
+        staged = None if isinstance(source, str) else await asyncio.to_thread(stage, source)
+        if staged is not None:
+            logger.info("push of %d bytes staged in memory for the worker", len(source))
+        try:
+            async with self._gate.writing():
+                with engine_errors():
+                    await self._swap(source if staged is None else staged.path)
+                self.policy_version = version
+        finally:
+            if staged is not None:
+                staged.close()
 
     async def _swap(self, source: str | bytearray) -> None:
         await self.engine.pause_generation(mode="wait", clear_cache=True)
