@@ -198,7 +198,8 @@ def weight_push(url: str, student: Path, dtype: str) -> dict:
             if shared is None:
                 await client.push_weights(tensors, version)
             else:
-                await client.push_path(await write_shared(tensors, version, Path(shared)), version)
+                written = await write_shared(tensors, version, Path(shared))
+                await client.push_path(str(written.resolve()), version)
             return time.perf_counter() - start
         finally:
             await client.aclose()

@@ -6,7 +6,8 @@ a small push (the tiny student, 1.4 MB) into a torch sampler over HTTP, back to 
 sampler idled, checked and copied on every thread (as before) against one thread
 (`opd.torch_thread.alone_if_small`). With `--vllm SHAPE`, a bf16 push of that shape into a vLLM
 sampler: the body staged as an in-memory file for vLLM's worker (`sampler/staging.py`) against
-the body passed through vLLM's collective_rpc, and a push by path through /dev/shm.
+the body passed through vLLM's collective_rpc, a push by path through /dev/shm, and the learner's
+push through an in-memory file (`weight_transport: memory`).
 
     python -m bench.push_check [--shapes 0.5b 1.5b] [--repeats 3]
     python -m bench.push_check --shapes          # the small push alone
@@ -35,7 +36,7 @@ from transformers import AutoModelForCausalLM
 
 from bench.common import median_seconds, write_results
 from bench.models import QWEN25_SHAPES, random_model
-from learner.clients import SamplerClient
+from learner.clients import RetryPolicy, SamplerClient, SamplerPool
 from opd.launch import LocalServer, local_servers
 from opd.tiny import ensure_tiny_model
 from sampler.engine import WeightSpec
@@ -171,41 +172,43 @@ def measure_after_idle(repeats: int, idle_s: float) -> dict:
     return row
 
 
-async def _vllm_pushes(url: str, tensors: dict[str, torch.Tensor], shared_dir: Path | None, repeats: int) -> list:
-    client, times = SamplerClient(url, timeout_s=600), []
+async def _vllm_pushes(url: str, tensors: dict[str, torch.Tensor], how: str, repeats: int) -> list:
+    """Seconds of each push by the learner's own pool, `how`: http, path (through /dev/shm) or memory."""
+    pool, times = SamplerPool([url], timeout_s=600, retry=RetryPolicy()), []
     try:
-        for version in range(1, repeats + 2):  # the first is a warm-up
-            start = time.perf_counter()
-            if shared_dir is None:
-                await client.push_weights(tensors, version)
-            else:
-                await client.push_weights_by_path(tensors, version, shared_dir)
-            times.append(time.perf_counter() - start)
+        with tempfile.TemporaryDirectory(prefix="push-check-", dir="/dev/shm") as shared:
+            for version in range(1, repeats + 2):  # the first is a warm-up
+                start = time.perf_counter()
+                if how == "http":
+                    await pool.push_weights(tensors, version)
+                elif how == "path":
+                    await pool.push_weights_by_path(tensors, version, Path(shared))
+                else:
+                    await pool.push_weights_in_memory(tensors, version)
+                times.append(time.perf_counter() - start)
     finally:
-        await client.aclose()
+        await pool.aclose()
     return times[1:]
 
 
 def measure_vllm(models: Path, shape: str, repeats: int) -> dict:
     """A bf16 push of a Qwen2.5 shape into a vLLM sampler on this host: over HTTP with the body
-    staged as a file for the worker (now) and passed through collective_rpc (before), and by path
-    through /dev/shm (`weight_transport: path`)."""
+    staged in memory for the worker (now) and passed through collective_rpc (before); by path
+    through /dev/shm (`weight_transport: path`); through an in-memory file (`memory`, what `auto`
+    picks for the learner's own samplers)."""
     model_dir = random_model(models, f"qwen2.5-{shape}", QWEN25_SHAPES[shape], seed=0)
     tensors = {n: t.to(torch.bfloat16) for n, t in load_file(model_dir / "model.safetensors").items()}
     row: dict = {"shape": shape, "bytes": sum(t.numel() * t.element_size() for t in tensors.values())}
     args = ["--model", str(model_dir), "--engine", "vllm", "--dtype", "bfloat16", "--max-model-len", "1024"]
     with tempfile.TemporaryDirectory(prefix="push-check-") as logs:
-        for label, before in (("http_rpc", True), ("http_staged", False)):
-            server = (
-                _ServerBefore(THROUGH_RPC, "sampler", args, Path(logs))
-                if before
-                else LocalServer("sampler", args, Path(logs))
-            )
-            with local_servers([server], timeout=900) as urls:
-                row[f"{label}_s"] = asyncio.run(_vllm_pushes(urls[0], tensors, None, repeats))
-                if not before:
-                    with tempfile.TemporaryDirectory(prefix="push-check-", dir="/dev/shm") as shared:
-                        row["path_shm_s"] = asyncio.run(_vllm_pushes(urls[0], tensors, Path(shared), repeats))
+        before = _ServerBefore(THROUGH_RPC, "sampler", args, Path(logs))
+        with local_servers([before], timeout=900) as urls:
+            row["http_rpc_s"] = asyncio.run(_vllm_pushes(urls[0], tensors, "http", repeats))
+        with local_servers([LocalServer("sampler", args, Path(logs))], timeout=900) as urls:
+            for how in ("http", "path", "memory"):
+                row[f"{'http_staged' if how == 'http' else how}_s"] = asyncio.run(
+                    _vllm_pushes(urls[0], tensors, how, repeats)
+                )
     print(row, flush=True)
     return row
 

@@ -29,6 +29,7 @@ from grader.schema import InfoResponse, LogprobsRequest, LogprobsResponse, Seque
 from grader.tensors import ScoredBatch
 from opd.errors import GraderError, SamplerError, ServiceError
 from sampler.schema import GenerateRequest, GenerateResponse, WeightsFromPath, WeightsResponse
+from sampler.staging import stage
 from sampler.wire import Body, encode
 
 logger = logging.getLogger(__name__)
@@ -169,12 +170,13 @@ class SamplerClient(_Client):
     ) -> int:
         """Write `tensors` to `shared_dir` and have the sampler load them (see `write_shared`)."""
         final = await write_shared(tensors, version, shared_dir, metadata)
-        loaded = await self.push_path(final, version)
+        loaded = await self.push_path(str(final.resolve()), version)
         remove_older(shared_dir, final)
         return loaded
 
-    async def push_path(self, path: Path, version: int) -> int:
-        body = WeightsFromPath(path=str(path.resolve()), version=version)
+    async def push_path(self, path: str, version: int) -> int:
+        """Have the sampler load the safetensors file at `path`, a name it can open as it is."""
+        body = WeightsFromPath(path=path, version=version)
         response = await self._request("POST", "/v1/weights", json=body.model_dump())
         return WeightsResponse.model_validate_json(response.content).policy_version
 
@@ -290,9 +292,25 @@ class SamplerPool(ReplicaPool[SamplerClient]):
         self, tensors: dict[str, torch.Tensor], version: int, shared_dir: Path, metadata: dict[str, str] | None = None
     ) -> int:
         final = await write_shared(tensors, version, shared_dir, metadata)
-        loaded = await self._push_all(lambda client: client.push_path(final, version), version)
+        loaded = await self._push_all(lambda client: client.push_path(str(final.resolve()), version), version)
         remove_older(shared_dir, final)
         return loaded
+
+    async def push_weights_in_memory(
+        self, tensors: dict[str, torch.Tensor], version: int, metadata: dict[str, str] | None = None
+    ) -> int:
+        """Samplers on this host: the body copied once into an anonymous in-memory file, and its
+        /proc path posted to every replica (`sampler/staging.py`); over HTTP where that file
+        cannot be made."""
+        body = weights_body(tensors, metadata)
+        staged = await asyncio.to_thread(stage, *body.parts)
+        if staged is None:
+            logger.warning("cannot stage the weights in memory; pushing them over HTTP")
+            return await self._push_all(lambda client: client.push_body(body, version), version)
+        try:
+            return await self._push_all(lambda client: client.push_path(staged.path, version), version)
+        finally:
+            staged.close()
 
     async def _push_all(self, push: Callable[[SamplerClient], Awaitable[int]], version: int) -> int:
         """Push to every replica in parallel. A replica that fails is left behind (it is down; when the

@@ -204,8 +204,10 @@ class ServicesConfig(Section):
     """How long locally started servers may take to load their models."""
     api_key_file: str | None = None
     """File with the sampler's bearer token for weight pushes (else $OPD_API_KEY, if set)."""
-    weight_transport: Literal["http", "path"] = "http"
-    """http: stream safetensors in the request body; path: write to shared_dir and post the path."""
+    weight_transport: Literal["auto", "http", "path", "memory"] = "auto"
+    """http: stream safetensors in the request body; path: write to shared_dir and post the path;
+    memory: write to an anonymous in-memory file and post its /proc path (samplers on this host,
+    run by this user); auto: memory for the samplers the learner starts itself, http otherwise."""
     shared_dir: str | None = None
     """A directory both learner and sampler can read (same machine or a shared volume); for path."""
 
@@ -234,6 +236,14 @@ class ServicesConfig(Section):
     @property
     def grader_list(self) -> list[str] | None:
         return self.grader_urls or ([self.grader_url] if self.grader_url else None)
+
+    @property
+    def push_transport(self) -> Literal["http", "path", "memory"]:
+        """How weights travel: `weight_transport` with auto settled (the learner's own samplers
+        are on its host: no body through HTTP; a running one may be anywhere)."""
+        if self.weight_transport != "auto":
+            return self.weight_transport
+        return "memory" if self.sampler_list is None else "http"
 
 
 class CheckpointConfig(Section):

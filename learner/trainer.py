@@ -217,8 +217,11 @@ class OnPolicyDistillationTrainer:
         tensors, metadata = tensors_to_push(self.processes, self.policy, self.sampler_dtype)  # collective under FSDP
         if self.processes.is_main:
             services = self.config.services
-            if services.weight_transport == "path" and services.shared_dir is not None:
+            transport = services.push_transport
+            if transport == "path" and services.shared_dir is not None:
                 await self.sampler.push_weights_by_path(tensors, self.step_count, Path(services.shared_dir), metadata)
+            elif transport == "memory":
+                await self.sampler.push_weights_in_memory(tensors, self.step_count, metadata)
             else:
                 await self.sampler.push_weights(tensors, self.step_count, metadata)
         self.processes.wait()

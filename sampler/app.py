@@ -162,7 +162,8 @@ async def push_weights(request: Request, version: int | None = Query(default=Non
                                param="weights", status=422)  # fmt: skip
         await torch_thread.run(check_weights, tensors, engine.weight_specs())
         await engine.load_weights(tensors, new_version, origin)
-    logger.info("loaded %d weight tensors, policy_version=%d", len(tensors), new_version)
+    where = origin if isinstance(origin, str) else "the request body"
+    logger.info("loaded %d weight tensors from %s, policy_version=%d", len(tensors), where, new_version)
     return WeightsResponse(policy_version=new_version)
 
 

@@ -1,19 +1,18 @@
-"""A pushed body staged as an in-memory file for vLLM's worker process.
+"""An anonymous in-memory file that another process of this host opens through /proc.
 
-vLLM hands `collective_rpc` arguments to its worker by serialising them through its engine-core
-process. A 1 GB safetensors body took 6-14 s that way on this project's 2-vCPU machine, against
-2-4 s for the whole push with the body written to a file the worker maps (BENCHMARKS.md). The
-file is anonymous (`memfd_create`): the worker opens it through /proc, and the kernel frees it
-when the sampler closes it or dies, so a killed sampler leaves nothing behind, and it needs no room
-in /dev/shm (64 MB in a default Docker container). Where memfd is missing (not Linux) or the
-write fails (no memory), the body goes through the RPC as before: slower, never refused.
+Two hand-offs use it. The vLLM sampler gives a pushed body to vLLM's worker process this way:
+vLLM serialises `collective_rpc` arguments through its engine-core process, and a 1 GB body took
+6-8 s that way on this project's 2-vCPU machine, against 2.0-2.3 s for the whole push with the
+body staged here (BENCHMARKS.md). And a learner gives its weights to samplers it started itself
+this way (`services.weight_transport: auto`): one copy into memory and a path posted, no body
+through HTTP. The file is made by `memfd_create`: the kernel frees it when its last holder closes
+it or dies, so a killed process leaves nothing behind, and it needs no room in /dev/shm (64 MB in
+a default Docker container). `stage` returns None where it cannot be made (not Linux, no
+memory); callers then send the bytes the way they did before.
 """
 
-import logging
 import os
 from dataclasses import dataclass
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -22,27 +21,25 @@ class StagedBody:
 
     @property
     def path(self) -> str:
-        """A name another process of this user can open while the body is staged."""
+        """A name another process of this user on this host can open while the body is staged."""
         return f"/proc/{os.getpid()}/fd/{self.fd}"
 
     def close(self) -> None:
-        """Let go of the body (the kernel frees it once the worker has too)."""
+        """Let go of the body (the kernel frees it once every reader has too)."""
         os.close(self.fd)
 
 
-def stage(payload: bytes | bytearray | memoryview) -> StagedBody | None:
-    """`payload` copied once into a new anonymous in-memory file; None where that fails."""
+def stage(*parts: bytes | bytearray | memoryview) -> StagedBody | None:
+    """`parts`, in order, copied once into a new anonymous in-memory file; None where that fails."""
     try:
         fd = os.memfd_create("opd-push", os.MFD_CLOEXEC)
-    except (AttributeError, OSError) as exc:
-        logger.warning("cannot stage a push in memory (%s); it goes through vLLM's RPC (slower)", exc)
+    except (AttributeError, OSError):
         return None
     try:
-        _write_all(fd, memoryview(payload).cast("B"))
-    except OSError as exc:
+        for part in parts:
+            _write_all(fd, memoryview(part).cast("B"))
+    except OSError:
         os.close(fd)
-        logger.warning("cannot stage a push of %d bytes in memory (%s); it goes through vLLM's RPC (slower)",
-                       len(payload), exc)  # fmt: skip
         return None
     return StagedBody(fd)
 

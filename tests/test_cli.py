@@ -1,6 +1,7 @@
 """The `opd` command line as a user runs it: subprocesses, the embedded default, clear failures."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -65,6 +66,9 @@ def test_run_on_the_embedded_default(tmp_path):
     assert "opd: 100%" in result.stderr  # the progress bar ran to the end
     for log in ("sampler.log", "grader.log"):
         assert "Application shutdown complete" in (run_dir / "logs" / log).read_text()
+    # its own sampler gets the weights through an in-memory file (weight_transport auto), 5 pushes
+    pushes = re.findall(r"loaded \d+ weight tensors from (\S+),", (run_dir / "logs" / "sampler.log").read_text())
+    assert len(pushes) == 5 and all(re.fullmatch(r"/proc/\d+/fd/\d+", where) for where in pushes), pushes
 
 
 def _teacher_with_other_tokenizer(teacher_dir, tmp_path):

@@ -82,3 +82,20 @@ def test_hub_ids_are_not_mistaken_for_missing_local_paths(tmp_path):
     assert config.student.path == "Qwen/Qwen2.5-0.5B-Instruct"
     with pytest.raises(ConfigError, match=r"student\.path"):
         load_config(write(tmp_path, MINIMAL), ["--student.path", "./no/such/dir"])
+
+
+RUNNING = ["--services.sampler_url", "http://localhost:8000", "--services.grader_url", "http://localhost:8001"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "transport"),
+    [
+        ([], "memory"),  # the samplers it starts itself are on its host
+        (RUNNING, "http"),
+        (["--services.weight_transport", "http"], "http"),
+        (["--services.weight_transport", "memory", *RUNNING], "memory"),
+        (["--services.weight_transport", "path", "--services.shared_dir", "/shared"], "path"),
+    ],
+)
+def test_weight_transport_auto_is_memory_for_own_samplers_and_http_for_running_ones(tmp_path, overrides, transport):
+    assert load_config(write(tmp_path, MINIMAL), overrides).services.push_transport == transport

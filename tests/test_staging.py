@@ -1,6 +1,6 @@
-"""A pushed body staged as an in-memory file for vLLM's worker (sampler/staging.py): another
-process reads it whole through its path, it is gone once closed, and where staging fails the
-caller gets None (the RPC route) with nothing left open."""
+"""A body staged as an anonymous in-memory file (sampler/staging.py): another process reads it
+whole through its path, it is gone once closed, and where staging fails the caller gets None
+(and sends the bytes another way) with nothing left open."""
 
 import errno
 import hashlib
@@ -19,7 +19,7 @@ def _open_fds() -> set[str]:
 
 
 def test_another_process_reads_the_whole_body_until_it_is_closed():
-    staged = stage(memoryview(PAYLOAD))
+    staged = stage(memoryview(PAYLOAD)[:1000], PAYLOAD[1000:])  # parts in order, as a Body's
     assert staged is not None
     read = [
         sys.executable,

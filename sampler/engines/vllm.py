@@ -178,6 +178,9 @@ class VllmSamplerEngine:
         staged = None if isinstance(source, str) else await asyncio.to_thread(stage, source)
         if staged is not None:
             logger.info("push of %d bytes staged in memory for the worker", len(source))
+        elif not isinstance(source, str):
+            logger.warning("cannot stage a push of %d bytes in memory; it goes through vLLM's RPC (slower)",
+                           len(source))  # fmt: skip
         try:
             async with self._gate.writing():
                 with engine_errors():
