@@ -4,14 +4,14 @@ finiteness check), and the wire format at both ends (`sampler/wire.py` against t
 library's `save` on the learner and `load` on the sampler), in seconds and in peak memory. Then
 a small push (the tiny student, 1.4 MB) into a torch sampler over HTTP, back to back and after the
 sampler idled, checked and copied on every thread (as before) against one thread
-(`opd.torch_thread.alone_if_small`). With `--vllm SHAPE`, a bf16 push of that shape into a vLLM
-sampler: the body staged as an in-memory file for vLLM's worker (`sampler/staging.py`) against
-the body passed through vLLM's collective_rpc, a push by path through /dev/shm, and the learner's
-push through an in-memory file (`weight_transport: memory`).
+(`opd.torch_thread.alone_if_small`). With `--transports SHAPE`, a push of that shape into a real
+sampler (`--engine`) by every transport: over HTTP (on vLLM: the body staged as an in-memory
+file for the worker, `sampler/staging.py`, against the body passed through vLLM's
+collective_rpc), by path through /dev/shm, and through an in-memory file (`memory`).
 
     python -m bench.push_check [--shapes 0.5b 1.5b] [--repeats 3]
     python -m bench.push_check --shapes          # the small push alone
-    python -m bench.push_check --shapes --vllm 0.5b
+    python -m bench.push_check --shapes --transports 0.5b [--engine torch]
 
 Every full push is serialised, sent, decoded and checked before it touches the served model;
 all of it runs on the host's CPU whatever the engine, so its cost is paid on every step of the
@@ -172,7 +172,7 @@ def measure_after_idle(repeats: int, idle_s: float) -> dict:
     return row
 
 
-async def _vllm_pushes(url: str, tensors: dict[str, torch.Tensor], how: str, repeats: int) -> list:
+async def _pushes(url: str, tensors: dict[str, torch.Tensor], how: str, repeats: int) -> list:
     """Seconds of each push by the learner's own pool, `how`: http, path (through /dev/shm) or memory."""
     pool, times = SamplerPool([url], timeout_s=600, retry=RetryPolicy()), []
     try:
@@ -191,24 +191,25 @@ async def _vllm_pushes(url: str, tensors: dict[str, torch.Tensor], how: str, rep
     return times[1:]
 
 
-def measure_vllm(models: Path, shape: str, repeats: int) -> dict:
-    """A bf16 push of a Qwen2.5 shape into a vLLM sampler on this host: over HTTP with the body
-    staged in memory for the worker (now) and passed through collective_rpc (before); by path
-    through /dev/shm (`weight_transport: path`); through an in-memory file (`memory`, what `auto`
-    picks for the learner's own samplers)."""
+def measure_transports(models: Path, shape: str, engine: str, repeats: int) -> dict:
+    """A push of a Qwen2.5 shape into a sampler of `engine` on this host (bf16 on vLLM, float32 on
+    torch, what each serves on CPU): over HTTP, by path through /dev/shm (`weight_transport:
+    path`), through an in-memory file (`memory`, what `auto` picks for the learner's own
+    samplers); on vLLM also over HTTP as before, the body passed to the worker through
+    collective_rpc instead of staged in memory."""
     model_dir = random_model(models, f"qwen2.5-{shape}", QWEN25_SHAPES[shape], seed=0)
-    tensors = {n: t.to(torch.bfloat16) for n, t in load_file(model_dir / "model.safetensors").items()}
-    row: dict = {"shape": shape, "bytes": sum(t.numel() * t.element_size() for t in tensors.values())}
-    args = ["--model", str(model_dir), "--engine", "vllm", "--dtype", "bfloat16", "--max-model-len", "1024"]
+    dtype = "bfloat16" if engine == "vllm" else "float32"
+    tensors = {n: t.to(getattr(torch, dtype)) for n, t in load_file(model_dir / "model.safetensors").items()}
+    row: dict = {"shape": shape, "engine": engine, "bytes": sum(t.numel() * t.element_size() for t in tensors.values())}
+    args = ["--model", str(model_dir), "--engine", engine, "--dtype", dtype]
+    args += ["--max-model-len", "1024"] if engine == "vllm" else []  # the KV cache of 32k tokens needs more than CPU's
     with tempfile.TemporaryDirectory(prefix="push-check-") as logs:
-        before = _ServerBefore(THROUGH_RPC, "sampler", args, Path(logs))
-        with local_servers([before], timeout=900) as urls:
-            row["http_rpc_s"] = asyncio.run(_vllm_pushes(urls[0], tensors, "http", repeats))
+        if engine == "vllm":
+            with local_servers([_ServerBefore(THROUGH_RPC, "sampler", args, Path(logs))], timeout=900) as urls:
+                row["http_rpc_s"] = asyncio.run(_pushes(urls[0], tensors, "http", repeats))
         with local_servers([LocalServer("sampler", args, Path(logs))], timeout=900) as urls:
             for how in ("http", "path", "memory"):
-                row[f"{'http_staged' if how == 'http' else how}_s"] = asyncio.run(
-                    _vllm_pushes(urls[0], tensors, how, repeats)
-                )
+                row[f"{how}_s"] = asyncio.run(_pushes(urls[0], tensors, how, repeats))
     print(row, flush=True)
     return row
 
@@ -220,9 +221,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--idle-s", type=float, default=0.15, help="the small push's idle spell (the toy loop's)")
     parser.add_argument("--small-repeats", type=int, default=30)
-    parser.add_argument("--vllm", choices=list(QWEN25_SHAPES), default=None,
-                        help="also push this shape into a vLLM sampler (needs vllm; minutes on CPU)")  # fmt: skip
-    parser.add_argument("--vllm-repeats", type=int, default=3)
+    parser.add_argument("--transports", choices=list(QWEN25_SHAPES), default=None,
+                        help="push this shape by every transport into a real sampler (minutes on CPU)")  # fmt: skip
+    parser.add_argument("--engine", choices=["vllm", "torch"], default="vllm", help="that sampler's engine")
+    parser.add_argument("--transport-repeats", type=int, default=3)
     parser.add_argument("--models", type=Path, default=Path(tempfile.gettempdir()) / "opd-bench-models")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -233,9 +235,10 @@ def main(argv: list[str] | None = None) -> None:
         wire.append(measure_wire(name, tensors, args.repeats))
         del tensors
     small = measure_after_idle(args.small_repeats, args.idle_s)
-    vllm = measure_vllm(args.models, args.vllm, args.vllm_repeats) if args.vllm else None
+    transports = (measure_transports(args.models, args.transports, args.engine, args.transport_repeats)
+                  if args.transports else None)  # fmt: skip
     results = {"date": time.strftime("%Y-%m-%d"), "threads": torch.get_num_threads(), "torch": torch.__version__,
-               "rows": rows, "wire": wire, "small_push": small, "vllm_push": vllm}  # fmt: skip
+               "rows": rows, "wire": wire, "small_push": small, "transports": transports}  # fmt: skip
     write_results(results, args.out, "push_check.json")
 
 

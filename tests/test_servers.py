@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import re
 from pathlib import Path
 
 import httpx
@@ -11,7 +12,9 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save, save_file
 from transformers import AutoTokenizer
 
+import learner.clients
 from grader.schema import LogprobsResponse
+from learner.clients import RetryPolicy, SamplerPool
 from opd.launch import local_server
 from opd.tiny import build_model, build_tokenizer
 from sampler.schema import GenerateResponse
@@ -347,6 +350,31 @@ def _model_with(student_dir: Path, weights: dict[str, torch.Tensor]):
 def _greedy_all(url: str) -> list[list[int]]:
     reply = generate(url, prompt_ids=PROMPTS, n=1, temperature=0.0, max_tokens=10)
     return [r.completions[0].completion_ids for r in reply.results]
+
+
+def test_the_learners_pool_pushes_through_memory_then_over_http_where_memory_fails(student_dir, tmp_path, monkeypatch):
+    first, second = _new_student_weights(seed=7), _new_student_weights(seed=8)
+
+    async def push_twice(url: str) -> list[list[list[int]]]:
+        pool = SamplerPool([url], timeout_s=60, retry=RetryPolicy(deadline_s=5))
+        try:
+            assert await pool.push_weights_in_memory(first, 1) == 1
+            served = [_greedy_all(url)]
+            monkeypatch.setattr(learner.clients, "stage", lambda *parts: None)  # injected fault: no memfd
+            assert await pool.push_weights_in_memory(second, 2) == 2
+            return [*served, _greedy_all(url)]
+        finally:
+            await pool.aclose()
+
+    with local_server("sampler", ["--model", str(student_dir), "--engine", "torch"], tmp_path) as url:
+        served = asyncio.run(push_twice(url))
+    for weights, greedy in zip((first, second), served, strict=True):
+        assert greedy == [reference.greedy(_model_with(student_dir, weights), p, 10, EOS) for p in PROMPTS]
+    origins = re.findall(
+        r"loaded \d+ weight tensors from (.+), policy_version=", (tmp_path / "sampler.log").read_text()
+    )
+    assert len(origins) == 2 and re.fullmatch(r"/proc/\d+/fd/\d+", origins[0]), origins
+    assert origins[1] == "the request body"
 
 
 def test_weight_push_stream_then_path_then_refusal(student_dir, tmp_path):
