@@ -215,9 +215,10 @@ class OnPolicyDistillationTrainer:
         sampler replica; its `push/bytes` and `push/seconds` go into the metrics of the step that pushed."""
         start = time.perf_counter()
         tensors, metadata = tensors_to_push(self.processes, self.policy, self.sampler_dtype)  # collective under FSDP
+        pushed = push_bytes(tensors, metadata, self.sampler_dtype)
         if self.processes.is_main:
             services = self.config.services
-            transport = services.push_transport
+            transport = services.push_transport(int(pushed))
             if transport == "path" and services.shared_dir is not None:
                 await self.sampler.push_weights_by_path(tensors, self.step_count, Path(services.shared_dir), metadata)
             elif transport == "memory":
@@ -226,7 +227,6 @@ class OnPolicyDistillationTrainer:
                 await self.sampler.push_weights(tensors, self.step_count, metadata)
         self.processes.wait()
         self.policy_version = self.step_count
-        pushed = push_bytes(tensors, metadata, self.sampler_dtype)
         self.push_stats = {"push/bytes": pushed, "push/seconds": time.perf_counter() - start}
 
     # ---- start, eval, checkpoints -----------------------------------------------------------

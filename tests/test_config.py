@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from learner.config import OpdConfig, apply_overrides, load_config
+from learner.config import MEMORY_PUSH_MIN_BYTES, OpdConfig, apply_overrides, load_config
 from opd.errors import ConfigError
 
 MINIMAL = "student: {path: tiny:student}\nteacher: {path: tiny:teacher}\ndata: {train_path: train.jsonl}\n"
@@ -88,14 +88,15 @@ RUNNING = ["--services.sampler_url", "http://localhost:8000", "--services.grader
 
 
 @pytest.mark.parametrize(
-    ("overrides", "transport"),
+    ("overrides", "nbytes", "transport"),
     [
-        ([], "memory"),  # the samplers it starts itself are on its host
-        (RUNNING, "http"),
-        (["--services.weight_transport", "http"], "http"),
-        (["--services.weight_transport", "memory", *RUNNING], "memory"),
-        (["--services.weight_transport", "path", "--services.shared_dir", "/shared"], "path"),
+        ([], MEMORY_PUSH_MIN_BYTES, "memory"),  # the samplers it starts itself are on its host
+        ([], MEMORY_PUSH_MIN_BYTES - 1, "http"),  # a small push crosses loopback faster than it is staged
+        (RUNNING, 2**30, "http"),
+        (["--services.weight_transport", "http"], 2**30, "http"),
+        (["--services.weight_transport", "memory", *RUNNING], 1, "memory"),
+        (["--services.weight_transport", "path", "--services.shared_dir", "/shared"], 1, "path"),
     ],
 )
-def test_weight_transport_auto_is_memory_for_own_samplers_and_http_for_running_ones(tmp_path, overrides, transport):
-    assert load_config(write(tmp_path, MINIMAL), overrides).services.push_transport == transport
+def test_weight_transport_auto_is_memory_for_large_pushes_to_own_samplers(tmp_path, overrides, nbytes, transport):
+    assert load_config(write(tmp_path, MINIMAL), overrides).services.push_transport(nbytes) == transport
