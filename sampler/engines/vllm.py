@@ -8,8 +8,8 @@ Weight swaps: a drain gate lets any number of generate calls run together but ma
 until all in-flight calls have finished and holds new ones until it is done, so one reply never
 mixes two versions. The swap itself pauses the engine, reloads the tensors in place in the
 worker (`vllm_worker.OpdWeightLoader`, from a file: a pushed body is staged as an in-memory
-one first, `sampler/staging.py`), resets the prefix cache (cached KV of the old weights would otherwise be
-reused), and resumes.
+one first, `sampler/staging.py`), resets the prefix cache (cached KV of the old weights would
+otherwise be reused), and resumes.
 """
 
 import asyncio
@@ -44,7 +44,7 @@ from opd.vllm_engine import (
 )
 from sampler.adapters import Adapter, write_peft_dir
 from sampler.engine import Sample, SamplingParams, WeightSpec, sample_seed
-from sampler.staging import stage
+from sampler.staging import StagedBody, stage
 
 WORKER_EXTENSION = "sampler.engines.vllm_worker.OpdWeightLoader"
 
@@ -173,14 +173,8 @@ class VllmSamplerEngine:
         return self._specs
 
     async def load_weights(self, tensors: dict[str, torch.Tensor], version: int, source: str | bytearray) -> None:
-        # The worker process reloads from `source`: the tensors decoded here were for checking. A
-        # body is staged as a file first (sampler/staging.py), while generation goes on.
-        staged = None if isinstance(source, str) else await asyncio.to_thread(stage, source)
-        if staged is not None:
-            logger.info("push of %d bytes staged in memory for the worker", len(source))
-        elif not isinstance(source, str):
-            logger.warning("cannot stage a push of %d bytes in memory; it goes through vLLM's RPC (slower)",
-                           len(source))  # fmt: skip
+        # The worker process reloads from `source`: the tensors decoded here were for checking.
+        staged = None if isinstance(source, str) else await self._stage(source)
         try:
             async with self._gate.writing():
                 with engine_errors():
@@ -189,6 +183,17 @@ class VllmSamplerEngine:
         finally:
             if staged is not None:
                 staged.close()
+
+    @staticmethod
+    async def _stage(body: bytearray) -> StagedBody | None:
+        """`body` in an in-memory file the worker maps (sampler/staging.py), written while generation
+        goes on; None: it goes to the worker through vLLM's RPC."""
+        staged = await asyncio.to_thread(stage, body)
+        if staged is None:
+            logger.warning("cannot stage a push of %d bytes in memory; it goes through vLLM's RPC (slower)", len(body))
+        else:
+            logger.info("push of %d bytes staged in memory for the worker", len(body))
+        return staged
 
     async def _swap(self, source: str | bytearray) -> None:
         await self.engine.pause_generation(mode="wait", clear_cache=True)
