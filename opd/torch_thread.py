@@ -53,10 +53,10 @@ def alone_if_small(nbytes: int) -> Iterator[None]:
     """Run the enclosed CPU kernels on the calling thread alone when they touch fewer than
     SMALL_WORK_BYTES. A server idles between requests, and its OpenMP workers go to sleep; each
     parallel region then waits for a worker to wake before it can end. On this project's 2-vCPU VM
-    that wait was ~5 ms per region, every region, for a while after an idle spell (the
-    hypervisor deschedules a spinning vCPU), so the toy's 1.4 MB push took 9.8 ms checked and
-    copied on two threads and 1.3 ms on one. Splitting a few MB over threads saves at most
-    a millisecond anywhere; larger pushes keep every thread."""
+    that wait was ~5 ms per region, every region, for a while after an idle spell (likely the
+    hypervisor descheduling a spinning vCPU; not seen with OMP_WAIT_POLICY=PASSIVE), so the toy's
+    1.4 MB push took 9.8 ms checked and copied on two threads and 1.3 ms on one. Splitting a few
+    MB over threads saves at most a millisecond anywhere; larger pushes keep every thread."""
     if nbytes >= SMALL_WORK_BYTES:
         yield
         return
