@@ -301,14 +301,24 @@ class SamplerPool(ReplicaPool[SamplerClient]):
     ) -> int:
         """Samplers on this host: the body copied once into an anonymous in-memory file, and its
         /proc path posted to every replica (`sampler/staging.py`); over HTTP where that file
-        cannot be made."""
+        cannot be made, and to a replica that cannot open it (another PID namespace or host)."""
         body = weights_body(tensors, metadata)
         staged = await asyncio.to_thread(stage, *body.parts)
         if staged is None:
             logger.warning("cannot stage the weights in memory; pushing them over HTTP")
             return await self._push_all(lambda client: client.push_body(body, version), version)
+
+        async def push(client: SamplerClient) -> int:
+            try:
+                return await client.push_path(staged.path, version)
+            except SamplerError as exc:
+                if exc.status != 400:  # a 400 on a path push: the sampler cannot open or read it
+                    raise
+                logger.warning("%s cannot read %s (%s); pushing over HTTP", client.base_url, staged.path, exc)
+                return await client.push_body(body, version)
+
         try:
-            return await self._push_all(lambda client: client.push_path(staged.path, version), version)
+            return await self._push_all(push, version)
         finally:
             staged.close()
 

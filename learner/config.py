@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from learner.rewards import BUILT_IN, CUSTOM
 from opd.errors import ConfigError
 from opd.paths import missing_local_model
+from sampler.staging import memfd_available
 
 Dtype = Literal["float32", "bfloat16", "float16"]
 
@@ -250,7 +251,8 @@ class ServicesConfig(Section):
         ~3-5 ms against ~4-6 ms); a running sampler may be on another host."""
         if self.weight_transport != "auto":
             return self.weight_transport
-        return "memory" if self.sampler_list is None and nbytes >= MEMORY_PUSH_MIN_BYTES else "http"
+        local = self.sampler_list is None and memfd_available()
+        return "memory" if local and nbytes >= MEMORY_PUSH_MIN_BYTES else "http"
 
 
 class CheckpointConfig(Section):

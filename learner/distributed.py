@@ -9,6 +9,7 @@ at a barrier. Without it, every method is the plain single-process equivalent.
     torchrun --nproc_per_node 2 -m opd.cli run config.yml --train.use_accelerate true   # CPU, gloo
 """
 
+import gc
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -131,4 +132,5 @@ class Processes:
         the others stuck in this barrier until the timeout."""
         if self.accelerator:
             self.accelerator.wait_for_everyone()
+            gc.collect()  # a released wrapper caught in a reference cycle would still hold the group
             self.accelerator.end_training()

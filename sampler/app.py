@@ -29,7 +29,8 @@ from sampler.schema import (
     WeightsFromPath,
     WeightsResponse,
 )
-from sampler.weights import check_weights, decode_safetensors, read_safetensors_file
+from sampler.weights import check_weights, decode_safetensors, hold_file, read_safetensors_file
+from sampler.wire import Decoded
 
 logger = logging.getLogger(__name__)
 
@@ -139,16 +140,26 @@ _WEIGHTS_BODY = {
 async def push_weights(request: Request, version: int | None = Query(default=None, ge=0)) -> WeightsResponse:
     """Swap in new weights: a safetensors body, or JSON naming a file on a shared volume."""
     check_bearer(request.headers.get("authorization"), request.app.state.settings.api_key)
-    engine: SamplerEngine = request.app.state.engine
-    origin: str | bytearray  # what the tensors were decoded from; the engine may load from it
     if request.headers.get("content-type", "").startswith("application/json"):
         source = WeightsFromPath.model_validate_json(await request.body())
-        version, origin = source.version, source.path
-        tensors, metadata = await torch_thread.run(read_safetensors_file, source.path)
-    else:
-        payload = await _read_capped(request, request.app.state.settings.max_weights_bytes)
-        tensors, metadata = await torch_thread.run(decode_safetensors, payload, request.headers.get("x-content-sha256"))
-        origin = payload
+        held = await torch_thread.run(hold_file, source.path)
+        try:
+            decoded = await torch_thread.run(read_safetensors_file, held, source.path)
+            return await _swap_in(request, decoded, held.path, source.version, source.path)
+        finally:
+            held.close()
+    payload = await _read_capped(request, request.app.state.settings.max_weights_bytes)
+    decoded = await torch_thread.run(decode_safetensors, payload, request.headers.get("x-content-sha256"))
+    return await _swap_in(request, decoded, payload, version, "the request body")
+
+
+async def _swap_in(
+    request: Request, decoded: Decoded, origin: str | bytearray, version: int | None, where: str
+) -> WeightsResponse:
+    """Check the decoded tensors and load them (`origin`: what they were decoded from, which the
+    engine may load from; `where`: how the log names it)."""
+    tensors, metadata = decoded
+    engine: SamplerEngine = request.app.state.engine
     new_version = version if version is not None else engine.policy_version + 1
     max_rank = engine.info().max_lora_rank
     # Hashing and checking a multi-GB push take seconds: off the event loop, on the torch
@@ -162,7 +173,6 @@ async def push_weights(request: Request, version: int | None = Query(default=Non
                                param="weights", status=422)  # fmt: skip
         await torch_thread.run(check_weights, tensors, engine.weight_specs())
         await engine.load_weights(tensors, new_version, origin)
-    where = origin if isinstance(origin, str) else "the request body"
     logger.info("loaded %d weight tensors from %s, policy_version=%d", len(tensors), where, new_version)
     return WeightsResponse(policy_version=new_version)
 

@@ -5,6 +5,7 @@ or missing name, wrong shape or dtype) is refused with a 4xx and the old weights
 """
 
 import hashlib
+import os
 from pathlib import Path
 
 import torch
@@ -12,6 +13,7 @@ import torch
 from opd import torch_thread
 from opd.errors import RequestError
 from sampler.engine import WeightSpec
+from sampler.staging import ProcFile
 from sampler.wire import Decoded, decode, decode_file
 
 
@@ -23,8 +25,10 @@ def decode_safetensors(payload: bytes | bytearray, sha256: str | None) -> Decode
     return decode(payload)
 
 
-def read_safetensors_file(path: str) -> Decoded:
-    """Tensors (views into the file's memory map) and metadata of a safetensors file on a shared volume."""
+def hold_file(path: str) -> ProcFile:
+    """The file at `path`, held open for the whole push under a /proc name of this process: the
+    checks and the engine (vLLM's worker too) then read one file, even if `path` is removed or
+    names another file meanwhile (a learner's /proc/<pid>/fd/<n> is reused by its next push)."""
     try:
         found = Path(path).is_file()
     except OSError as exc:  # a name the filesystem refuses outright, e.g. a component over 255 bytes
@@ -34,9 +38,18 @@ def read_safetensors_file(path: str) -> Decoded:
     if not found:
         raise RequestError(f"no such file on the sampler's filesystem: {path}", param="path")
     try:
-        return decode_file(path)
+        return ProcFile(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
     except OSError as exc:
         raise RequestError(f"cannot read {path}: {exc.strerror}", param="path") from exc
+
+
+def read_safetensors_file(held: ProcFile, shown: str) -> Decoded:
+    """Tensors (views into the file's memory map) and metadata of a held safetensors file; errors
+    name it `shown` (the path the client posted)."""
+    try:
+        return decode_file(held.path, shown)
+    except OSError as exc:
+        raise RequestError(f"cannot read {shown}: {exc.strerror}", param="path") from exc
 
 
 def check_weights(tensors: dict[str, torch.Tensor], specs: dict[str, WeightSpec]) -> None:

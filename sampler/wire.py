@@ -161,15 +161,16 @@ def decode(payload: Buffer, *, what: str = "body", param: str = "body") -> Decod
     return {name: _view(payload, start, entry) for name, entry in entries.items()}, metadata
 
 
-def decode_file(path: str) -> Decoded:
+def decode_file(path: str, shown: str | None = None) -> Decoded:
     """A safetensors file's tensors as views into its memory map (pages are read when used); the
-    caller has checked that `path` is a file."""
+    caller has checked that `path` is a file. Errors name it `shown` (default: `path`)."""
+    what = shown or path
     with open(path, "rb") as file:
         if Path(path).stat().st_size == 0:
-            raise _invalid(path, "path", "the file is empty")
+            raise _invalid(what, "path", "the file is empty")
         # copy-on-write: a loader that writes into a tensor it was given never reaches the file
         mapped = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY)
-    return decode(mapped, what=path, param="path")
+    return decode(mapped, what=what, param="path")
 
 
 def _layout_problem(entries: dict[str, _Entry], data_size: int) -> str | None:

@@ -5,6 +5,7 @@ GPUs; both runs use the same real servers, one after the other (each run pushes 
 weights first, so the sampler starts from the same policy).
 """
 
+import os
 import shutil
 import subprocess
 import sys
@@ -81,8 +82,9 @@ def test_finish_ends_the_process_group_and_its_threads_on_every_process(tmp_path
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
     script = tmp_path / "finish.py"
     script.write_text(PROCESS_GROUP_AFTER_FINISH)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # torchrun's default: no OpenMP worker counted as gloo's
     result = subprocess.run([str(torchrun), "--nproc_per_node", "2", str(script), str(tmp_path)],
-                            capture_output=True, text=True, timeout=300)  # fmt: skip
+                            capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]
     for rank in (0, 1):
         assert (tmp_path / f"rank{rank}").read_text() == "sum 2, alive False, Linear, gloo threads 0"

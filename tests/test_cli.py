@@ -67,7 +67,7 @@ def test_run_on_the_embedded_default(tmp_path):
     assert "opd: 100%" in result.stderr  # the progress bar ran to the end
     for log in ("sampler.log", "grader.log"):
         assert "Application shutdown complete" in (run_dir / "logs" / log).read_text()
-    # weight_transport auto: the tiny student (1.2 MB) goes over HTTP, a model of 16 MB or more through memory
+    # weight_transport auto: the tiny student (1.4 MB) goes over HTTP, a model of 16 MB or more through memory
     assert _push_origins(run_dir) == ["the request body"] * 5
 
 

@@ -18,6 +18,7 @@ from learner.clients import RetryPolicy, SamplerPool
 from opd.launch import local_server
 from opd.tiny import build_model, build_tokenizer
 from sampler.schema import GenerateResponse
+from sampler.staging import ProcFile, stage
 from tests import reference
 
 # 500 and 470 are padded ids: the tiny models have 512 vocabulary rows for 456 tokenizer tokens,
@@ -352,29 +353,42 @@ def _greedy_all(url: str) -> list[list[int]]:
     return [r.completions[0].completion_ids for r in reply.results]
 
 
-def test_the_learners_pool_pushes_through_memory_then_over_http_where_memory_fails(student_dir, tmp_path, monkeypatch):
+def test_the_learners_pool_pushes_through_memory_and_over_http_where_memory_fails(student_dir, tmp_path, monkeypatch):
     first, second = _new_student_weights(seed=7), _new_student_weights(seed=8)
 
-    async def push_twice(url: str) -> list[list[list[int]]]:
+    async def push_thrice(url: str) -> list[list[list[int]]]:
         pool = SamplerPool([url], timeout_s=60, retry=RetryPolicy(deadline_s=5))
         try:
             assert await pool.push_weights_in_memory(first, 1) == 1
             served = [_greedy_all(url)]
             monkeypatch.setattr(learner.clients, "stage", lambda *parts: None)  # injected fault: no memfd
             assert await pool.push_weights_in_memory(second, 2) == 2
+            served.append(_greedy_all(url))
+            # injected fault: a sampler in another PID namespace cannot open the learner's /proc path
+            monkeypatch.setattr(learner.clients, "stage", lambda *parts: _Elsewhere(stage(*parts)))
+            assert await pool.push_weights_in_memory(first, 3) == 3
             return [*served, _greedy_all(url)]
         finally:
             await pool.aclose()
 
     with local_server("sampler", ["--model", str(student_dir), "--engine", "torch"], tmp_path) as url:
-        served = asyncio.run(push_twice(url))
-    for weights, greedy in zip((first, second), served, strict=True):
+        served = asyncio.run(push_thrice(url))
+    for weights, greedy in zip((first, second, first), served, strict=True):
         assert greedy == [reference.greedy(_model_with(student_dir, weights), p, 10, EOS) for p in PROMPTS]
-    origins = re.findall(
-        r"loaded \d+ weight tensors from (.+), policy_version=", (tmp_path / "sampler.log").read_text()
-    )
-    assert len(origins) == 2 and re.fullmatch(r"/proc/\d+/fd/\d+", origins[0]), origins
-    assert origins[1] == "the request body"
+    log = (tmp_path / "sampler.log").read_text()
+    origins = re.findall(r"loaded \d+ weight tensors from (.+), policy_version=", log)
+    assert len(origins) == 3 and re.fullmatch(r"/proc/\d+/fd/\d+", origins[0]), origins
+    assert origins[1:] == ["the request body"] * 2
+
+
+class _Elsewhere:
+    """A staged body under a /proc path the sampler cannot open (a process it cannot see)."""
+
+    def __init__(self, staged: ProcFile) -> None:
+        self.staged, self.path = staged, "/proc/999999999/fd/3"
+
+    def close(self) -> None:
+        self.staged.close()
 
 
 def test_weight_push_stream_then_path_then_refusal(student_dir, tmp_path):

@@ -44,7 +44,7 @@ from opd.vllm_engine import (
 )
 from sampler.adapters import Adapter, write_peft_dir
 from sampler.engine import Sample, SamplingParams, WeightSpec, sample_seed
-from sampler.staging import StagedBody, stage
+from sampler.staging import ProcFile, stage
 
 WORKER_EXTENSION = "sampler.engines.vllm_worker.OpdWeightLoader"
 
@@ -174,7 +174,7 @@ class VllmSamplerEngine:
 
     async def load_weights(self, tensors: dict[str, torch.Tensor], version: int, source: str | bytearray) -> None:
         # The worker process reloads from `source`: the tensors decoded here were for checking.
-        staged = None if isinstance(source, str) else await self._stage(source)
+        staged = None if isinstance(source, str) or not self._workers_here() else await self._stage(source)
         try:
             async with self._gate.writing():
                 with engine_errors():
@@ -184,8 +184,14 @@ class VllmSamplerEngine:
             if staged is not None:
                 staged.close()
 
+    def _workers_here(self) -> bool:
+        """Whether vLLM's workers run on this host (its own process or local children), where they
+        can open a staged file through /proc; Ray and multi-node workers may not."""
+        parallel = self.engine.vllm_config.parallel_config
+        return parallel.distributed_executor_backend in (None, "mp", "uni") and parallel.nnodes == 1
+
     @staticmethod
-    async def _stage(body: bytearray) -> StagedBody | None:
+    async def _stage(body: bytearray) -> ProcFile | None:
         """`body` in an in-memory file the worker maps (sampler/staging.py), written while generation
         goes on; None: it goes to the worker through vLLM's RPC."""
         staged = await asyncio.to_thread(stage, body)
