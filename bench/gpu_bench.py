@@ -186,7 +186,7 @@ def weight_push(url: str, student: Path, dtype: str) -> dict:
     over HTTP and through a shared path, against the safetensors library's `save` + one POST."""
     from transformers import AutoModelForCausalLM
 
-    from learner.clients import SamplerClient, write_shared
+    from learner.clients import SamplerClient
 
     model = AutoModelForCausalLM.from_pretrained(student, dtype=getattr(torch, dtype))
     tensors = {name: p.detach().contiguous() for name, p in model.named_parameters()}
@@ -198,8 +198,7 @@ def weight_push(url: str, student: Path, dtype: str) -> dict:
             if shared is None:
                 await client.push_weights(tensors, version)
             else:
-                written = await write_shared(tensors, version, Path(shared))
-                await client.push_path(str(written.resolve()), version)
+                await client.push_weights_by_path(tensors, version, Path(shared))
             return time.perf_counter() - start
         finally:
             await client.aclose()

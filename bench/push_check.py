@@ -36,7 +36,7 @@ from transformers import AutoModelForCausalLM
 
 from bench.common import median_seconds, write_results
 from bench.models import QWEN25_SHAPES, random_model
-from learner.clients import RetryPolicy, SamplerClient, SamplerPool
+from learner.clients import RetryPolicy, SamplerPool
 from opd.launch import LocalServer, local_servers
 from opd.tiny import ensure_tiny_model
 from sampler.engine import WeightSpec
@@ -135,20 +135,6 @@ THROUGH_RPC = "import sampler.engines.vllm as v; v.stage = lambda payload: None"
 """A body handed to vLLM's worker through collective_rpc, as if staging had failed."""
 
 
-async def _small_pushes(url: str, tensors: dict[str, torch.Tensor], idle_s: float, repeats: int) -> float:
-    """Median seconds of the learner's push (its client, over HTTP), each after `idle_s` idle."""
-    client, times = SamplerClient(url), []
-    try:
-        for version in range(1, repeats + 1):
-            await asyncio.sleep(idle_s)
-            start = time.perf_counter()
-            await client.push_weights(tensors, version)
-            times.append(time.perf_counter() - start)
-    finally:
-        await client.aclose()
-    return statistics.median(times)
-
-
 def measure_after_idle(repeats: int, idle_s: float) -> dict:
     """The tiny student's push into a torch sampler, back to back and after the sampler idled
     (as it does in the loop while the teacher grades and the learner learns), on every thread
@@ -165,19 +151,21 @@ def measure_after_idle(repeats: int, idle_s: float) -> dict:
                 else LocalServer("sampler", args, Path(logs))
             )
             with local_servers([server]) as urls:
-                asyncio.run(_small_pushes(urls[0], tensors, 0.0, 3))  # warm-up
-                row[f"{label}_back_to_back_s"] = asyncio.run(_small_pushes(urls[0], tensors, 0.0, repeats))
-                row[f"{label}_after_idle_s"] = asyncio.run(_small_pushes(urls[0], tensors, idle_s, repeats))
+                for key, idle in (("back_to_back", 0.0), ("after_idle", idle_s)):
+                    times = asyncio.run(_pushes(urls[0], tensors, "http", repeats, idle_s=idle))
+                    row[f"{label}_{key}_s"] = statistics.median(times)
     print(row, flush=True)
     return row
 
 
-async def _pushes(url: str, tensors: dict[str, torch.Tensor], how: str, repeats: int) -> list:
-    """Seconds of each push by the learner's own pool, `how`: http, path (through /dev/shm) or memory."""
+async def _pushes(url: str, tensors: dict[str, torch.Tensor], how: str, repeats: int, idle_s: float = 0.0) -> list:
+    """Seconds of each push by the learner's own pool after a warm-up push, each after `idle_s`
+    of the sampler idling; `how`: http, path (through /dev/shm) or memory."""
     pool, times = SamplerPool([url], timeout_s=600, retry=RetryPolicy()), []
     try:
         with tempfile.TemporaryDirectory(prefix="push-check-", dir="/dev/shm") as shared:
             for version in range(1, repeats + 2):  # the first is a warm-up
+                await asyncio.sleep(idle_s)
                 start = time.perf_counter()
                 if how == "http":
                     await pool.push_weights(tensors, version)

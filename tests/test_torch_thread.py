@@ -21,13 +21,17 @@ def test_small_work_runs_on_one_thread_and_the_thread_count_comes_back():
     original = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        with torch_thread.alone_if_small(torch_thread.SMALL_WORK_BYTES - 1):
+        with torch_thread.alone_if_small([_bytes(torch_thread.SMALL_WORK_BYTES - 5), _bytes(4)]):
             inside = torch.get_num_threads()
-        with pytest.raises(RuntimeError), torch_thread.alone_if_small(1):
+        with pytest.raises(RuntimeError), torch_thread.alone_if_small([_bytes(1)]):
             raise RuntimeError("a refused push")
         after_error = torch.get_num_threads()
-        with torch_thread.alone_if_small(torch_thread.SMALL_WORK_BYTES):
+        with torch_thread.alone_if_small([_bytes(torch_thread.SMALL_WORK_BYTES - 4), _bytes(4)]):
             large = torch.get_num_threads()
     finally:
         torch.set_num_threads(original)
     assert (inside, after_error, large) == (1, 2, 2)
+
+
+def _bytes(n: int) -> torch.Tensor:
+    return torch.empty(n, dtype=torch.uint8)

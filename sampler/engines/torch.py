@@ -191,7 +191,7 @@ class TorchSamplerEngine:
     @torch.no_grad()
     def _copy_in(self, tensors: dict[str, torch.Tensor]) -> None:
         params = dict(self.model.named_parameters())
-        with torch_thread.alone_if_small(sum(t.numel() * t.element_size() for t in tensors.values())):
+        with torch_thread.alone_if_small(tensors.values()):
             for name, tensor in tensors.items():
                 params[name].copy_(tensor.to(self.device))
 
