@@ -66,10 +66,9 @@ class OnPolicyDistillationTrainer:
             sections["train"] = {**sections.get("train", {}), "use_accelerate": use_accelerate}
         self.config = cfg = build_config(config, student, teacher, sections)
         self.run_dir = Path(cfg.run_dir)
-        if cfg.train.use_accelerate and cfg.train.max_staleness:
-            raise ConfigError("train.max_staleness > 0 runs with one learner process for now; set it to 0 under "
-                              "use_accelerate")  # fmt: skip
         self.processes = Processes(cfg.train.use_accelerate, cfg.train.device, cfg.train.fsdp)
+        if cfg.train.max_staleness:  # the update runs on the torch thread (see step)
+            torch_thread.use_device(self.processes.device)
         torch.manual_seed(cfg.train.seed)
         self.tokenizer = load_tokenizer(cfg.student.path)
         self.pad_id = pad_token_id(self.tokenizer)

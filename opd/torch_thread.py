@@ -44,6 +44,15 @@ async def run(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
     return await asyncio.get_running_loop().run_in_executor(_executor, functools.partial(fn, *args, **kwargs))
 
 
+def use_device(device: torch.device) -> None:
+    """Make `device` the torch thread's current CUDA device (nothing to do off CUDA). The current
+    device is per OS thread and starts at GPU 0: a data-parallel learner process on GPU N that
+    learns on this thread (the pipelined loop) would otherwise open a context on GPU 0, and any
+    call that takes the current device instead of a tensor's would run there."""
+    if device.type == "cuda":
+        call(torch.cuda.set_device, device)
+
+
 SMALL_WORK_BYTES = 16 * 2**20
 """Below this many bytes, memory-bound work (a weight push's checks and copies) runs on one thread."""
 

@@ -1,4 +1,5 @@
-"""Data-parallel learning: 2 processes x batch 2 take the same steps as 1 process x batch 4.
+"""Data-parallel learning: 2 processes x batch 2 take the same steps as 1 process x batch 4, in
+the strictly on-policy loop and in the pipelined one (max_staleness 1).
 
 The 2-process run is launched with torchrun on CPU (gloo), the way `accelerate launch` runs it on
 GPUs; both runs use the same real servers, one after the other (each run pushes its initial
@@ -30,15 +31,23 @@ def run(command: list[str], run_dir: Path, urls: tuple[str, str], *extra: str) -
 
 
 @pytest.mark.slow
-def test_two_processes_of_batch_2_equal_one_process_of_batch_4(tmp_path, student_dir, teacher_dir):
+@pytest.mark.parametrize("staleness", [0, 1])
+def test_two_processes_of_batch_2_equal_one_process_of_batch_4(tmp_path, student_dir, teacher_dir, staleness):
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
     assert torchrun is not None
     servers = [LocalServer("sampler", ["--model", str(student_dir), "--engine", "torch"], tmp_path),
                LocalServer("grader", ["--model", str(teacher_dir), "--engine", "torch"], tmp_path)]  # fmt: skip
+    pipeline = ("--train.max_staleness", str(staleness))
     with local_servers(servers) as urls:
-        run([sys.executable, "-m", "opd.cli"], tmp_path / "one", tuple(urls), "--train.batch_size", "4")
+        run([sys.executable, "-m", "opd.cli"], tmp_path / "one", tuple(urls), "--train.batch_size", "4", *pipeline)
         run([torchrun, "--nproc_per_node", "2", "-m", "opd.cli"], tmp_path / "two", tuple(urls),
-            "--train.batch_size", "2", "--train.use_accelerate", "true")  # fmt: skip
+            "--train.batch_size", "2", "--train.use_accelerate", "true", *pipeline)  # fmt: skip
+    one_metrics, two_metrics = (read_metrics(tmp_path / run_dir / "metrics.jsonl") for run_dir in ("one", "two"))
+    # Pipelined, each step's batch comes from the weights before the last push (the first from the
+    # initial ones) in both runs: each process asks for its next batch as its update starts, and
+    # the main process pushes only after every process's update.
+    lags = [0.0] + [float(staleness)] * (len(one_metrics) - 1)
+    assert [m["policy/lag"] for m in one_metrics] == [m["policy/lag"] for m in two_metrics] == lags
 
     one = load_file(tmp_path / "one" / "checkpoints" / "step_000003" / "model.safetensors")
     two = load_file(tmp_path / "two" / "checkpoints" / "step_000003" / "model.safetensors")
@@ -48,8 +57,8 @@ def test_two_processes_of_batch_2_equal_one_process_of_batch_4(tmp_path, student
         assert moved > 1e-4, name  # the runs really trained
         # same update up to float reordering (gloo all-reduce, different padding)
         torch.testing.assert_close(two[name], tensor, rtol=0, atol=1e-5 * max(1.0, moved.item()))
-    kl_one = [m["kl/reverse_per_token"] for m in read_metrics(tmp_path / "one" / "metrics.jsonl")]
-    kl_two = [m["kl/reverse_per_token"] for m in read_metrics(tmp_path / "two" / "metrics.jsonl")]
+    kl_one = [m["kl/reverse_per_token"] for m in one_metrics]
+    kl_two = [m["kl/reverse_per_token"] for m in two_metrics]
     assert kl_two == pytest.approx(kl_one, rel=1e-4)  # metrics averaged over processes
     assert not (tmp_path / "two" / "checkpoints" / "step_000003.rank1").exists()
 

@@ -14,7 +14,6 @@ from learner.config import OpdConfig, load_config
 from learner.loss import clipped_policy_loss, truncated_importance_weights
 from learner.metrics import read_metrics
 from learner.trainer import OnPolicyDistillationTrainer
-from opd.errors import ConfigError
 from opd.launch import LocalServer, local_servers
 from tests.faults import KillSamplerAfterPush
 
@@ -50,7 +49,7 @@ def test_weighted_advantages_are_the_decoupled_objective():
     torch.testing.assert_close(ours, reference, rtol=0, atol=1e-12)
 
 
-def test_replica_and_staleness_config_errors():
+def test_replica_config_errors():
     base = {"student": {"path": "tiny:student"}, "teacher": {"path": "tiny:teacher"}}
     with pytest.raises(ValueError, match="sampler_url or sampler_urls"):
         OpdConfig.model_validate(base | {"services": {"sampler_url": "http://a", "sampler_urls": ["http://b"],
@@ -61,9 +60,6 @@ def test_replica_and_staleness_config_errors():
         base | {"services": {"sampler_urls": ["http://a", "http://b"], "grader_url": "http://c"}}
     )
     assert (both.services.sampler_list, both.services.grader_list) == (["http://a", "http://b"], ["http://c"])
-    with pytest.raises(ConfigError, match="max_staleness"):
-        OnPolicyDistillationTrainer(student="tiny:student", teacher="tiny:teacher",
-                                    train={"max_staleness": 1, "use_accelerate": True})  # fmt: skip
 
 
 def evals(run_dir) -> dict[int, float]:
