@@ -46,9 +46,10 @@ async def run(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
 
 def use_device(device: torch.device) -> None:
     """Make `device` the torch thread's current CUDA device (nothing to do off CUDA). The current
-    device is per OS thread and starts at GPU 0: a data-parallel learner process on GPU N that
-    learns on this thread (the pipelined loop) would otherwise open a context on GPU 0, and any
-    call that takes the current device instead of a tensor's would run there."""
+    device is per OS thread and starts at GPU 0: a process working on GPU N from this thread (a
+    server started with `--device cuda:N`, a data-parallel learner's pipelined update) would
+    otherwise open a context on GPU 0, and any call that takes the current device instead of a
+    tensor's would run there."""
     if device.type == "cuda":
         call(torch.cuda.set_device, device)
 

@@ -39,6 +39,7 @@ class TorchGraderEngine:
     ) -> None:
         self.model_path = model_path
         self.dtype = dtype
+        torch_thread.use_device(torch.device(device))  # every torch call of this server runs there
         self.model = torch_thread.call(load_causal_lm, model_path, dtype, device)
         self.max_model_len = max_model_len or self.model.config.max_position_embeddings
         self.max_batch_tokens = max_batch_tokens

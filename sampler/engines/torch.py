@@ -93,6 +93,7 @@ class TorchSamplerEngine:
         self.model_path = model_path
         self.dtype = dtype
         self.device = device
+        torch_thread.use_device(torch.device(device))  # every torch call of this server runs there
         self.model = torch_thread.call(load_causal_lm, model_path, dtype, device)
         self.max_model_len = max_model_len or self.model.config.max_position_embeddings
         self.tokenizer, self.card = model_card(
