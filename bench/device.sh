@@ -14,7 +14,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-if compgen -G ".whl/*.whl" >/dev/null; then
+# (not for --smoke: that runs in this project's own environment, and the wheels are the device's)
+if [ "${1:-}" != "--smoke" ] && compgen -G ".whl/*.whl" >/dev/null; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/opd-site .whl/*.whl || exit 1
     export PYTHONPATH=/tmp/opd-site:${PYTHONPATH:-}
 fi
