@@ -186,22 +186,22 @@ def weight_push(url: str, student: Path, dtype: str) -> dict:
     over HTTP and through a shared path, against the safetensors library's `save` + one POST."""
     from transformers import AutoModelForCausalLM
 
-    from learner.clients import SamplerClient
+    from learner.clients import RetryPolicy, SamplerPool
 
     model = AutoModelForCausalLM.from_pretrained(student, dtype=getattr(torch, dtype))
     tensors = {name: p.detach().contiguous() for name, p in model.named_parameters()}
 
     async def opd_push(version: int, shared: str | None = None) -> float:
-        client = SamplerClient(url, timeout_s=600)
+        sampler = SamplerPool([url], timeout_s=600, retry=RetryPolicy())
         try:
             start = time.perf_counter()
             if shared is None:
-                await client.push_weights(tensors, version)
+                await sampler.push_weights(tensors, version)
             else:
-                await client.push_weights_by_path(tensors, version, Path(shared))
+                await sampler.push_weights_by_path(tensors, version, Path(shared))
             return time.perf_counter() - start
         finally:
-            await client.aclose()
+            await sampler.aclose()
 
     asyncio.run(opd_push(1))  # warm-up: the first push also pays for first touches of the served model
     start = time.perf_counter()

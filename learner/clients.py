@@ -165,15 +165,6 @@ class SamplerClient(_Client):
         )
         return WeightsResponse.model_validate_json(response.content).policy_version
 
-    async def push_weights_by_path(
-        self, tensors: dict[str, torch.Tensor], version: int, shared_dir: Path, metadata: dict[str, str] | None = None
-    ) -> int:
-        """Write `tensors` to `shared_dir` and have the sampler load them (see `write_shared`)."""
-        final = await write_shared(tensors, version, shared_dir, metadata)
-        loaded = await self.push_path(str(final.resolve()), version)
-        remove_older(shared_dir, final)
-        return loaded
-
     async def push_path(self, path: str, version: int) -> int:
         """Have the sampler load the safetensors file at `path`, a name it can open as it is."""
         body = WeightsFromPath(path=path, version=version)
@@ -291,6 +282,7 @@ class SamplerPool(ReplicaPool[SamplerClient]):
     async def push_weights_by_path(
         self, tensors: dict[str, torch.Tensor], version: int, shared_dir: Path, metadata: dict[str, str] | None = None
     ) -> int:
+        """`tensors` written to `shared_dir` (see `write_shared`), loaded by every replica by path."""
         final = await write_shared(tensors, version, shared_dir, metadata)
         loaded = await self._push_all(lambda client: client.push_path(str(final.resolve()), version), version)
         remove_older(shared_dir, final)

@@ -26,7 +26,7 @@ import torch
 from grader.schema import LogprobsResponse, Sequence
 from grader.tensors import ScoredBatch
 from learner.clients import GraderClient as AsyncGraderClient
-from learner.clients import RetryPolicy
+from learner.clients import RetryPolicy, SamplerPool
 from learner.clients import SamplerClient as AsyncSamplerClient
 from opd.auth import load_api_key
 from opd.serving import InfoResponse
@@ -94,8 +94,10 @@ class SamplerClient(_SyncClient):
     def __init__(
         self, url: str, *, timeout_s: float = 300.0, retry_deadline_s: float = 120.0, api_key: str | None = None
     ) -> None:
-        self._sampler = AsyncSamplerClient(url, timeout_s, RetryPolicy(deadline_s=retry_deadline_s),
-                                           api_key or load_api_key(None))  # fmt: skip
+        # a pool of one: the learner's pushes (over HTTP, by shared path, through memory) as they are
+        self._pool = SamplerPool([url], timeout_s, RetryPolicy(deadline_s=retry_deadline_s),
+                                 api_key or load_api_key(None))  # fmt: skip
+        self._sampler = self._pool.clients[0]
         super().__init__(self._sampler)
 
     def __enter__(self) -> "SamplerClient":
@@ -108,10 +110,17 @@ class SamplerClient(_SyncClient):
 
     def push_weights(
         self, tensors: dict[str, torch.Tensor], version: int, *, shared_dir: Path | None = None,
-        metadata: dict[str, str] | None = None,
+        in_memory: bool = False, metadata: dict[str, str] | None = None,
     ) -> int:  # fmt: skip
-        """POST /v1/weights: the tensors as a safetensors body, or written to `shared_dir` and
-        loaded by path; returns the sampler's new policy_version."""
+        """POST /v1/weights; returns the sampler's new policy_version. The tensors go as a
+        safetensors body (streamed from their memory), or written to `shared_dir` and loaded by
+        path, or with `in_memory` (a sampler on this host: the fastest for large models) copied
+        once into an anonymous in-memory file whose /proc path the sampler opens, over HTTP where
+        it cannot (another host or PID namespace)."""
+        if shared_dir is not None and in_memory:
+            raise ValueError("push_weights: shared_dir or in_memory, not both")
         if shared_dir is not None:
-            return self._run(self._sampler.push_weights_by_path(tensors, version, shared_dir, metadata))
+            return self._run(self._pool.push_weights_by_path(tensors, version, shared_dir, metadata))
+        if in_memory:
+            return self._run(self._pool.push_weights_in_memory(tensors, version, metadata))
         return self._run(self._sampler.push_weights(tensors, version, metadata))

@@ -15,6 +15,7 @@ from transformers import AutoTokenizer
 import learner.clients
 from grader.schema import LogprobsResponse
 from learner.clients import RetryPolicy, SamplerPool
+from opd.client import SamplerClient
 from opd.launch import local_server
 from opd.tiny import build_model, build_tokenizer
 from sampler.schema import GenerateResponse
@@ -379,6 +380,31 @@ def test_the_learners_pool_pushes_through_memory_and_over_http_where_memory_fail
     origins = re.findall(r"loaded \d+ weight tensors from (.+), policy_version=", log)
     assert len(origins) == 3 and re.fullmatch(r"/proc/\d+/fd/\d+", origins[0]), origins
     assert origins[1:] == ["the request body"] * 2
+
+
+def test_the_python_client_pushes_through_memory_by_path_and_over_http(student_dir, tmp_path):
+    first, second = _new_student_weights(seed=7), _new_student_weights(seed=8)
+    shared = tmp_path / "shared"
+    with (
+        local_server("sampler", ["--model", str(student_dir), "--engine", "torch"], tmp_path) as url,
+        SamplerClient(url) as sampler,
+    ):
+        assert sampler.push_weights(first, 1, in_memory=True) == 1
+        served = [_greedy_all(url)]
+        assert sampler.push_weights(second, 2, shared_dir=shared) == 2
+        served.append(_greedy_all(url))
+        assert sampler.push_weights(first, 3) == 3
+        served.append(_greedy_all(url))
+        with pytest.raises(ValueError, match="not both"):
+            sampler.push_weights(second, 4, shared_dir=shared, in_memory=True)
+        assert sampler.info().policy_version == 3
+    for weights, greedy in zip((first, second, first), served, strict=True):
+        assert greedy == [reference.greedy(_model_with(student_dir, weights), p, 10, EOS) for p in PROMPTS]
+    log = (tmp_path / "sampler.log").read_text()
+    origins = re.findall(r"loaded \d+ weight tensors from (.+), policy_version=", log)
+    assert len(origins) == 3 and re.fullmatch(r"/proc/\d+/fd/\d+", origins[0]), origins
+    assert origins[1:] == [str(shared.resolve() / "weights-v000002.safetensors"), "the request body"]
+    assert [p.name for p in shared.iterdir()] == ["weights-v000002.safetensors"]
 
 
 class _Elsewhere:
