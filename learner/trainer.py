@@ -66,6 +66,11 @@ class OnPolicyDistillationTrainer:
             sections["train"] = {**sections.get("train", {}), "use_accelerate": use_accelerate}
         self.config = cfg = build_config(config, student, teacher, sections)
         self.run_dir = Path(cfg.run_dir)
+        if resume_from is not None and cfg.train.fsdp:
+            # each process's optimizer holds the moments of its own shards; a checkpoint has the main one's
+            raise ConfigError("resuming under train.fsdp is not supported yet: a checkpoint keeps the optimizer state "
+                              "of the main process's shards only. Its weights are whole: start a new run from them "
+                              "(student.path: the checkpoint directory)")  # fmt: skip
         self.processes = Processes(cfg.train.use_accelerate, cfg.train.device, cfg.train.fsdp)
         if cfg.train.max_staleness:  # the update runs on the torch thread (see step)
             torch_thread.use_device(self.processes.device)

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from learner.config import MEMORY_PUSH_MIN_BYTES, OpdConfig, apply_overrides, load_config
+from learner.trainer import OnPolicyDistillationTrainer
 from opd.errors import ConfigError
 
 MINIMAL = "student: {path: tiny:student}\nteacher: {path: tiny:teacher}\ndata: {train_path: train.jsonl}\n"
@@ -100,3 +101,10 @@ RUNNING = ["--services.sampler_url", "http://localhost:8000", "--services.grader
 )
 def test_weight_transport_auto_is_memory_for_large_pushes_to_own_samplers(tmp_path, overrides, nbytes, transport):
     assert load_config(write(tmp_path, MINIMAL), overrides).services.push_transport(nbytes) == transport
+
+
+def test_resume_under_fsdp_is_refused_before_anything_starts(tmp_path):
+    # A checkpoint of an FSDP run holds the optimizer moments of the main process's shards only.
+    with pytest.raises(ConfigError, match=r"resuming under train\.fsdp"):
+        OnPolicyDistillationTrainer(student="tiny:student", teacher="tiny:teacher", run_dir=str(tmp_path),
+                                    train={"use_accelerate": True, "fsdp": True}, resume_from=tmp_path)  # fmt: skip
