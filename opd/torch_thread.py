@@ -49,8 +49,8 @@ def use_device(device: torch.device) -> None:
     device is per OS thread and starts at GPU 0: a process working on GPU N from this thread (a
     server started with `--device cuda:N`, a data-parallel learner's pipelined update) would
     otherwise open a context on GPU 0, and any call that takes the current device instead of a
-    tensor's would run there."""
-    if device.type == "cuda":
+    tensor's would run there. A bare "cuda" names the current device: nothing to set."""
+    if device.type == "cuda" and device.index is not None:
         call(torch.cuda.set_device, device)
 
 

@@ -35,3 +35,15 @@ def test_small_work_runs_on_one_thread_and_the_thread_count_comes_back():
 
 def _bytes(n: int) -> torch.Tensor:
     return torch.empty(n, dtype=torch.uint8)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks what a CPU build of torch does with CUDA calls")
+def test_only_an_indexed_cuda_device_is_set_on_the_torch_thread(monkeypatch):
+    # cpu and a bare "cuda" (the current device) touch nothing: torch.cuda.set_device raises for both
+    torch_thread.use_device(torch.device("cpu"))
+    torch_thread.use_device(torch.device("cuda"))
+    # cuda:1 is set, on the torch thread (recorded: a CPU build has no CUDA to set it in)
+    seen: list[str] = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: seen.append(f"{d} on {threading.current_thread().name}"))
+    torch_thread.use_device(torch.device("cuda:1"))
+    assert len(seen) == 1 and seen[0].startswith("cuda:1 on opd-torch"), seen
