@@ -133,7 +133,7 @@ def _run_gkd(student: Path, teacher: Path, args: argparse.Namespace, out: str) -
     ref: list = [None]
     clock = StepClock(ref)
     trainer = MeasuredGKDTrainer(
-        model=AutoModelForCausalLM.from_pretrained(student),
+        model=AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32),  # master weights, as opd's
         # on a GPU the teacher scores in bf16, as opd's grader does; the student trains in float32 under autocast
         teacher_model=AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.bfloat16 if gpu else torch.float32),
         args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer, callbacks=[clock],
@@ -153,8 +153,11 @@ def main(argv: list[str] | None = None) -> dict:
     if args.smoke:
         student, teacher = ensure_tiny_model("student"), ensure_tiny_model("teacher")
     else:
-        student = random_model(args.models, "qwen2.5-0.5b", QWEN25_SHAPES["0.5b"], seed=0)
-        teacher = random_model(args.models, "qwen2.5-1.5b", QWEN25_SHAPES["1.5b"], seed=0)
+        # bf16 files on a GPU (what its servers load; half the bytes to build and read, and the
+        # models gpu_bench and pipeline build), float32 on the CPU; the learners train float32 copies
+        dtype = "bfloat16" if args.device == "cuda" else "float32"
+        student = random_model(args.models, "qwen2.5-0.5b", QWEN25_SHAPES["0.5b"], seed=0, dtype=dtype)
+        teacher = random_model(args.models, "qwen2.5-1.5b", QWEN25_SHAPES["1.5b"], seed=0, dtype=dtype)
     device = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     results: dict = {"date": time.strftime("%Y-%m-%d"), "args": {k: str(v) for k, v in vars(args).items()},
                      "device": device, "torch": torch.__version__, "systems": {}}  # fmt: skip

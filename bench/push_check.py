@@ -35,7 +35,7 @@ from safetensors.torch import load, load_file, save
 from transformers import AutoModelForCausalLM
 
 from bench.common import median_seconds, write_results
-from bench.models import QWEN25_SHAPES, random_model
+from bench.models import QWEN25_SHAPES, qwen2_config, random_model
 from learner.clients import RetryPolicy, SamplerPool
 from opd.launch import LocalServer, local_servers
 from opd.tiny import ensure_tiny_model
@@ -45,10 +45,10 @@ from sampler.wire import decode, encode
 
 
 def parameter_shapes(shape: dict) -> dict[str, tuple[int, ...]]:
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers import Qwen2ForCausalLM
 
     with torch.device("meta"):
-        model = Qwen2ForCausalLM(Qwen2Config(**{"head_dim": 64, **shape}))
+        model = Qwen2ForCausalLM(qwen2_config(shape))
     return {name: tuple(p.shape) for name, p in model.named_parameters()}
 
 

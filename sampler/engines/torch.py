@@ -194,7 +194,7 @@ class TorchSamplerEngine:
         params = dict(self.model.named_parameters())
         with torch_thread.alone_if_small(tensors.values()):
             for name, tensor in tensors.items():
-                params[name].copy_(tensor.to(self.device))
+                params[name].copy_(tensor)  # host to device in one copy, no device temporary
 
     async def load_adapter(self, adapter: Adapter, version: int) -> None:
         async with self._lock:
