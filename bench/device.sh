@@ -68,8 +68,9 @@ else
     # time per step at Qwen2.5 shapes, opd sampled and top-k vs TRL GKD (issue 13; builds its models first)
     # (torch engines decode one token per forward: 128 tokens keep a step to seconds; building the
     # models and starting 2 x 2 servers take most of the limit)
+    # (GKD runs first, then topk, then sampled; the file is rewritten after each, so a cut run keeps them)
     wanted gkd && run gkd 400 bench.gkd_scale --device cuda --batch-size 16 --prompt-digits 120 --max-tokens 128 \
-        --steps 4 --out "$RESULTS/gpu-gkd_scale.json"
+        --steps 4 --losses topk sampled --out "$RESULTS/gpu-gkd_scale.json"
     if ! { wanted services || wanted pipeline; }; then
         :
     elif "$PY" -c "import vllm" 2>/dev/null; then

@@ -161,14 +161,21 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     results: dict = {"date": time.strftime("%Y-%m-%d"), "args": {k: str(v) for k, v in vars(args).items()},
                      "device": device, "torch": torch.__version__, "systems": {}}  # fmt: skip
+    # GKD first, then opd's losses in the order given, the file rewritten after each: a run cut
+    # short by a time limit (bench/device.sh) keeps the reference and every system it finished.
+    gkd = run_gkd(student, teacher, args)
+    record(results, "trl gkd", gkd, gkd, args)
     for loss in args.losses:
-        results["systems"][f"opd {loss}"] = run_opd(student, teacher, loss, args)
-    results["systems"]["trl gkd"] = gkd = run_gkd(student, teacher, args)
-    for name, row in results["systems"].items():
-        row["x_gkd"] = row["s_per_step"] / gkd["s_per_step"]
-        print(f"{name:12s} {row['s_per_step']:8.2f} s/step  {row['x_gkd']:.2f}x GKD", flush=True)
-    write_results(results, args.out, f"{'smoke-' if args.smoke else ''}gkd_scale.json")
+        record(results, f"opd {loss}", run_opd(student, teacher, loss, args), gkd, args)
     return results
+
+
+def record(results: dict, name: str, row: dict, gkd: dict, args: argparse.Namespace) -> None:
+    """`row` into the results as `name`, with its ratio to GKD, and the results file rewritten."""
+    row["x_gkd"] = row["s_per_step"] / gkd["s_per_step"]
+    results["systems"][name] = row
+    print(f"{name:12s} {row['s_per_step']:8.2f} s/step  {row['x_gkd']:.2f}x GKD", flush=True)
+    write_results(results, args.out, f"{'smoke-' if args.smoke else ''}gkd_scale.json")
 
 
 if __name__ == "__main__":
