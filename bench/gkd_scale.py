@@ -15,6 +15,7 @@ rarely emit their stop token, so every completion runs to `--max-tokens` in both
 """
 
 import argparse
+import gc
 import random
 import statistics
 import tempfile
@@ -145,6 +146,12 @@ def _run_gkd(student: Path, teacher: Path, args: argparse.Namespace, out: str) -
            "tokens_per_step": statistics.mean(r["tokens"] for r in clock.rows),
            "time/generate": median_step([r["time/generate"] for r in clock.rows])}  # fmt: skip
     print(f"trl gkd: {row['s_per_step']:.2f} s/step, generate {row['time/generate']:.2f}", flush=True)
+    # GKD runs first: its models and AdamW state go before opd's servers start on the same device
+    ref[0] = None
+    del trainer
+    gc.collect()
+    if gpu:
+        torch.cuda.empty_cache()
     return row
 
 

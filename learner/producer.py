@@ -112,6 +112,8 @@ class Producer:
         """Step `step`'s batch, every sample from weights at most `lookahead` versions older than
         `learner_version` (older ones are generated again). Schedules the next `lookahead` steps."""
         start = time.perf_counter()
+        for done in [s for s in self._plans if s < step]:  # a step is taken for good once a later one is asked
+            del self._plans[done]
         self._schedule(range(step, step + self.lookahead + 1))
         try:
             parts = await self._tasks[step]
@@ -127,7 +129,8 @@ class Producer:
         if dropped:
             logger.warning("step %d: %d samples older than version %d dropped and generated again", step, dropped,
                            oldest)  # fmt: skip
-        del self._plans[step]
+        # the plan stays until a later step is taken: a step taken again (every process retakes it
+        # when any got a stale reply) is produced again from the same prompts and seeds
         return Batch(step, Rollouts.concat([p.rollouts for p in fresh]), ScoredBatch.concat([p.graded for p in fresh]),
                      plan.data_state, _times(fresh, waited), dropped)  # fmt: skip
 

@@ -66,14 +66,12 @@ class OnPolicyDistillationTrainer:
             sections["train"] = {**sections.get("train", {}), "use_accelerate": use_accelerate}
         self.config = cfg = build_config(config, student, teacher, sections)
         self.run_dir = Path(cfg.run_dir)
-        if resume_from is not None and cfg.train.fsdp:
+        if resume_from is not None and cfg.train.use_accelerate and cfg.train.fsdp:
             # each process's optimizer holds the moments of its own shards; a checkpoint has the main one's
             raise ConfigError("resuming under train.fsdp is not supported yet: a checkpoint keeps the optimizer state "
                               "of the main process's shards only. Its weights are whole: start a new run from them "
                               "(student.path: the checkpoint directory)")  # fmt: skip
         self.processes = Processes(cfg.train.use_accelerate, cfg.train.device, cfg.train.fsdp)
-        if cfg.train.max_staleness:  # the update runs on the torch thread (see step)
-            torch_thread.use_device(self.processes.device)
         torch.manual_seed(cfg.train.seed)
         self.tokenizer = load_tokenizer(cfg.student.path)
         self.pad_id = pad_token_id(self.tokenizer)
@@ -128,6 +126,8 @@ class OnPolicyDistillationTrainer:
         retry = RetryPolicy(deadline_s=services.retry_deadline_s)
         self.sampler = SamplerPool(sampler_urls, services.request_timeout_s, retry, load_api_key(services.api_key_file))
         self.grader = GraderPool(grader_urls, services.request_timeout_s, retry)
+        if t.max_staleness:  # the update runs on the torch thread (see step), on this process's device
+            torch_thread.use_device(self.processes.device)
         try:
             engine = await self.check_services()
             plan = partial(step_plan, self.prompts, self.config, self.processes.rank)

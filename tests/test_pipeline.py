@@ -6,13 +6,21 @@ held-out KL falls as far as the serial loop's; two sampler replicas share the wo
 same version, and a run survives one of them being killed.
 """
 
+import asyncio
+from functools import partial
+from types import SimpleNamespace
+
 import httpx
 import pytest
 import torch
+from transformers import AutoTokenizer
 
+from learner.clients import GraderPool, RetryPolicy, SamplerPool
 from learner.config import OpdConfig, load_config
+from learner.data import PromptStream
 from learner.loss import clipped_policy_loss, truncated_importance_weights
 from learner.metrics import read_metrics
+from learner.producer import Producer, step_plan
 from learner.trainer import OnPolicyDistillationTrainer
 from opd.launch import LocalServer, local_servers
 from tests.faults import KillSamplerAfterPush
@@ -102,3 +110,29 @@ def test_two_sampler_replicas_share_the_work_and_a_run_survives_losing_one(tmp_p
     assert versions == [steps, steps]  # the restarted replica got the later pushes
     assert all(served > 0 for served in trainer.sampler.served), trainer.sampler.served
     assert all(m["policy/lag_max"] == 0 for m in history)  # replies of the restarted replica's old weights refused
+
+
+def test_a_step_taken_again_comes_from_the_same_prompts(servers, student_dir):
+    # Under accelerate every process takes a step again when any of them got a reply from older
+    # weights; a process that had taken it must get that step's prompts back, not the next batch's.
+    config = OpdConfig.model_validate({"student": {"path": "tiny:student"}, "teacher": {"path": "tiny:teacher"},
+                                       "train": {"batch_size": 2}, "sampling": {"n": 1, "max_tokens": 4}})  # fmt: skip
+    stream = PromptStream([SimpleNamespace(prompt_ids=[5 + i, 6 + i, 7]) for i in range(8)], 2, seed=0, shuffle=False)
+    eos = AutoTokenizer.from_pretrained(student_dir).eos_token_id
+
+    async def take_0_0_1() -> list:
+        sampler = SamplerPool([servers[0]], 60, RetryPolicy(deadline_s=5))
+        grader = GraderPool([servers[1]], 60, RetryPolicy(deadline_s=5))
+        producer = Producer(sampler, grader, plan=partial(step_plan, stream, config, 0), lookahead=0,
+                            pushed_version=lambda: 0, eos_id=eos, top_k=0, split_per_prompt=False)  # fmt: skip
+        try:
+            return [await producer.take(step, 0) for step in (0, 0, 1)]
+        finally:
+            producer.close()
+            await sampler.aclose()
+            await grader.aclose()
+
+    first, again, second = asyncio.run(take_0_0_1())
+    assert first.rollouts.prompt_ids == again.rollouts.prompt_ids == [[5, 6, 7], [6, 7, 7]]
+    assert again.rollouts.completion_ids == first.rollouts.completion_ids  # the same seeds and weights
+    assert second.rollouts.prompt_ids == [[7, 8, 7], [8, 9, 7]]
