@@ -36,7 +36,7 @@ from transformers import AutoModelForCausalLM
 
 from bench.common import median_seconds, write_results
 from bench.models import QWEN25_SHAPES, qwen2_config, random_model
-from learner.clients import RetryPolicy, SamplerPool
+from learner.clients import RetryPolicy, SamplerPool, Transport
 from opd.launch import LocalServer, local_servers
 from opd.tiny import ensure_tiny_model
 from sampler.engine import WeightSpec
@@ -158,7 +158,10 @@ def measure_after_idle(repeats: int, idle_s: float) -> dict:
     return row
 
 
-async def _pushes(url: str, tensors: dict[str, torch.Tensor], how: str, repeats: int, idle_s: float = 0.0) -> list:
+async def _pushes(
+    url: str, tensors: dict[str, torch.Tensor], how: Transport, repeats: int,
+    idle_s: float = 0.0,
+) -> list:  # fmt: skip
     """Seconds of each push by the learner's own pool after a warm-up push, each after `idle_s`
     of the sampler idling; `how`: http, path (through /dev/shm) or memory."""
     pool, times = SamplerPool([url], timeout_s=600, retry=RetryPolicy()), []
@@ -167,12 +170,7 @@ async def _pushes(url: str, tensors: dict[str, torch.Tensor], how: str, repeats:
             for version in range(1, repeats + 2):  # the first is a warm-up
                 await asyncio.sleep(idle_s)
                 start = time.perf_counter()
-                if how == "http":
-                    await pool.push_weights(tensors, version)
-                elif how == "path":
-                    await pool.push_weights_by_path(tensors, version, Path(shared))
-                else:
-                    await pool.push_weights_in_memory(tensors, version)
+                await pool.push_weights_by(how, tensors, version, shared_dir=Path(shared))
                 times.append(time.perf_counter() - start)
     finally:
         await pool.aclose()

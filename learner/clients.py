@@ -18,7 +18,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
 import httpx
 import torch
@@ -33,6 +33,9 @@ from sampler.staging import stage
 from sampler.wire import Body, encode
 
 logger = logging.getLogger(__name__)
+
+Transport = Literal["http", "path", "memory"]
+"""How a weight push travels (`SamplerPool.push_weights_by`)."""
 
 
 @dataclass(frozen=True)
@@ -313,6 +316,20 @@ class SamplerPool(ReplicaPool[SamplerClient]):
             return await self._push_all(push, version)
         finally:
             staged.close()
+
+    async def push_weights_by(
+        self, transport: Transport, tensors: dict[str, torch.Tensor], version: int,
+        metadata: dict[str, str] | None = None, shared_dir: Path | None = None,
+    ) -> int:  # fmt: skip
+        """One push by `transport`: `push_weights` (http), `push_weights_by_path` (path, into
+        `shared_dir`) or `push_weights_in_memory` (memory)."""
+        if transport == "path":
+            if shared_dir is None:
+                raise ValueError("a push by path needs a shared_dir")
+            return await self.push_weights_by_path(tensors, version, shared_dir, metadata)
+        if transport == "memory":
+            return await self.push_weights_in_memory(tensors, version, metadata)
+        return await self.push_weights(tensors, version, metadata)
 
     async def _push_all(self, push: Callable[[SamplerClient], Awaitable[int]], version: int) -> int:
         """Push to every replica in parallel. A replica that fails is left behind (it is down; when the

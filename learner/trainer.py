@@ -222,13 +222,9 @@ class OnPolicyDistillationTrainer:
         pushed = push_bytes(tensors, metadata, self.sampler_dtype)
         if self.processes.is_main:
             services = self.config.services
-            transport = services.push_transport(int(pushed))
-            if transport == "path" and services.shared_dir is not None:
-                await self.sampler.push_weights_by_path(tensors, self.step_count, Path(services.shared_dir), metadata)
-            elif transport == "memory":
-                await self.sampler.push_weights_in_memory(tensors, self.step_count, metadata)
-            else:
-                await self.sampler.push_weights(tensors, self.step_count, metadata)
+            shared_dir = None if services.shared_dir is None else Path(services.shared_dir)
+            await self.sampler.push_weights_by(services.push_transport(int(pushed)), tensors, self.step_count,
+                                               metadata, shared_dir)  # fmt: skip
         self.processes.wait()
         self.policy_version = self.step_count
         self.push_stats = {"push/bytes": pushed, "push/seconds": time.perf_counter() - start}

@@ -26,7 +26,7 @@ import torch
 from grader.schema import LogprobsResponse, Sequence
 from grader.tensors import ScoredBatch
 from learner.clients import GraderClient as AsyncGraderClient
-from learner.clients import RetryPolicy, SamplerPool
+from learner.clients import RetryPolicy, SamplerPool, Transport
 from learner.clients import SamplerClient as AsyncSamplerClient
 from opd.auth import load_api_key
 from opd.serving import InfoResponse
@@ -119,8 +119,5 @@ class SamplerClient(_SyncClient):
         it cannot (another host or PID namespace)."""
         if shared_dir is not None and in_memory:
             raise ValueError("push_weights: shared_dir or in_memory, not both")
-        if shared_dir is not None:
-            return self._run(self._pool.push_weights_by_path(tensors, version, shared_dir, metadata))
-        if in_memory:
-            return self._run(self._pool.push_weights_in_memory(tensors, version, metadata))
-        return self._run(self._sampler.push_weights(tensors, version, metadata))
+        transport: Transport = "path" if shared_dir is not None else "memory" if in_memory else "http"
+        return self._run(self._pool.push_weights_by(transport, tensors, version, metadata, shared_dir))

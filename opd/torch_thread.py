@@ -64,12 +64,12 @@ def alone_if_small(tensors: Iterable[torch.Tensor]) -> Iterator[None]:
     hold fewer than SMALL_WORK_BYTES (the setting is process-wide: for a server, whose torch calls
     all come from this module's one thread). A server idles between requests, and its OpenMP
     workers go to sleep; each parallel region then waits for a worker to wake before it can end.
-    On this project's 2-vCPU VM
-    that wait was ~5 ms per region, every region, for a while after an idle spell (likely the
-    hypervisor descheduling a spinning vCPU; not seen with OMP_WAIT_POLICY=PASSIVE), so the toy's
-    1.4 MB push took 9.8 ms checked and copied on two threads and 1.3 ms on one (a plain script;
-    9.6 and 5.7 ms through a real sampler's HTTP, bench/push_check.py). Splitting a few
-    MB over threads saves at most a millisecond anywhere; larger pushes keep every thread."""
+    On this project's 2-vCPU VM that wait was ~5 ms per region, every region, for a while after an
+    idle spell (likely the hypervisor descheduling a spinning vCPU; not seen with
+    OMP_WAIT_POLICY=PASSIVE), so the toy's 1.4 MB push took 9.8 ms checked and copied on two
+    threads and 1.3 ms on one (a plain script; 9.6 and 5.7 ms through a real sampler's HTTP,
+    bench/push_check.py). Splitting a few MB over threads saves at most a millisecond anywhere;
+    larger pushes keep every thread."""
     # set_num_threads is process-wide and rebuilds torch's thread pools: only where it changes something
     nbytes = sum(t.numel() * t.element_size() for t in tensors)
     if nbytes >= SMALL_WORK_BYTES or torch.get_num_threads() == 1:
