@@ -40,12 +40,21 @@ wanted() {  # wanted NAME: no names given, or NAME among them
     [ ${#selected[@]} -eq 0 ] || [[ " ${selected[*]} " == *" $1 "* ]]
 }
 
+keep_logs() {  # keep_logs DIR NAME: the service logs of the runs under DIR into $RESULTS/NAME-logs
+    local log  # (a failed run's only trace: nothing but $RESULTS comes back from a lent machine)
+    while IFS= read -r log; do
+        mkdir -p "$RESULTS/$2-logs"
+        tail -c 1000000 "$log" >"$RESULTS/$2-logs/$(echo "${log#"$1"/}" | tr / _)"
+    done < <(find "$1" -path '*/logs/*.log' 2>/dev/null)
+}
+
 toy() {  # the toy task at ppo_steps 1, opd top-k vs TRL GKD on the GPU, one run per seed (issue 13)
     local seed
     for seed in 0 1 2; do
         run "toy seed $seed" 150 bench.toy_distill --device cuda --engine torch --ppo-steps 1 --losses topk \
             --seed "$seed" --out "/tmp/opd-gpu-toy-s$seed" &&
-            cp "/tmp/opd-gpu-toy-s$seed/results.json" "$RESULTS/gpu-toy_distill-s$seed.json"
+            cp "/tmp/opd-gpu-toy-s$seed/results.json" "$RESULTS/gpu-toy_distill-s$seed.json" ||
+            keep_logs "/tmp/opd-gpu-toy-s$seed" "gpu-toy-s$seed"
     done
 }
 
@@ -62,14 +71,26 @@ else
     done
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
     "$PY" -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())" || exit 1
+    "$PY" -c "import fastapi, uvicorn, pydantic" || exit 1  # opd's servers (carried in .whl/)
+    # toy and gkd compare with TRL, which needs datasets and through it pyarrow >= 24 (the image's
+    # own pyarrow, unread here): find out before their long runs, and skip them if TRL cannot load
+    trl=1
+    "$PY" -c "import transformers, pyarrow, datasets, trl
+print('transformers', transformers.__version__, 'pyarrow', pyarrow.__version__, 'datasets', datasets.__version__, 'trl', trl.__version__)" ||
+        trl=0
+    with_trl() {  # with_trl NAME: NAME is wanted and TRL loads (else it is reported, not run)
+        wanted "$1" || return 1
+        [ $trl -eq 1 ] || failed+=("$1: TRL does not import (above), not run")
+        [ $trl -eq 1 ]
+    }
     wanted scale && run lm_head 30 bench.lm_head --gpu --out "$RESULTS/gpu-lm_head.json"
     wanted scale && run learner_scale 120 bench.learner_scale --gpu --out "$RESULTS/gpu-learner_scale.json"
-    wanted toy && toy
+    with_trl toy && toy
     # time per step at Qwen2.5 shapes, opd sampled and top-k vs TRL GKD (issue 13; builds its models first)
     # (torch engines decode one token per forward: 128 tokens keep a step to seconds; building the
     # models and starting 2 x 2 servers take most of the limit)
     # (GKD runs first, then topk, then sampled; the file is rewritten after each, so a cut run keeps them)
-    wanted gkd && run gkd 400 bench.gkd_scale --device cuda --batch-size 16 --prompt-digits 120 --max-tokens 128 \
+    with_trl gkd && run gkd 400 bench.gkd_scale --device cuda --batch-size 16 --prompt-digits 120 --max-tokens 128 \
         --steps 4 --losses topk sampled --out "$RESULTS/gpu-gkd_scale.json"
     if ! { wanted services || wanted pipeline; }; then
         :

@@ -26,7 +26,7 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
-from bench.common import write_results
+from bench.common import RESULTS, exit_on_sigterm, logs_kept_on_failure, write_results
 from bench.models import QWEN25_SHAPES, random_model
 from bench.toy_trl import MeasuredGKDTrainer, finish_gpu_work, gkd_config
 from learner.config import OpdConfig
@@ -75,7 +75,9 @@ class StepsOnly(OnPolicyDistillationTrainer):
 
 
 def run_opd(student: Path, teacher: Path, loss: str, args: argparse.Namespace) -> dict:
-    with tempfile.TemporaryDirectory(prefix="opd-gkd-scale-") as run_dir:
+    out = args.out or RESULTS / f"{'smoke-' if args.smoke else ''}gkd_scale.json"
+    logs = out.parent / f"{out.stem}-logs-{loss}"
+    with tempfile.TemporaryDirectory(prefix="opd-gkd-scale-") as run_dir, logs_kept_on_failure(run_dir, logs):
         return _run_opd(student, teacher, loss, args, run_dir)
 
 
@@ -186,4 +188,5 @@ def record(results: dict, name: str, row: dict, gkd: dict, args: argparse.Namesp
 
 
 if __name__ == "__main__":
+    exit_on_sigterm()  # a time limit (bench/device.sh) still stops the servers and keeps a failed run's logs
     main()

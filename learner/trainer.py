@@ -140,6 +140,7 @@ class OnPolicyDistillationTrainer:
         finally:
             if hasattr(self, "producer"):
                 self.producer.close()
+                del self.producer  # its version callback refers back to the trainer: no cycle outlives the run
             await self.sampler.aclose()
             await self.grader.aclose()
             self.metrics.close()

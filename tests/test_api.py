@@ -1,7 +1,10 @@
-"""The Python API: kwargs instead of a config file, datasets as rows or items, custom rewards."""
+"""The Python API: kwargs instead of a config file, datasets as rows or items, custom rewards, the
+memory of a finished run given back."""
 
+import gc
 import subprocess
 import sys
+import weakref
 from dataclasses import dataclass
 
 import pytest
@@ -43,7 +46,14 @@ def test_rewards_only_where_items_have_answers(tmp_path):
                   train={"steps": 1}, eval={"eval_steps": 1, "max_tokens": 8}, sampling={"max_tokens": 8},
                   services={"engine": "torch"}, logging={"progress": False})  # fmt: skip
     no_answers = OnPolicyDistillationTrainer(run_dir=str(tmp_path / "a"), eval_dataset=[{"prompt": "hi"}], **common)
-    no_answers.train()
+    gc.disable()  # only reference counting frees it then: a cycle would hold the model until a later collection
+    try:
+        no_answers.train()
+        student = weakref.ref(no_answers.policy)
+        del no_answers
+        assert student() is None  # a script that trains twice (a benchmark, a sweep) gets the memory back
+    finally:
+        gc.enable()
     evals = [m for m in read_metrics(tmp_path / "a" / "metrics.jsonl") if "eval/reverse_kl_per_token" in m]
     assert len(evals) == 2 and not any("eval/reward" in m for m in evals)
 

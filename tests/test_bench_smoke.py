@@ -42,3 +42,26 @@ def test_push_check_times_a_small_push_on_every_thread_and_on_one(tmp_path):
     for way in ("every_thread", "one_thread"):
         assert small[f"{way}_back_to_back_s"] > 0 and small[f"{way}_after_idle_s"] > 0
     assert 1_000_000 < small["bytes"] < 2_000_000  # the tiny student, float32
+
+
+def test_a_run_stopped_by_its_time_limit_keeps_its_service_logs(tmp_path):
+    """What `timeout` does to a benchmark on the lent GPU: SIGTERM mid-run. The run's temporary
+    directory goes, its servers' logs stay where the results come back from."""
+    script = f"""
+import sys, tempfile, time
+from pathlib import Path
+from bench.common import exit_on_sigterm, logs_kept_on_failure
+exit_on_sigterm()
+with tempfile.TemporaryDirectory() as run_dir, logs_kept_on_failure(run_dir, Path({str(tmp_path / "kept")!r})):
+    (Path(run_dir) / "logs").mkdir()
+    (Path(run_dir) / "logs" / "grader.log").write_text("Traceback: the grader's last words")
+    print(run_dir, flush=True)
+    time.sleep(60)
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run_dir = proc.stdout.readline().strip()
+    proc.terminate()
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 128 + 15, err
+    assert (tmp_path / "kept" / "logs" / "grader.log").read_text() == "Traceback: the grader's last words"
+    assert not os.path.exists(run_dir) and "service logs are in" in err
