@@ -50,6 +50,8 @@ keep_logs() {  # keep_logs DIR NAME: the service logs of the runs under DIR into
 
 toy() {  # the toy task at ppo_steps 1, opd top-k vs TRL GKD on the GPU, one run per seed (issue 13)
     local seed
+    # first, whether the learner's pushes reach its torch samplers by CUDA IPC (else they go over HTTP)
+    run push_shared 60 bench.push_check --shared cuda --out "$RESULTS/gpu-push_shared.json"
     for seed in 0 1 2; do
         run "toy seed $seed" 150 bench.toy_distill --device cuda --engine torch --ppo-steps 1 --losses topk \
             --seed "$seed" --out "/tmp/opd-gpu-toy-s$seed" &&
@@ -61,6 +63,7 @@ toy() {  # the toy task at ppo_steps 1, opd top-k vs TRL GKD on the GPU, one run
 if [ "${1:-}" = "--smoke" ]; then
     run learner_scale 300 bench.learner_scale --smoke --out "$RESULTS/smoke-learner_scale.json"
     run lm_head 60 bench.lm_head --smoke --out "$RESULTS/smoke-lm_head.json"
+    run push_shared 120 bench.push_check --shared cpu --out "$RESULTS/smoke-push_shared.json"
     run gkd 300 bench.gkd_scale --smoke --losses topk --out "$RESULTS/smoke-gkd_scale.json"
     run services 600 bench.gpu_bench --smoke --out "$RESULTS/smoke-services.json"
     run pipeline 600 bench.pipeline --smoke --out "$RESULTS/smoke-pipeline.json"

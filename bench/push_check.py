@@ -7,11 +7,13 @@ sampler idled, checked and copied on every thread (as before) against one thread
 (`opd.torch_thread.alone_if_small`). With `--transports SHAPE`, a push of that shape into a real
 sampler (`--engine`) by every transport: over HTTP (on vLLM: the body staged as an in-memory
 file for the worker, `sampler/staging.py`, against the body passed through vLLM's
-collective_rpc), by path through /dev/shm, and through an in-memory file (`memory`).
+collective_rpc), by path through /dev/shm, through an in-memory file (`memory`), and on torch
+copied from the learner's buffer (`shared`).
 
     python -m bench.push_check [--shapes 0.5b 1.5b] [--repeats 3]
     python -m bench.push_check --shapes          # the small push alone
     python -m bench.push_check --shapes --transports 0.5b [--engine torch]
+    python -m bench.push_check --shared cuda     # a shared push on the GPU, by CUDA IPC (bench/device.sh)
 
 Every full push is serialised, sent, decoded and checked before it touches the served model;
 all of it runs on the host's CPU whatever the engine, so its cost is paid on every step of the
@@ -37,6 +39,7 @@ from transformers import AutoModelForCausalLM
 from bench.common import median_seconds, write_results
 from bench.models import QWEN25_SHAPES, qwen2_config, random_model
 from learner.clients import RetryPolicy, SamplerPool, Transport
+from opd.client import SamplerClient
 from opd.launch import LocalServer, local_servers
 from opd.tiny import ensure_tiny_model
 from sampler.engine import WeightSpec
@@ -163,7 +166,7 @@ async def _pushes(
     idle_s: float = 0.0,
 ) -> list:  # fmt: skip
     """Seconds of each push by the learner's own pool after a warm-up push, each after `idle_s`
-    of the sampler idling; `how`: http, path (through /dev/shm) or memory."""
+    of the sampler idling; `how`: http, path (through /dev/shm), memory or shared."""
     pool, times = SamplerPool([url], timeout_s=600, retry=RetryPolicy()), []
     try:
         with tempfile.TemporaryDirectory(prefix="push-check-", dir="/dev/shm") as shared:
@@ -180,9 +183,9 @@ async def _pushes(
 def measure_transports(models: Path, shape: str, engine: str, repeats: int) -> dict:
     """A push of a Qwen2.5 shape into a sampler of `engine` on this host (bf16 on vLLM, float32 on
     torch, what each serves on CPU): over HTTP, by path through /dev/shm (`weight_transport:
-    path`), through an in-memory file (`memory`, what `auto` picks for the learner's own
-    samplers); on vLLM also over HTTP as before, the body passed to the worker through
-    collective_rpc instead of staged in memory."""
+    path`), through an in-memory file (`memory`), and on torch copied from the learner's buffer
+    (`shared`, sampler/shared.py); on vLLM also over HTTP as before, the body passed to the worker
+    through collective_rpc instead of staged in memory."""
     model_dir = random_model(models, f"qwen2.5-{shape}", QWEN25_SHAPES[shape], seed=0)
     dtype = "bfloat16" if engine == "vllm" else "float32"
     tensors = {n: t.to(getattr(torch, dtype)) for n, t in load_file(model_dir / "model.safetensors").items()}
@@ -194,10 +197,49 @@ def measure_transports(models: Path, shape: str, engine: str, repeats: int) -> d
             with local_servers([_ServerBefore(THROUGH_RPC, "sampler", args, Path(logs))], timeout=900) as urls:
                 row["http_rpc_s"] = asyncio.run(_pushes(urls[0], tensors, "http", repeats))
         with local_servers([LocalServer("sampler", args, Path(logs))], timeout=900) as urls:
-            for how in ("http", "path", "memory"):
+            # (a vLLM sampler refuses shared pushes: its weights live in its worker process)
+            for how in ("http", "path", "memory", *(("shared",) if engine == "torch" else ())):
                 row[f"{how}_s"] = asyncio.run(_pushes(urls[0], tensors, how, repeats))
     print(row, flush=True)
     return row
+
+
+def measure_shared(device: str, repeats: int) -> dict:
+    """The tiny student, perturbed, pushed from `device` into a torch sampler on `device` over
+    HTTP and then shared (`weight_transport: shared`): seconds per push, the sampler's greedy
+    completions after each (the same weights, so the same completions, not those of the weights
+    it started with), and where the sampler says each push came from (on a GPU: the learner's
+    cuda buffer, opened by CUDA IPC; a push that fell back to HTTP says "the request body").
+    Raises when the shared push did not arrive through the buffer or served other weights."""
+    model_dir = ensure_tiny_model("student")
+    torch.manual_seed(0)
+    tensors = {n: (p.detach() + 0.05 * torch.randn_like(p)).to(device)
+               for n, p in AutoModelForCausalLM.from_pretrained(model_dir).named_parameters()}  # fmt: skip
+    prompts = [[1, 365, 201, 89], [1, 67, 360, 201]]
+    row: dict = {"device": device, "bytes": sum(t.numel() * t.element_size() for t in tensors.values())}
+    with tempfile.TemporaryDirectory(prefix="push-check-") as logs:
+        args = ["--model", str(model_dir), "--engine", "torch", "--device", device]
+        with local_servers([LocalServer("sampler", args, Path(logs))], timeout=300) as urls, SamplerClient(
+            urls[0]
+        ) as client:  # fmt: skip
+            served = {"before": _greedy(client, prompts)}
+            for how in ("http", "shared"):
+                row[f"{how}_s"] = asyncio.run(_pushes(urls[0], tensors, how, repeats))
+                served[how] = _greedy(client, prompts)
+        log = (Path(logs) / "sampler.log").read_text()
+    origins = re.findall(r"loaded \d+ weight tensors from (.+), policy_version=", log)
+    row["origins"] = sorted(set(origins))
+    row["served"] = served
+    print(row, flush=True)
+    buffer = f"the learner's {'memfd' if device == 'cpu' else 'cuda'} buffer"
+    if buffer not in origins or served["shared"] != served["http"] or served["http"] == served["before"]:
+        raise SystemExit(f"the shared push did not serve the pushed weights through {buffer}: {row}")
+    return row
+
+
+def _greedy(client: SamplerClient, prompts: list[list[int]]) -> list[list[int]]:
+    reply = client.generate(prompt_ids=prompts, n=1, temperature=0.0, max_tokens=8)
+    return [r.completions[0].completion_ids for r in reply.results]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -212,8 +254,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--engine", choices=["vllm", "torch"], default="vllm", help="that sampler's engine")
     parser.add_argument("--transport-repeats", type=int, default=3)
     parser.add_argument("--models", type=Path, default=Path(tempfile.gettempdir()) / "opd-bench-models")
+    parser.add_argument("--shared", metavar="DEVICE", default=None,
+                        help="only the shared push's check on DEVICE (cpu, cuda; bench/device.sh)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
+    if args.shared:
+        shared = measure_shared(args.shared, args.transport_repeats)
+        write_results({"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "shared": shared}, args.out,
+                      "push_shared.json")  # fmt: skip
+        return
     rows, wire = [], []
     for name in args.shapes:
         tensors = random_push(name)

@@ -28,13 +28,14 @@ from grader import tensors
 from grader.schema import InfoResponse, LogprobsRequest, LogprobsResponse, Sequence
 from grader.tensors import ScoredBatch
 from opd.errors import GraderError, SamplerError, ServiceError
-from sampler.schema import GenerateRequest, GenerateResponse, WeightsFromPath, WeightsResponse
+from sampler.schema import GenerateRequest, GenerateResponse, WeightsFromPath, WeightsResponse, WeightsShared
+from sampler.shared import WeightBuffer, layout_of
 from sampler.staging import stage
 from sampler.wire import Body, encode
 
 logger = logging.getLogger(__name__)
 
-Transport = Literal["http", "path", "memory"]
+Transport = Literal["http", "path", "memory", "shared"]
 """How a weight push travels (`SamplerPool.push_weights_by`)."""
 
 
@@ -168,6 +169,11 @@ class SamplerClient(_Client):
         )
         return WeightsResponse.model_validate_json(response.content).policy_version
 
+    async def push_shared(self, body: WeightsShared) -> int:
+        """Have the sampler copy the weights out of the learner's buffer (sampler/shared.py)."""
+        response = await self._request("POST", "/v1/weights", json=body.model_dump(exclude_none=True))
+        return WeightsResponse.model_validate_json(response.content).policy_version
+
     async def push_path(self, path: str, version: int) -> int:
         """Have the sampler load the safetensors file at `path`, a name it can open as it is."""
         body = WeightsFromPath(path=path, version=version)
@@ -270,6 +276,9 @@ def _clients(cls: type[ClientT], urls: list[str], timeout_s: float, retry: Retry
 class SamplerPool(ReplicaPool[SamplerClient]):
     def __init__(self, urls: list[str], timeout_s: float, retry: RetryPolicy, api_key: str | None = None) -> None:
         super().__init__(_clients(SamplerClient, urls, timeout_s, retry, api_key=api_key), retry.deadline_s)
+        self._buffer: WeightBuffer | None = None  # shared pushes: the weights the samplers copy from
+        self._bufferless = False  # the buffer could not be made: shared pushes go over HTTP
+        self._unshared: set[str] = set()  # samplers that refused a shared push: they get the body
 
     async def generate(self, request: GenerateRequest) -> GenerateResponse:
         work = len(request.prompt_ids or request.messages or []) * request.n * request.max_tokens
@@ -317,18 +326,67 @@ class SamplerPool(ReplicaPool[SamplerClient]):
         finally:
             staged.close()
 
+    async def push_weights_shared(self, tensors: dict[str, torch.Tensor], version: int) -> int:
+        """Copy `tensors` into a buffer the samplers map, and post its layout (sampler/shared.py);
+        over HTTP to a sampler that cannot map it (vLLM, another host, a GPU it cannot see), and
+        to all where the buffer cannot be made."""
+        buffer = self._fill_buffer(tensors)
+        if buffer is None:
+            return await self.push_weights(tensors, version)
+        body = WeightsShared(buffer=buffer.handle(), tensors=buffer.layout, version=version)
+
+        async def push(client: SamplerClient) -> int:
+            if client.base_url not in self._unshared:
+                try:
+                    return await client.push_shared(body)
+                except SamplerError as exc:
+                    if exc.status not in (400, 422):
+                        raise
+                    logger.warning("%s cannot copy from the learner's buffer (%s); pushing to it over HTTP",
+                                   client.base_url, exc)  # fmt: skip
+                    self._unshared.add(client.base_url)
+            return await client.push_weights(tensors, version)
+
+        return await self._push_all(push, version)
+
+    def _fill_buffer(self, tensors: dict[str, torch.Tensor]) -> WeightBuffer | None:
+        """The buffer, made (or made again, when the tensors' layout changed) and filled; None
+        where it cannot be made."""
+        if self._buffer is not None and not self._buffer.fits(tensors):
+            self._buffer.close()
+            self._buffer = None
+        if self._buffer is None:
+            if self._bufferless:
+                return None
+            try:
+                self._buffer = WeightBuffer(layout_of(tensors), next(iter(tensors.values())).device)
+            except (OSError, RuntimeError, ValueError, AttributeError) as exc:  # no memfd, no IPC, other dtypes
+                logger.warning("cannot share the weights with the samplers (%s); pushing them over HTTP", exc)
+                self._bufferless = True
+                return None
+        self._buffer.fill(tensors)
+        return self._buffer
+
+    async def aclose(self) -> None:
+        await super().aclose()
+        if self._buffer is not None:
+            self._buffer.close()
+            self._buffer = None
+
     async def push_weights_by(
         self, transport: Transport, tensors: dict[str, torch.Tensor], version: int,
         metadata: dict[str, str] | None = None, shared_dir: Path | None = None,
     ) -> int:  # fmt: skip
         """One push by `transport`: `push_weights` (http), `push_weights_by_path` (path, into
-        `shared_dir`) or `push_weights_in_memory` (memory)."""
+        `shared_dir`), `push_weights_in_memory` (memory) or `push_weights_shared` (shared)."""
         if transport == "path":
             if shared_dir is None:
                 raise ValueError("a push by path needs a shared_dir")
             return await self.push_weights_by_path(tensors, version, shared_dir, metadata)
         if transport == "memory":
             return await self.push_weights_in_memory(tensors, version, metadata)
+        if transport == "shared" and metadata is None:  # (an adapter, small, goes over HTTP)
+            return await self.push_weights_shared(tensors, version)
         return await self.push_weights(tensors, version, metadata)
 
     async def _push_all(self, push: Callable[[SamplerClient], Awaitable[int]], version: int) -> int:

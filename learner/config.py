@@ -209,11 +209,14 @@ class ServicesConfig(Section):
     """How long locally started servers may take to load their models."""
     api_key_file: str | None = None
     """File with the sampler's bearer token for weight pushes (else $OPD_API_KEY, if set)."""
-    weight_transport: Literal["auto", "http", "path", "memory"] = "auto"
+    weight_transport: Literal["auto", "http", "path", "memory", "shared"] = "auto"
     """http: stream safetensors in the request body; path: write to shared_dir and post the path;
     memory: write to an anonymous in-memory file and post its /proc path (samplers on this host,
-    run by this user); auto: memory for pushes of 16 MB and more to the samplers the learner starts
-    itself, http otherwise."""
+    run by this user); shared: copy into one buffer the samplers map, kept for the run (an
+    in-memory file, or on a GPU a CUDA allocation they open by IPC), and post its layout (torch
+    samplers on this host; others get the body over HTTP); auto: for the samplers the learner
+    starts itself shared on the torch engine, memory on vLLM for pushes of 16 MB and more; http
+    otherwise."""
     shared_dir: str | None = None
     """A directory both learner and sampler can read (same machine or a shared volume); for path."""
 
@@ -243,16 +246,21 @@ class ServicesConfig(Section):
     def grader_list(self) -> list[str] | None:
         return self.grader_urls or ([self.grader_url] if self.grader_url else None)
 
-    def push_transport(self, nbytes: int) -> Literal["http", "path", "memory"]:
-        """How a push of `nbytes` travels: `weight_transport` with auto settled. The learner's own
-        samplers are on its host, so a model-sized push goes through memory (1.39 s instead of
-        1.75 s over HTTP for 2 GB into a torch sampler, 1.2-1.3 s instead of 1.9-2.1 s for 1 GB
-        into vLLM); a small one crosses loopback HTTP faster than it is staged (the toy's 1.4 MB:
-        ~3-5 ms against ~4-6 ms); a running sampler may be on another host."""
+    def push_transport(self, nbytes: int, engine: str) -> Literal["http", "path", "memory", "shared"]:
+        """How a push of `nbytes` to samplers of `engine` travels: `weight_transport` with auto
+        settled. The learner's own samplers are on its host: a torch sampler copies the weights
+        out of the learner's buffer (sampler/shared.py; no bytes through HTTP or a file at any
+        size), a vLLM one, whose weights live in its worker process, reads a model-sized push from
+        an in-memory file (1.2-1.3 s instead of 1.9-2.1 s over HTTP for 1 GB), while a small one
+        crosses loopback HTTP faster than it is staged (the toy's 1.4 MB: ~3-5 ms against ~4-6 ms).
+        A running sampler may be on another host."""
         if self.weight_transport != "auto":
             return self.weight_transport
-        local = self.sampler_list is None and memfd_available()
-        return "memory" if local and nbytes >= MEMORY_PUSH_MIN_BYTES else "http"
+        if self.sampler_list is not None:
+            return "http"
+        if engine == "torch":
+            return "shared"
+        return "memory" if memfd_available() and nbytes >= MEMORY_PUSH_MIN_BYTES else "http"
 
 
 class CheckpointConfig(Section):

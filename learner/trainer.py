@@ -224,8 +224,8 @@ class OnPolicyDistillationTrainer:
         if self.processes.is_main:
             services = self.config.services
             shared_dir = None if services.shared_dir is None else Path(services.shared_dir)
-            await self.sampler.push_weights_by(services.push_transport(int(pushed)), tensors, self.step_count,
-                                               metadata, shared_dir)  # fmt: skip
+            await self.sampler.push_weights_by(services.push_transport(int(pushed), self.sampler_engine), tensors,
+                                               self.step_count, metadata, shared_dir)  # fmt: skip
         self.processes.wait()
         self.policy_version = self.step_count
         self.push_stats = {"push/bytes": pushed, "push/seconds": time.perf_counter() - start}
@@ -240,7 +240,7 @@ class OnPolicyDistillationTrainer:
                        own_fingerprint=tokenizer_fingerprint(self.tokenizer),
                        own_vocab=self.processes.unwrap(self.policy).lm.config.vocab_size,
                        train=self.config.train, lora=self.config.student.lora)  # fmt: skip
-        self.sampler_dtype = sampler_info.dtype
+        self.sampler_dtype, self.sampler_engine = sampler_info.dtype, sampler_info.engine
         return sampler_info.engine
 
     def _eval_due(self) -> bool:

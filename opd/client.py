@@ -94,7 +94,7 @@ class SamplerClient(_SyncClient):
     def __init__(
         self, url: str, *, timeout_s: float = 300.0, retry_deadline_s: float = 120.0, api_key: str | None = None
     ) -> None:
-        # a pool of one: the learner's pushes (over HTTP, by shared path, through memory) as they are
+        # a pool of one: the learner's pushes (over HTTP, by path, through memory, shared) as they are
         self._pool = SamplerPool([url], timeout_s, RetryPolicy(deadline_s=retry_deadline_s),
                                  api_key or load_api_key(None))  # fmt: skip
         self._sampler = self._pool.clients[0]
@@ -103,6 +103,10 @@ class SamplerClient(_SyncClient):
     def __enter__(self) -> "SamplerClient":
         return self
 
+    def close(self) -> None:
+        self._run(self._pool.aclose())  # its client, and the buffer of shared pushes
+        self._loop.close()
+
     def generate(self, request: GenerateRequest | None = None, **fields: Any) -> GenerateResponse:
         """POST /v1/generate with a request, or its fields: `prompt_ids` or `messages`, `n`,
         `temperature`, `top_p`, `max_tokens`, `seed`, `top_logprobs`."""
@@ -110,14 +114,17 @@ class SamplerClient(_SyncClient):
 
     def push_weights(
         self, tensors: dict[str, torch.Tensor], version: int, *, shared_dir: Path | None = None,
-        in_memory: bool = False, metadata: dict[str, str] | None = None,
+        in_memory: bool = False, shared: bool = False, metadata: dict[str, str] | None = None,
     ) -> int:  # fmt: skip
         """POST /v1/weights; returns the sampler's new policy_version. The tensors go as a
         safetensors body (streamed from their memory), or written to `shared_dir` and loaded by
-        path, or with `in_memory` (a sampler on this host: the fastest for large models) copied
-        once into an anonymous in-memory file whose /proc path the sampler opens, over HTTP where
-        it cannot (another host or PID namespace)."""
-        if shared_dir is not None and in_memory:
-            raise ValueError("push_weights: shared_dir or in_memory, not both")
-        transport: Transport = "path" if shared_dir is not None else "memory" if in_memory else "http"
+        path, or with `in_memory` (a sampler on this host) copied once into an anonymous in-memory
+        file whose /proc path the sampler opens, or with `shared` (a torch sampler on this host:
+        the fastest, sampler/shared.py) copied into a buffer this client keeps until it closes,
+        which the sampler maps and copies from; over HTTP where the sampler cannot."""
+        if (shared_dir is not None) + in_memory + shared > 1:
+            raise ValueError("push_weights: one of shared_dir, in_memory and shared")
+        transport: Transport = (
+            "path" if shared_dir is not None else "memory" if in_memory else "shared" if shared else "http"
+        )
         return self._run(self._pool.push_weights_by(transport, tensors, version, metadata, shared_dir))

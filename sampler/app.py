@@ -4,10 +4,12 @@ opd sampler --model tiny:student --port 8001
 """
 
 import asyncio
+import json
 import logging
 import math
 from dataclasses import dataclass
 
+import torch
 from fastapi import FastAPI, Query, Request, Response
 from starlette.requests import ClientDisconnect
 
@@ -16,7 +18,7 @@ from grader.schema import LogprobsResponse
 from opd import torch_thread
 from opd.auth import check_bearer
 from opd.errors import NonFiniteOutputError, RequestError
-from opd.serving import ERROR_RESPONSES, check_token_ids, create_service_app, json_reply
+from opd.serving import ERROR_RESPONSES, MAX_JSON_BYTES, check_token_ids, create_service_app, json_reply
 from sampler.adapters import read_adapter
 from sampler.engine import Sample, SamplerEngine, SamplingParams
 from sampler.schema import (
@@ -28,7 +30,9 @@ from sampler.schema import (
     PromptResult,
     WeightsFromPath,
     WeightsResponse,
+    WeightsShared,
 )
+from sampler.shared import BufferMaps, tensor_views
 from sampler.weights import check_weights, decode_safetensors, hold_file, read_safetensors_file
 from sampler.wire import Decoded
 
@@ -54,6 +58,7 @@ class SamplerSettings:
 def create_app(engine: SamplerEngine, settings: SamplerSettings | None = None) -> FastAPI:
     # weights have their own, larger limit, checked while streaming
     app = create_service_app("opd sampler", engine, settings or SamplerSettings(), frozenset({"/v1/weights"}))
+    app.state.buffer_maps = BufferMaps()  # the learner's weight buffer, once a shared push has named it
     app.post("/v1/generate", response_model=GenerateResponse, responses=ERROR_RESPONSES)(generate)
     # The student's logprobs of given completions, as the grader gives the teacher's (`opd grade --sampler`).
     app.post("/v1/logprobs", response_model=LogprobsResponse, responses=LOGPROBS_RESPONSES)(logprobs)
@@ -126,22 +131,50 @@ def _check_chat_lengths(chats: list[list[ChatMessage]], max_chars: int) -> None:
             )
 
 
+def inline_refs(schema: dict) -> dict:
+    """`schema` with its `$defs` written in where they are referred to: a request body in the
+    OpenAPI document cannot point into a model's own `$defs`."""
+    defs = schema.pop("$defs", {})
+
+    def resolve(node: object) -> object:
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return resolve(defs[node["$ref"].rsplit("/", 1)[-1]])
+            return {key: resolve(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [resolve(item) for item in node]
+        return node
+
+    return resolve(schema)  # type: ignore[return-value]
+
+
 _WEIGHTS_BODY = {
     "requestBody": {
         "required": True,
         "content": {
             "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
-            "application/json": {"schema": WeightsFromPath.model_json_schema()},
+            "application/json": {
+                "schema": {
+                    "oneOf": [
+                        inline_refs(WeightsFromPath.model_json_schema()),
+                        inline_refs(WeightsShared.model_json_schema()),
+                    ]
+                }
+            },
         },
     }
 }
 
 
 async def push_weights(request: Request, version: int | None = Query(default=None, ge=0)) -> WeightsResponse:
-    """Swap in new weights: a safetensors body, or JSON naming a file on a shared volume."""
+    """Swap in new weights: a safetensors body, JSON naming a file on a shared volume, or JSON
+    naming the learner's weight buffer and where each weight sits in it."""
     check_bearer(request.headers.get("authorization"), request.app.state.settings.api_key)
     if request.headers.get("content-type", "").startswith("application/json"):
-        source = WeightsFromPath.model_validate_json(await request.body())
+        raw = await _read_capped(request, MAX_JSON_BYTES)  # (the path is exempt from the app-wide JSON limit)
+        if _names_a_buffer(raw):
+            return await _swap_in_shared(request, WeightsShared.model_validate_json(raw))
+        source = WeightsFromPath.model_validate_json(raw)
         held = await torch_thread.run(hold_file, source.path)
         try:
             decoded = await torch_thread.run(read_safetensors_file, held, source.path)
@@ -151,6 +184,32 @@ async def push_weights(request: Request, version: int | None = Query(default=Non
     payload = await _read_capped(request, request.app.state.settings.max_weights_bytes)
     decoded = await torch_thread.run(decode_safetensors, payload, request.headers.get("x-content-sha256"))
     return await _swap_in(request, decoded, payload, version, "the request body")
+
+
+def _names_a_buffer(raw: bytes | bytearray) -> bool:
+    """Whether a JSON push is a WeightsShared (the one with a `buffer`); anything else, malformed
+    JSON included, is validated as a WeightsFromPath and refused as one."""
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        return False
+    return isinstance(body, dict) and "buffer" in body
+
+
+async def _swap_in_shared(request: Request, body: WeightsShared) -> WeightsResponse:
+    """Copy the weights out of the learner's buffer (sampler/shared.py), after the same checks as
+    any push; on a GPU the copy has finished when this answers, so the learner may write again."""
+    engine: SamplerEngine = request.app.state.engine
+    if engine.info().engine != "torch" or engine.info().max_lora_rank is not None:
+        raise RequestError("this sampler takes weights by body or path: pushes through shared memory need the "
+                           "torch engine and full weights", param="buffer", status=422)  # fmt: skip
+    maps: BufferMaps = request.app.state.buffer_maps
+    flat = await torch_thread.run(maps.open, body.buffer)
+    tensors = tensor_views(flat, body.tensors)
+    response = await _swap_in(request, (tensors, {}), "", body.version, f"the learner's {body.buffer.kind} buffer")
+    if flat.is_cuda:
+        await torch_thread.run(torch.cuda.synchronize, flat.device)
+    return response
 
 
 async def _swap_in(

@@ -1,8 +1,8 @@
 """Wire schema of the sampler. The learner imports these models; nothing builds JSON by hand.
 
 POST /v1/generate  GenerateRequest -> GenerateResponse
-POST /v1/weights   safetensors bytes (application/octet-stream, ?version=N)
-                   or WeightsFromPath (application/json) -> WeightsResponse
+POST /v1/weights   safetensors bytes (application/octet-stream, ?version=N),
+                   WeightsFromPath or WeightsShared (application/json) -> WeightsResponse
 GET  /v1/info      InfoResponse
 GET  /health       200 when ready
 """
@@ -25,6 +25,7 @@ __all__ = [
     "PromptResult",
     "WeightsFromPath",
     "WeightsResponse",
+    "WeightsShared",
 ]
 
 TokenId = Annotated[int, Field(ge=0)]
@@ -108,6 +109,64 @@ class WeightsFromPath(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     path: str = Field(min_length=1)
+    version: int | None = Field(default=None, ge=0)
+    """New policy_version; the current one + 1 when omitted."""
+
+
+class SharedTensor(BaseModel):
+    """Where one weight sits in the learner's buffer."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1)
+    dtype: Literal["float32", "bfloat16", "float16"]
+    shape: list[Annotated[int, Field(ge=0)]]
+    offset: int = Field(ge=0)
+    """Bytes from the buffer's start (a multiple of 256)."""
+
+
+class CudaIpcHandle(BaseModel):
+    """A CUDA allocation of the learner's, as torch.multiprocessing shares one (bytes in base64)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    device: int = Field(ge=0)
+    handle: str
+    storage_bytes: int = Field(ge=0)
+    storage_offset: int = Field(ge=0)
+    tensor_offset: int = Field(ge=0)
+    ref_counter: str
+    ref_counter_offset: int = Field(ge=0)
+    event: str | None = None
+    event_sync_required: bool = False
+
+
+class SharedBuffer(BaseModel):
+    """The learner's weight buffer: an in-memory file (memfd, opened by its /proc path) or a CUDA
+    allocation (opened by its IPC handle)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["memfd", "cuda"]
+    size: int = Field(ge=1, description="bytes")
+    path: str | None = Field(default=None, min_length=1)
+    cuda: CudaIpcHandle | None = None
+
+    @model_validator(mode="after")
+    def _where(self) -> "SharedBuffer":
+        if (self.kind == "memfd") != (self.path is not None) or (self.kind == "cuda") != (self.cuda is not None):
+            raise ValueError("a memfd buffer names its path, a cuda buffer its handle (cuda), and nothing else")
+        return self
+
+
+class WeightsShared(BaseModel):
+    """Copy the weights from the learner's buffer (`weight_transport: shared`, sampler/shared.py):
+    a sampler on the learner's host with the torch engine; others answer 422."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    buffer: SharedBuffer
+    tensors: list[SharedTensor] = Field(min_length=1)
     version: int | None = Field(default=None, ge=0)
     """New policy_version; the current one + 1 when omitted."""
 

@@ -26,6 +26,8 @@ def test_device_script_runs_every_benchmark_in_smoke_mode(tmp_path):
     assert {row["loss"] for row in scale["in_process"]["rows"]} == {"sampled", "topk"}
     lm_head = json.loads((tmp_path / "smoke-lm_head.json").read_text())
     assert lm_head["opd"]["ms"] > 0 and lm_head["autograd"]["ms"] > 0
+    shared = json.loads((tmp_path / "smoke-push_shared.json").read_text())["shared"]
+    assert "the learner's memfd buffer" in shared["origins"] and shared["served"]["shared"] == shared["served"]["http"]
     gkd = json.loads((tmp_path / "smoke-gkd_scale.json").read_text())
     assert set(gkd["systems"]) == {"opd topk", "trl gkd"} and all(r["s_per_step"] > 0 for r in gkd["systems"].values())
     pipeline = json.loads((tmp_path / "smoke-pipeline.json").read_text())

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from learner.metrics import read_metrics
+
 STEP_METRICS = {
     "kl/reverse_per_token",
     "ppo/loss",
@@ -83,6 +85,22 @@ def test_weights_through_an_in_memory_file(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     origins = _push_origins(tmp_path / "run")
     assert len(origins) == 3 and all(re.fullmatch(r"/proc/\d+/fd/\d+", where) for where in origins), origins
+
+
+@pytest.mark.slow
+def test_torch_samplers_copy_the_weights_out_of_the_learners_buffer(tmp_path):
+    losses = {}
+    for transport in ("auto", "http"):  # auto: shared, for the torch samplers the learner starts
+        run_dir = tmp_path / transport
+        result = opd_run("--run_dir", str(run_dir), "--train.steps", "2", "--eval.eval_steps", "0",
+                         "--services.engine", "torch", "--services.weight_transport", transport)  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        losses[transport] = [
+            (m["kl/reverse_per_token"], m["ppo/loss"]) for m in read_metrics(run_dir / "metrics.jsonl")
+        ]
+    assert _push_origins(tmp_path / "auto") == ["the learner's memfd buffer"] * 3
+    assert _push_origins(tmp_path / "http") == ["the request body"] * 3
+    assert losses["auto"] == losses["http"] and len(losses["auto"]) == 2  # the same weights arrived
 
 
 def _teacher_with_other_tokenizer(teacher_dir, tmp_path):

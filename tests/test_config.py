@@ -89,18 +89,23 @@ RUNNING = ["--services.sampler_url", "http://localhost:8000", "--services.grader
 
 
 @pytest.mark.parametrize(
-    ("overrides", "nbytes", "transport"),
+    ("overrides", "nbytes", "engine", "transport"),
     [
-        ([], MEMORY_PUSH_MIN_BYTES, "memory"),  # the samplers it starts itself are on its host
-        ([], MEMORY_PUSH_MIN_BYTES - 1, "http"),  # a small push crosses loopback faster than it is staged
-        (RUNNING, 2**30, "http"),
-        (["--services.weight_transport", "http"], 2**30, "http"),
-        (["--services.weight_transport", "memory", *RUNNING], 1, "memory"),
-        (["--services.weight_transport", "path", "--services.shared_dir", "/shared"], 1, "path"),
+        ([], MEMORY_PUSH_MIN_BYTES, "vllm", "memory"),  # the samplers it starts itself are on its host
+        ([], MEMORY_PUSH_MIN_BYTES - 1, "vllm", "http"),  # a small push crosses loopback faster than it is staged
+        ([], 1, "torch", "shared"),  # a torch sampler copies out of the learner's buffer at any size
+        ([], 2**30, "torch", "shared"),
+        (RUNNING, 2**30, "torch", "http"),
+        (["--services.weight_transport", "http"], 2**30, "torch", "http"),
+        (["--services.weight_transport", "memory", *RUNNING], 1, "vllm", "memory"),
+        (["--services.weight_transport", "shared", *RUNNING], 1, "vllm", "shared"),
+        (["--services.weight_transport", "path", "--services.shared_dir", "/shared"], 1, "torch", "path"),
     ],
 )
-def test_weight_transport_auto_is_memory_for_large_pushes_to_own_samplers(tmp_path, overrides, nbytes, transport):
-    assert load_config(write(tmp_path, MINIMAL), overrides).services.push_transport(nbytes) == transport
+def test_weight_transport_auto_settles_by_where_the_samplers_are_and_their_engine(
+    tmp_path, overrides, nbytes, engine, transport
+):
+    assert load_config(write(tmp_path, MINIMAL), overrides).services.push_transport(nbytes, engine) == transport
 
 
 def test_resume_under_fsdp_is_refused_before_anything_starts(tmp_path):

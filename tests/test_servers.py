@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import os
 import re
 from pathlib import Path
 
@@ -18,7 +19,8 @@ from learner.clients import RetryPolicy, SamplerPool
 from opd.client import SamplerClient
 from opd.launch import local_server
 from opd.tiny import build_model, build_tokenizer
-from sampler.schema import GenerateResponse
+from sampler.schema import GenerateResponse, SharedBuffer
+from sampler.shared import WeightBuffer, layout_of
 from sampler.staging import ProcFile, stage
 from tests import reference
 
@@ -382,7 +384,7 @@ def test_the_learners_pool_pushes_through_memory_and_over_http_where_memory_fail
     assert origins[1:] == ["the request body"] * 2
 
 
-def test_the_python_client_pushes_through_memory_by_path_and_over_http(student_dir, tmp_path):
+def test_the_python_client_pushes_through_memory_by_path_over_http_and_shared(student_dir, tmp_path):
     first, second = _new_student_weights(seed=7), _new_student_weights(seed=8)
     shared = tmp_path / "shared"
     with (
@@ -395,15 +397,18 @@ def test_the_python_client_pushes_through_memory_by_path_and_over_http(student_d
         served.append(_greedy_all(url))
         assert sampler.push_weights(first, 3) == 3
         served.append(_greedy_all(url))
-        with pytest.raises(ValueError, match="not both"):
+        with pytest.raises(ValueError, match="one of"):
             sampler.push_weights(second, 4, shared_dir=shared, in_memory=True)
-        assert sampler.info().policy_version == 3
-    for weights, greedy in zip((first, second, first), served, strict=True):
+        assert sampler.push_weights(second, 4, shared=True) == 4
+        served.append(_greedy_all(url))
+        assert sampler.info().policy_version == 4
+    for weights, greedy in zip((first, second, first, second), served, strict=True):
         assert greedy == [reference.greedy(_model_with(student_dir, weights), p, 10, EOS) for p in PROMPTS]
     log = (tmp_path / "sampler.log").read_text()
     origins = re.findall(r"loaded \d+ weight tensors from (.+), policy_version=", log)
-    assert len(origins) == 3 and re.fullmatch(r"/proc/\d+/fd/\d+", origins[0]), origins
-    assert origins[1:] == [str(shared.resolve() / "weights-v000002.safetensors"), "the request body"]
+    assert len(origins) == 4 and re.fullmatch(r"/proc/\d+/fd/\d+", origins[0]), origins
+    assert origins[1:] == [str(shared.resolve() / "weights-v000002.safetensors"), "the request body",
+                           "the learner's memfd buffer"]  # fmt: skip
     assert [p.name for p in shared.iterdir()] == ["weights-v000002.safetensors"]
 
 
@@ -415,6 +420,93 @@ class _Elsewhere:
 
     def close(self) -> None:
         self.staged.close()
+
+
+def test_the_learners_pool_pushes_through_its_shared_buffer_and_over_http_where_refused(
+    student_dir, tmp_path, monkeypatch, caplog
+):
+    first, second = _new_student_weights(seed=7), _new_student_weights(seed=8)
+
+    async def push_four_times(url: str) -> list[list[list[int]]]:
+        pool = SamplerPool([url], timeout_s=60, retry=RetryPolicy(deadline_s=5))
+        served = []
+        try:
+            for version, weights in [(1, first), (2, second)]:  # the second push writes the buffer the sampler mapped
+                assert await pool.push_weights_by("shared", weights, version) == version
+                served.append(_greedy_all(url))
+            # injected fault: a sampler in another PID namespace cannot open the learner's /proc path
+            monkeypatch.setattr(learner.clients.WeightBuffer, "handle", _handle_elsewhere)
+            for version, weights in [(3, first), (4, second)]:  # refused once, then sent over HTTP directly
+                assert await pool.push_weights_by("shared", weights, version) == version
+                served.append(_greedy_all(url))
+            return served
+        finally:
+            await pool.aclose()
+
+    with local_server("sampler", ["--model", str(student_dir), "--engine", "torch"], tmp_path) as url:
+        served = asyncio.run(push_four_times(url))
+    for weights, greedy in zip((first, second, first, second), served, strict=True):
+        assert greedy == [reference.greedy(_model_with(student_dir, weights), p, 10, EOS) for p in PROMPTS]
+    log = (tmp_path / "sampler.log").read_text()
+    origins = re.findall(r"loaded \d+ weight tensors from (.+), policy_version=", log)
+    assert origins == ["the learner's memfd buffer"] * 2 + ["the request body"] * 2, origins
+    refusals = [r.message for r in caplog.records if "cannot copy from the learner's buffer" in r.message]
+    assert len(refusals) == 1 and "cannot open the learner's weight buffer" in refusals[0], refusals
+
+
+def _handle_elsewhere(buffer):
+    return SharedBuffer(kind="memfd", size=buffer.flat.numel(), path="/proc/999999999/fd/3")
+
+
+def test_shared_pushes_that_do_not_fit_the_buffer_are_refused(student_dir, tmp_path):
+    weights = _new_student_weights(seed=5)
+    buffer = WeightBuffer(layout_of(weights), torch.device("cpu"))
+    buffer.fill(weights)
+    layout = [t.model_dump() for t in buffer.layout]
+    last = dict(layout[-1])
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    push_file = stage(b"x" * 4096)  # an in-memory file, but a staged push, not a weight buffer
+
+    def body(**changes):
+        return {"buffer": buffer.handle().model_dump(exclude_none=True), "tensors": layout} | changes
+
+    refused = [
+        (body(tensors=[*layout[:-1], last | {"offset": buffer.flat.numel()}]), 400, f"tensors.{last['name']}"),
+        (body(tensors=[*layout[:-1], last | {"offset": last["offset"] + 4}]), 400, f"tensors.{last['name']}"),
+        (body(tensors=[*layout, layout[0]]), 400, f"tensors.{layout[0]['name']}"),
+        (body(tensors=layout[:-1]), 422, f"weights.{last['name']}"),
+        (body(tensors=[*layout[:-1], last | {"dtype": "float16"}]), 422, f"weights.{last['name']}"),
+        (body(tensors=[*layout[:-1], last | {"dtype": "int8"}]), 422, f"tensors.{len(layout) - 1}.dtype"),
+        (body(buffer={"kind": "memfd", "size": buffer.flat.numel() + 1, "path": buffer.handle().path}), 400,
+         "buffer.size"),
+        (body(buffer={"kind": "memfd", "size": 8, "path": str(tmp_path)}), 400, "buffer.path"),  # a directory
+        (body(buffer={"kind": "memfd", "size": 8, "path": str(fifo)}), 400, "buffer.path"),  # would block
+        (body(buffer={"kind": "memfd", "size": 8, "path": str(student_dir / "config.json")}), 400, "buffer.path"),
+        (body(buffer={"kind": "memfd", "size": 8, "path": push_file.path}), 400, "buffer.path"),  # not a buffer
+        (body(buffer={"kind": "memfd", "size": 8}), 422, "buffer"),
+        (body(buffer={"kind": "cuda", "size": 8, "cuda": {"device": 0, "handle": "AA==", "storage_bytes": 8,
+                                                          "storage_offset": 0, "tensor_offset": 0,
+                                                          "ref_counter": "AA==", "ref_counter_offset": 0}}),
+         400, "buffer.cuda"),  # this sampler has no GPU
+    ]  # fmt: skip
+    nan = dict(weights) | {last["name"]: _with_value(weights[last["name"]], float("nan"))}
+    with local_server("sampler", ["--model", str(student_dir), "--engine", "torch"], tmp_path) as url:
+        serving = _greedy_all(url)
+        for request, status, param in refused:
+            response = httpx.post(f"{url}/v1/weights", json=request, timeout=60)
+            assert response.status_code == status, (param, response.text)
+            assert response.json()["error"]["param"] == param, response.text
+        buffer.fill(nan)
+        response = httpx.post(f"{url}/v1/weights", json=body(), timeout=60)
+        assert response.status_code == 422 and response.json()["error"]["param"] == f"weights.{last['name']}"
+        assert httpx.get(f"{url}/v1/info").json()["policy_version"] == 0
+        assert _greedy_all(url) == serving
+        buffer.fill(weights)
+        assert httpx.post(f"{url}/v1/weights", json=body(version=9), timeout=60).json() == {"policy_version": 9}
+        assert _greedy_all(url) == [reference.greedy(_model_with(student_dir, weights), p, 10, EOS) for p in PROMPTS]
+    buffer.close()
+    push_file.close()
 
 
 def test_weight_push_stream_then_path_then_refusal(student_dir, tmp_path):

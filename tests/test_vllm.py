@@ -15,11 +15,14 @@ from safetensors.torch import save, save_file
 from transformers import AutoTokenizer
 
 from grader.schema import LogprobsResponse
+from learner.clients import RetryPolicy, SamplerPool
 from learner.config import load_config
 from learner.metrics import read_metrics
 from learner.trainer import OnPolicyDistillationTrainer
+from opd.errors import SamplerError
 from opd.launch import LocalServer, local_server, local_servers
 from opd.vllm_engine import vllm_available
+from sampler.schema import WeightsShared
 from tests import reference
 from tests.test_grade import check_text_equals_ids
 from tests.test_servers import EOS, PROMPTS, SEQUENCES, check_candidates, check_top_logprobs, generate
@@ -134,6 +137,25 @@ def test_vllm_weight_push_equals_a_model_with_the_pushed_weights(which, student_
         assert response.json()["error"]["param"] == f"weights.{name}"
         assert httpx.get(f"{url}/v1/info").json()["policy_version"] == 2
         assert _greedy_all(url) == serving
+
+        # its weights live in vLLM's worker: a shared push is refused, and the learner's pool sends the body
+        third = _perturbed(model_dir, seed=3)
+        assert asyncio.run(_shared_push(url, third, 3)) == 3
+        assert _greedy_all(url) == [reference.greedy(_with_weights(model_dir, third), p, 10, EOS) for p in PROMPTS]
+        assert "the learner's memfd buffer" not in (tmp_path / "sampler.log").read_text()
+
+
+async def _shared_push(url: str, weights: dict[str, torch.Tensor], version: int) -> int:
+    pool = SamplerPool([url], timeout_s=120, retry=RetryPolicy(deadline_s=5))
+    try:
+        assert pool._fill_buffer(weights) is not None
+        body = WeightsShared(buffer=pool._buffer.handle(), tensors=pool._buffer.layout, version=version)
+        with pytest.raises(SamplerError) as refused:
+            await pool.clients[0].push_shared(body)
+        assert refused.value.status == 422 and "torch engine" in str(refused.value)
+        return await pool.push_weights_by("shared", weights, version)
+    finally:
+        await pool.aclose()
 
 
 def test_vllm_grader_matches_a_direct_forward(teacher_dir, tmp_path):
