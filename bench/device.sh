@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU mode of opd's benchmarks in one prepared run, for the day a GPU is lent (each benchmark
-# has its own time limit so one that hangs cannot eat the rest; all five parts can take up to 24 minutes,
+# has its own time limit so one that hangs cannot eat the rest; all five parts can take up to 25 minutes,
 # so name a part per call where one call may run 10):
 #
 #   bash bench/device.sh                 # GPU: writes bench/results/gpu-*.json, the device name inside

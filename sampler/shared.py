@@ -23,6 +23,7 @@ its GPU copy before it answers).
 """
 
 import base64
+import contextlib
 import mmap
 import os
 import stat
@@ -122,7 +123,8 @@ class WeightBuffer:
         self.views = {}
         if self._file is not None:
             del self.flat  # the map can close once no tensor views it
-            self._map.close()
+            with contextlib.suppress(BufferError):  # a view still held elsewhere: the map goes with it
+                self._map.close()
             os.close(self._file)
             self._file = None
 
