@@ -69,8 +69,8 @@ def test_run_on_the_embedded_default(tmp_path):
     assert "opd: 100%" in result.stderr  # the progress bar ran to the end
     for log in ("sampler.log", "grader.log"):
         assert "Application shutdown complete" in (run_dir / "logs" / log).read_text()
-    # weight_transport auto: the tiny student (1.4 MB) goes over HTTP, a model of 16 MB or more through memory
-    assert _push_origins(run_dir) == ["the request body"] * 5
+    # weight_transport auto: the torch samplers the learner starts copy the weights out of its buffer
+    assert _push_origins(run_dir) == ["the learner's memfd buffer"] * 5
 
 
 def _push_origins(run_dir: Path) -> list[str]:
@@ -93,7 +93,7 @@ def test_torch_samplers_copy_the_weights_out_of_the_learners_buffer(tmp_path):
     for transport in ("auto", "http"):  # auto: shared, for the torch samplers the learner starts
         run_dir = tmp_path / transport
         result = opd_run("--run_dir", str(run_dir), "--train.steps", "2", "--eval.eval_steps", "0",
-                         "--services.engine", "torch", "--services.weight_transport", transport)  # fmt: skip
+                         "--services.weight_transport", transport)  # fmt: skip
         assert result.returncode == 0, result.stderr[-3000:]
         losses[transport] = [
             (m["kl/reverse_per_token"], m["ppo/loss"]) for m in read_metrics(run_dir / "metrics.jsonl")
