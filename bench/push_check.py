@@ -38,7 +38,8 @@ from transformers import AutoModelForCausalLM
 
 from bench.common import median_seconds, write_results
 from bench.models import QWEN25_SHAPES, qwen2_config, random_model
-from learner.clients import RetryPolicy, SamplerPool, Transport
+from learner.clients import RetryPolicy, SamplerPool
+from learner.config import Transport
 from opd.client import SamplerClient
 from opd.launch import LocalServer, local_servers
 from opd.tiny import ensure_tiny_model

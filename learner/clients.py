@@ -18,7 +18,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Generic, Literal, TypeVar
+from typing import Any, Generic, TypeVar
 
 import httpx
 import torch
@@ -27,6 +27,7 @@ from pydantic import BaseModel
 from grader import tensors
 from grader.schema import InfoResponse, LogprobsRequest, LogprobsResponse, Sequence
 from grader.tensors import ScoredBatch
+from learner.config import Transport
 from opd.errors import GraderError, SamplerError, ServiceError
 from sampler.schema import GenerateRequest, GenerateResponse, WeightsFromPath, WeightsResponse, WeightsShared
 from sampler.shared import WeightBuffer, layout_of
@@ -34,9 +35,6 @@ from sampler.staging import stage
 from sampler.wire import Body, encode
 
 logger = logging.getLogger(__name__)
-
-Transport = Literal["http", "path", "memory", "shared"]
-"""How a weight push travels (`SamplerPool.push_weights_by`)."""
 
 
 @dataclass(frozen=True)
@@ -330,6 +328,8 @@ class SamplerPool(ReplicaPool[SamplerClient]):
         """Copy `tensors` into a buffer the samplers map, and post its layout (sampler/shared.py);
         over HTTP to a sampler that cannot map it (vLLM, another host, a GPU it cannot see), and
         to all where the buffer cannot be made."""
+        if all(client.base_url in self._unshared for client in self.clients):  # no one would read the buffer
+            return await self.push_weights(tensors, version)
         buffer = self._fill_buffer(tensors)
         if buffer is None:
             return await self.push_weights(tensors, version)

@@ -174,6 +174,9 @@ class EvalConfig(Section):
         return reward
 
 
+Transport = Literal["http", "path", "memory", "shared"]
+"""How a weight push travels (`weight_transport`, `learner.clients.SamplerPool.push_weights_by`)."""
+
 MEMORY_PUSH_MIN_BYTES = 16 * 2**20
 """Under `weight_transport: auto`, the smallest push to the learner's own samplers sent through memory."""
 
@@ -209,7 +212,7 @@ class ServicesConfig(Section):
     """How long locally started servers may take to load their models."""
     api_key_file: str | None = None
     """File with the sampler's bearer token for weight pushes (else $OPD_API_KEY, if set)."""
-    weight_transport: Literal["auto", "http", "path", "memory", "shared"] = "auto"
+    weight_transport: Literal["auto", Transport] = "auto"
     """http: stream safetensors in the request body; path: write to shared_dir and post the path;
     memory: write to an anonymous in-memory file and post its /proc path (samplers on this host,
     run by this user); shared: copy into one buffer the samplers map, kept for the run (an
@@ -246,7 +249,7 @@ class ServicesConfig(Section):
     def grader_list(self) -> list[str] | None:
         return self.grader_urls or ([self.grader_url] if self.grader_url else None)
 
-    def push_transport(self, nbytes: int, engine: str) -> Literal["http", "path", "memory", "shared"]:
+    def push_transport(self, nbytes: int, engine: str) -> Transport:
         """How a push of `nbytes` to samplers of `engine` travels: `weight_transport` with auto
         settled. The learner's own samplers are on its host: a torch sampler copies the weights
         out of the learner's buffer (sampler/shared.py; no bytes through HTTP or a file at any

@@ -26,8 +26,9 @@ import torch
 from grader.schema import LogprobsResponse, Sequence
 from grader.tensors import ScoredBatch
 from learner.clients import GraderClient as AsyncGraderClient
-from learner.clients import RetryPolicy, SamplerPool, Transport
+from learner.clients import RetryPolicy, SamplerPool
 from learner.clients import SamplerClient as AsyncSamplerClient
+from learner.config import Transport
 from opd.auth import load_api_key
 from opd.serving import InfoResponse
 from sampler.schema import GenerateRequest, GenerateResponse

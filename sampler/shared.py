@@ -24,6 +24,7 @@ its GPU copy before it answers).
 
 import base64
 import contextlib
+import math
 import mmap
 import os
 import stat
@@ -240,7 +241,4 @@ def tensor_views(flat: torch.Tensor, layout: list[SharedTensor]) -> dict[str, to
 
 
 def _nbytes(t: SharedTensor) -> int:
-    numel = 1
-    for dim in t.shape:
-        numel *= dim
-    return numel * DTYPES[t.dtype].itemsize
+    return math.prod(t.shape) * DTYPES[t.dtype].itemsize
