@@ -1,29 +1,33 @@
 #!/usr/bin/env bash
-# Every GPU mode of opd's benchmarks in one prepared run, for the day a GPU is lent (each benchmark
-# has its own time limit so one that hangs cannot eat the rest; all five parts can take up to 25 minutes,
-# so name a part per call where one call may run 10):
+# Every GPU mode of opd's benchmarks in one prepared run, for a lent GPU (each benchmark has its own
+# time limit so one that hangs cannot eat the rest; all six parts can take up to 25 minutes, so name
+# the parts per call where one call may run 10; on an H200 push + toy seed 0 + scale took 153 s and
+# gkd + two toy seeds 263 s):
 #
 #   bash bench/device.sh                 # GPU: writes bench/results/gpu-*.json, the device name inside
-#   bash bench/device.sh toy scale       # GPU: only these (scale, toy, gkd, services, pipeline), in that order
+#   bash bench/device.sh push toy scale  # GPU: only these (scale, push, toy, gkd, services, pipeline), in the order named
+#   OPD_TOY_SEEDS="1 2" bash bench/device.sh toy   # the toy comparison's seeds (default 0 1 2)
+#   OPD_GKD_LIMIT=300 bash bench/device.sh gkd     # gkd's time limit in seconds (default 400)
 #   bash bench/device.sh --smoke         # CPU: every benchmark's smoke mode on tiny models (CI runs this)
 #
 # Each benchmark writes its JSON as soon as it finishes, so a run cut short keeps what it measured.
 # Python packages the GPU machine lacks (fastapi, uvicorn, pydantic, trl, datasets, vllm, ...) can
-# travel as wheels in .whl/ (see BENCHMARKS.md); they are installed into /tmp/opd-site first. The toy
+# travel as wheels in .whl/ (bench/wheels.sh); they are installed into /tmp/opd/site-packages first. The toy
 # comparison reuses runs/toy (the CPU runs' models; carry it) and trains them first where it is absent.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 # (not for --smoke: that runs in this project's own environment, and the wheels are the device's)
 if [ "${1:-}" != "--smoke" ] && compgen -G ".whl/*.whl" >/dev/null; then
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/opd-site .whl/*.whl || exit 1
-    export PYTHONPATH=/tmp/opd-site:${PYTHONPATH:-}
+    # (a folder named site-packages: datasets hashes its maps with dill, which pickles by value (and
+    # fails on pyarrow's) any module whose path has no "site-packages" in it and lies outside sys.prefix)
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/opd/site-packages .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/opd/site-packages:${PYTHONPATH:-}
 fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 RESULTS=${OPD_BENCH_RESULTS:-bench/results}
 mkdir -p "$RESULTS"
 failed=()
-selected=()
 
 run() {  # run NAME SECONDS MODULE ARGS...
     local name=$1 limit=$2
@@ -36,10 +40,6 @@ run() {  # run NAME SECONDS MODULE ARGS...
     return $rc
 }
 
-wanted() {  # wanted NAME: no names given, or NAME among them
-    [ ${#selected[@]} -eq 0 ] || [[ " ${selected[*]} " == *" $1 "* ]]
-}
-
 keep_logs() {  # keep_logs DIR NAME: the service logs of the runs under DIR into $RESULTS/NAME-logs
     local log  # (a failed run's only trace: nothing but $RESULTS comes back from a lent machine)
     while IFS= read -r log; do
@@ -50,9 +50,7 @@ keep_logs() {  # keep_logs DIR NAME: the service logs of the runs under DIR into
 
 toy() {  # the toy task at ppo_steps 1, opd top-k vs TRL GKD on the GPU, one run per seed (issue 13)
     local seed
-    # first, whether the learner's pushes reach its torch samplers by CUDA IPC (else they go over HTTP)
-    run push_shared 60 bench.push_check --shared cuda --out "$RESULTS/gpu-push_shared.json"
-    for seed in 0 1 2; do
+    for seed in ${OPD_TOY_SEEDS:-0 1 2}; do
         run "toy seed $seed" 150 bench.toy_distill --device cuda --engine torch --ppo-steps 1 --losses topk \
             --seed "$seed" --out "/tmp/opd-gpu-toy-s$seed" &&
             cp "/tmp/opd-gpu-toy-s$seed/results.json" "$RESULTS/gpu-toy_distill-s$seed.json" ||
@@ -69,40 +67,47 @@ if [ "${1:-}" = "--smoke" ]; then
     run pipeline 600 bench.pipeline --smoke --out "$RESULTS/smoke-pipeline.json"
 else
     selected=("$@")
+    [ ${#selected[@]} -gt 0 ] || selected=(scale push toy gkd services pipeline)
     for name in "${selected[@]}"; do
-        case $name in scale | toy | gkd | services | pipeline) ;; *) echo "unknown benchmark: $name" >&2; exit 2 ;; esac
+        case $name in scale | push | toy | gkd | services | pipeline) ;; *) echo "unknown benchmark: $name" >&2; exit 2 ;; esac
     done
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
     "$PY" -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())" || exit 1
     "$PY" -c "import fastapi, uvicorn, pydantic" || exit 1  # opd's servers (carried in .whl/)
-    # toy and gkd compare with TRL, which needs datasets and through it pyarrow >= 24 (the image's
-    # own pyarrow, unread here): find out before their long runs, and skip them if TRL cannot load
+    # toy and gkd compare with TRL, which needs datasets and through it pyarrow >= 24 (carried too, in
+    # case the image's is older): find out before their long runs, and skip them if TRL cannot load
     trl=1
     "$PY" -c "import transformers, pyarrow, datasets, trl
 print('transformers', transformers.__version__, 'pyarrow', pyarrow.__version__, 'datasets', datasets.__version__, 'trl', trl.__version__)" ||
         trl=0
-    with_trl() {  # with_trl NAME: NAME is wanted and TRL loads (else it is reported, not run)
-        wanted "$1" || return 1
-        [ $trl -eq 1 ] || failed+=("$1: TRL does not import (above), not run")
-        [ $trl -eq 1 ]
-    }
-    wanted scale && run lm_head 30 bench.lm_head --gpu --out "$RESULTS/gpu-lm_head.json"
-    wanted scale && run learner_scale 120 bench.learner_scale --gpu --out "$RESULTS/gpu-learner_scale.json"
-    with_trl toy && toy
-    # time per step at Qwen2.5 shapes, opd sampled and top-k vs TRL GKD (issue 13; builds its models first)
-    # (torch engines decode one token per forward: 128 tokens keep a step to seconds; building the
-    # models and starting 2 x 2 servers take most of the limit)
-    # (GKD runs first, then topk, then sampled; the file is rewritten after each, so a cut run keeps them)
-    with_trl gkd && run gkd 400 bench.gkd_scale --device cuda --batch-size 16 --prompt-digits 120 --max-tokens 128 \
-        --steps 4 --losses topk sampled --out "$RESULTS/gpu-gkd_scale.json"
-    if ! { wanted services || wanted pipeline; }; then
-        :
-    elif "$PY" -c "import vllm" 2>/dev/null; then
-        wanted services && run services 240 bench.gpu_bench --preset qwen2.5 --repeats 3 --out "$RESULTS/gpu-services.json"
-        wanted pipeline && run pipeline 150 bench.pipeline --gpu --out "$RESULTS/gpu-pipeline.json"
-    else
-        failed+=("services and pipeline: vllm is not importable (carry its wheel in .whl/)")
-    fi
+    vllm=1
+    "$PY" -c "import vllm" 2>/dev/null || vllm=0
+    for name in "${selected[@]}"; do
+        case $name in
+        scale)
+            run lm_head 30 bench.lm_head --gpu --out "$RESULTS/gpu-lm_head.json"
+            run learner_scale 120 bench.learner_scale --gpu --out "$RESULTS/gpu-learner_scale.json"
+            ;;
+        push)  # whether the learner's pushes reach its torch samplers by CUDA IPC (else they go over HTTP)
+            run push_shared 60 bench.push_check --shared cuda --out "$RESULTS/gpu-push_shared.json"
+            ;;
+        toy | gkd) [ $trl -eq 1 ] || { failed+=("$name: TRL does not import (above), not run"); continue; } ;;&
+        toy) toy ;;
+        gkd)
+            # time per step at Qwen2.5 shapes, opd sampled and top-k vs TRL GKD (issue 13; builds its
+            # models first) (torch engines decode one token per forward: 128 tokens keep a step to
+            # seconds; building the models and starting 2 x 2 servers take most of the limit)
+            # (GKD runs first, then topk, then sampled; the file is rewritten after each, so a cut
+            # run keeps them)
+            run gkd "${OPD_GKD_LIMIT:-400}" bench.gkd_scale --device cuda --batch-size 16 --prompt-digits 120 \
+                --max-tokens 128 --steps 4 --losses topk sampled --out "$RESULTS/gpu-gkd_scale.json"
+            ;;
+        services | pipeline) [ $vllm -eq 1 ] ||
+            { failed+=("$name: vllm is not importable (carry its wheel in .whl/)"); continue; } ;;&
+        services) run services 240 bench.gpu_bench --preset qwen2.5 --repeats 3 --out "$RESULTS/gpu-services.json" ;;
+        pipeline) run pipeline 150 bench.pipeline --gpu --out "$RESULTS/gpu-pipeline.json" ;;
+        esac
+    done
 fi
 
 if [ ${#failed[@]} -gt 0 ]; then
