@@ -98,7 +98,7 @@ def _run_opd(student: Path, teacher: Path, loss: str, args: argparse.Namespace, 
     start = time.perf_counter()
     items = [{"messages": chat} for chat in chats(args)]
     history = StepsOnly(config, train_dataset=items, eval_dataset=[], metrics=NullLogger()).train()
-    phases = ["time/generate", "time/grade", "time/learn", "time/push"]
+    phases = ["time/generate", "time/generate_engine", "time/grade", "time/grade_engine", "time/learn", "time/push"]
     row = {"s_per_step": median_step([h["time/step"] for h in history]),
            "steps_s": [h["time/step"] for h in history], "wall_s": time.perf_counter() - start,
            "tokens_per_step": statistics.mean(h["throughput/tokens_per_s"] * h["time/step"] for h in history),

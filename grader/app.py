@@ -9,6 +9,7 @@ The sampler serves the same POST /v1/logprobs with its student (`opd grade --sam
 """
 
 import asyncio
+import time
 from dataclasses import dataclass
 
 import torch
@@ -21,7 +22,7 @@ from grader.schema import InfoResponse, LogprobsRequest, LogprobsResponse, Score
 from grader.tensors import ScoredBatch
 from opd import torch_thread
 from opd.errors import NonFiniteOutputError, RequestError
-from opd.serving import ERROR_RESPONSES, check_token_ids, create_service_app, json_reply
+from opd.serving import ERROR_RESPONSES, check_token_ids, create_service_app, json_reply, with_engine_time
 from opd.tokenizer import chat_prompt_ids, text_ids, token_strings
 
 
@@ -64,16 +65,19 @@ async def logprobs(body: LogprobsRequest, request: Request) -> Response:
     # Tokenising and templating text takes a while: off the event loop.
     sequences = await asyncio.to_thread(_to_score, body.sequences, engine.tokenizer)
     _check_sequences(sequences, info)
+    started = time.perf_counter()
     batch = await engine.score(sequences, body.top_k)
+    engine_s = time.perf_counter() - started
     await torch_thread.run(_check_finite, batch)  # torch work, on the torch thread (opd/torch_thread.py)
     if body.format == "safetensors":
-        return Response(content=await torch_thread.run(tensors.encode, batch), media_type=tensors.MEDIA_TYPE)
+        encoded = await torch_thread.run(tensors.encode, batch)
+        return with_engine_time(Response(content=encoded, media_type=tensors.MEDIA_TYPE), engine_s)
     # With return_tokens every id and top-k id is decoded, one by one: off the event loop too.
     results = await asyncio.to_thread(lambda: [
         _result(s, asked, given, body.return_tokens, engine.tokenizer)
         for s, asked, given in zip(sequences_of(batch, sequences), sequences, body.sequences, strict=True)
     ])  # fmt: skip
-    return json_reply(LogprobsResponse(results=results))
+    return with_engine_time(json_reply(LogprobsResponse(results=results)), engine_s)
 
 
 def _to_score(sequences: list[Sequence], tokenizer: PreTrainedTokenizerBase) -> list[ToScore]:

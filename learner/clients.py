@@ -15,7 +15,8 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -29,6 +30,7 @@ from grader.schema import InfoResponse, LogprobsRequest, LogprobsResponse, Seque
 from grader.tensors import ScoredBatch
 from learner.config import Transport
 from opd.errors import GraderError, SamplerError, ServiceError
+from opd.serving import engine_seconds
 from sampler.schema import GenerateRequest, GenerateResponse, WeightsFromPath, WeightsResponse, WeightsShared
 from sampler.shared import WeightBuffer, layout_of
 from sampler.staging import stage
@@ -57,6 +59,23 @@ def _server_message(response: httpx.Response) -> str:
         return response.text[:500]
 
 
+ENGINE_SPANS_KEPT = 16384
+"""Engine spans each client keeps per path: a few steps' worth of one request per prompt (vLLM
+samplers), since a step's metrics read those of its own time."""
+
+
+def busy_seconds(spans: Iterable[tuple[float, float]], window: tuple[float, float]) -> float:
+    """How much of `window` the union of `spans` covers (each a (start, end) pair)."""
+    low, high = window
+    covered, reached = 0.0, low
+    for start, end in sorted(span for span in spans if span[1] > low and span[0] < high):
+        start, end = max(start, reached), min(end, high)
+        if end > start:
+            covered += end - start
+            reached = end
+    return covered
+
+
 class _Client:
     error_cls: type[ServiceError] = ServiceError
 
@@ -70,6 +89,10 @@ class _Client:
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.retry = retry or RetryPolicy()
+        self.engine_spans: dict[str, deque[tuple[float, float]]] = {}
+        """Per path, when the server's engine worked on this client's latest requests: (start, end)
+        on the perf_counter clock, each the engine's seconds its reply reported (Server-Timing,
+        opd.serving.with_engine_time) ending when the reply arrived."""
         headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
         # connect fails fast so a dead server is retried quickly; reads may take minutes.
         self._http = httpx.AsyncClient(
@@ -96,6 +119,12 @@ class _Client:
                 f"{self.error_cls.service} {path} answered {response.status_code}: {_server_message(response)}",
                 status=response.status_code,
             )
+        seconds = engine_seconds(response.headers)
+        if seconds is not None:
+            arrived = time.perf_counter()
+            if path not in self.engine_spans:
+                self.engine_spans[path] = deque(maxlen=ENGINE_SPANS_KEPT)
+            self.engine_spans[path].append((arrived - seconds, arrived))
         return response
 
     def _give_up(self, path: str, exc: Exception) -> ServiceError:
@@ -224,6 +253,11 @@ class ReplicaPool(Generic[ClientT]):
         self.outstanding = [0] * len(clients)
         self.served = [0] * len(clients)
         """Requests each replica has answered (how the load spread)."""
+
+    def engine_busy(self, path: str, window: tuple[float, float]) -> float:
+        """Seconds of `window` (start, end on the perf_counter clock) in which some replica's engine
+        worked on this pool's `path` requests, as their replies reported it."""
+        return busy_seconds((span for client in self.clients for span in client.engine_spans.get(path, ())), window)
 
     async def call(self, work: int, request: Callable[[ClientT], Awaitable[ReplyT]]) -> ReplyT:
         """`request` on the least-loaded replica; on an error retrying can fix, on the next one,

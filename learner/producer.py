@@ -84,7 +84,10 @@ class Batch:
     data_state: dict[str, int]
     times: dict[str, float]
     """time/generate and time/grade (each the span from its first request to its last reply; they
-    overlap when grading hides behind generation) and time/wait (the learner waiting)."""
+    overlap when grading hides behind generation), time/wait (the learner waiting), and
+    time/generate_engine and time/grade_engine: how much of each span some server's engine was
+    working on this learner's requests (as the replies report it; in the pipelined loop, another
+    step's requests in that span count too)."""
     dropped_stale: int
 
 
@@ -132,7 +135,7 @@ class Producer:
         # the plan stays until a later step is taken: a step taken again (every process retakes it
         # when any got a stale reply) is produced again from the same prompts and seeds
         return Batch(step, Rollouts.concat([p.rollouts for p in fresh]), ScoredBatch.concat([p.graded for p in fresh]),
-                     plan.data_state, _times(fresh, waited), dropped)  # fmt: skip
+                     plan.data_state, self._times(fresh, waited), dropped)  # fmt: skip
 
     def close(self) -> None:
         for task in self._tasks.values():
@@ -169,10 +172,18 @@ class Producer:
     async def _renew(self, plan: StepPlan, part: Part) -> Part:
         return await self._part(plan, part.first_prompt, part.prompts, self.pushed_version())
 
+    def _times(self, parts: list[Part], waited: float) -> dict[str, float]:
+        generating, grading = _window([p.generate_s for p in parts]), _window([p.grade_s for p in parts])
+        return {
+            "time/generate": generating[1] - generating[0],
+            "time/grade": grading[1] - grading[0],
+            "time/wait": waited,
+            # of those, the time the servers' engines worked (the rest: HTTP, requests and replies)
+            "time/generate_engine": self.samplers.engine_busy("/v1/generate", generating),
+            "time/grade_engine": self.graders.engine_busy("/v1/logprobs", grading),
+        }
 
-def _times(parts: list[Part], waited: float) -> dict[str, float]:
-    def span(pairs: list[tuple[float, float]]) -> float:
-        return max(end for _, end in pairs) - min(start for start, _ in pairs)
 
-    return {"time/generate": span([p.generate_s for p in parts]), "time/grade": span([p.grade_s for p in parts]),
-            "time/wait": waited}  # fmt: skip
+def _window(spans: list[tuple[float, float]]) -> tuple[float, float]:
+    """From the first start to the last end."""
+    return min(start for start, _ in spans), max(end for _, end in spans)

@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +19,14 @@ from grader.schema import LogprobsResponse
 from opd import torch_thread
 from opd.auth import check_bearer
 from opd.errors import NonFiniteOutputError, RequestError
-from opd.serving import ERROR_RESPONSES, MAX_JSON_BYTES, check_token_ids, create_service_app, json_reply
+from opd.serving import (
+    ERROR_RESPONSES,
+    MAX_JSON_BYTES,
+    check_token_ids,
+    create_service_app,
+    json_reply,
+    with_engine_time,
+)
 from sampler.adapters import read_adapter
 from sampler.engine import Sample, SamplerEngine, SamplingParams
 from sampler.schema import (
@@ -79,14 +87,16 @@ async def generate(body: GenerateRequest, request: Request) -> Response:
                            f"{engine.info().max_logprobs}", param="top_logprobs", status=422)  # fmt: skip
     prompts = await _prompt_ids(body, engine, settings)
     params = SamplingParams(body.n, body.temperature, body.top_p, body.max_tokens, body.seed, body.top_logprobs)
+    started = time.perf_counter()
     version, samples = await engine.generate(prompts, params)
+    engine_s = time.perf_counter() - started
     _check_finite(samples, version)
     # the engine's own lists, not validated again (see the grader's `_result`)
     results = [
         PromptResult(prompt_ids=prompt, completions=[Completion.model_construct(**vars(s)) for s in per_prompt])
         for prompt, per_prompt in zip(prompts, samples, strict=True)
     ]
-    return json_reply(GenerateResponse(policy_version=version, results=results))
+    return with_engine_time(json_reply(GenerateResponse(policy_version=version, results=results)), engine_s)
 
 
 def _check_finite(samples: list[list[Sample]], version: int) -> None:

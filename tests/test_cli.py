@@ -23,6 +23,8 @@ STEP_METRICS = {
     "throughput/tokens_per_s",
     "time/generate",
     "time/grade",
+    "time/generate_engine",
+    "time/grade_engine",
     "time/learn",
     "time/push",
     "time/step",
@@ -59,6 +61,9 @@ def test_run_on_the_embedded_default(tmp_path):
     assert [line["step"] for line in steps] == [1, 2, 3, 4]
     for line in steps:
         assert set(line) >= STEP_METRICS, STEP_METRICS - set(line)
+        # the servers' engines report their share of each phase (the rest is HTTP and the replies)
+        assert 0 < line["time/generate_engine"] < line["time/generate"]
+        assert 0 < line["time/grade_engine"] < line["time/grade"]
     assert [line["step"] for line in lines if "eval/reverse_kl_per_token" in line] == [0, 2, 4]
     assert all("eval/reward" in line for line in lines if "eval/reverse_kl_per_token" in line)
     assert (run_dir / "config.yml").read_text().startswith("student:")

@@ -7,10 +7,12 @@ import time
 import httpx
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.torch import save
 
 from grader.schema import Sequence
-from learner.clients import GraderClient, RetryPolicy, SamplerClient
+from learner.clients import GraderClient, RetryPolicy, SamplerClient, busy_seconds
 from opd.errors import GraderError, SamplerError
 
 FAST = RetryPolicy(deadline_s=1.0, first_backoff_s=0.05, max_backoff_s=0.2)
@@ -84,3 +86,15 @@ def test_a_tensor_reply_that_is_not_the_scores_asked_for_is_a_grader_error(reply
     sequence = Sequence(prompt_ids=[1], completion_ids=[2])
     with pytest.raises(GraderError, match="no scores in safetensors"):
         run(grader.logprobs_tensors([sequence]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    spans=st.lists(st.tuples(st.integers(0, 40), st.integers(0, 40)).map(sorted).map(tuple), max_size=12),
+    window=st.tuples(st.integers(0, 40), st.integers(0, 40)).map(sorted).map(tuple),
+)
+def test_busy_seconds_is_the_length_of_the_spans_union_inside_the_window(spans, window):
+    """Against counting, unit by unit, the moments that some span covers (integer ends, so the
+    reference is exact)."""
+    covered = sum(1 for t in range(window[0], window[1]) if any(a <= t < b for a, b in spans))
+    assert busy_seconds([(float(a), float(b)) for a, b in spans], (float(window[0]), float(window[1]))) == covered

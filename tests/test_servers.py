@@ -4,6 +4,7 @@ import asyncio
 import json
 import os
 import re
+import time
 from pathlib import Path
 
 import httpx
@@ -14,12 +15,13 @@ from safetensors.torch import save, save_file
 from transformers import AutoTokenizer
 
 import learner.clients
-from grader.schema import LogprobsResponse
-from learner.clients import RetryPolicy, SamplerPool
+from grader.schema import LogprobsResponse, Sequence
+from learner.clients import GraderPool, RetryPolicy, SamplerPool
 from opd.client import SamplerClient
 from opd.launch import local_server
+from opd.serving import engine_seconds
 from opd.tiny import build_model, build_tokenizer
-from sampler.schema import GenerateResponse, SharedBuffer
+from sampler.schema import GenerateRequest, GenerateResponse, SharedBuffer
 from sampler.shared import WeightBuffer, layout_of
 from sampler.staging import ProcFile, stage
 from tests import reference
@@ -205,6 +207,64 @@ def test_grader_logprobs_match_a_direct_forward(servers, teacher_dir):
             assert logprob <= top[0] + 1e-6
             if token in ids:
                 assert top[ids.index(token)] == pytest.approx(logprob, abs=1e-5)
+
+
+def test_replies_report_their_engines_share_of_the_round_trip(servers):
+    """/v1/generate and /v1/logprobs (JSON and safetensors, on both servers) say in Server-Timing
+    how long their engine took: more than nothing, less than the whole round trip."""
+    sampler_url, grader_url = servers
+    asked = [
+        (sampler_url, "/v1/generate", {"prompt_ids": PROMPTS, "n": 2, "max_tokens": 8, "seed": 1}),
+        (grader_url, "/v1/logprobs", {"sequences": SEQUENCES, "top_k": 3}),
+        (grader_url, "/v1/logprobs", {"sequences": SEQUENCES, "top_k": 3, "format": "safetensors"}),
+        (sampler_url, "/v1/logprobs", {"sequences": SEQUENCES}),
+    ]
+    for url, path, body in asked:
+        started = time.perf_counter()
+        response = httpx.post(f"{url}{path}", json=body, timeout=60)
+        round_trip = time.perf_counter() - started
+        assert response.status_code == 200, response.text
+        seconds = engine_seconds(response.headers)
+        assert seconds is not None and 0 < seconds < round_trip, (path, response.headers.get("server-timing"))
+    refused = httpx.post(f"{sampler_url}/v1/generate", json={"prompt_ids": PROMPTS, "n": 0}, timeout=60)
+    assert refused.status_code == 422 and engine_seconds(refused.headers) is None
+
+
+def test_the_learners_pools_know_when_their_servers_engines_worked(servers):
+    """Each reply's engine time, placed before its arrival: inside its own round trip, none of it
+    in the next one's."""
+    sampler_url, grader_url = servers
+
+    async def run() -> list[float]:
+        samplers = SamplerPool([sampler_url], 60.0, RetryPolicy())
+        graders = GraderPool([grader_url], 60.0, RetryPolicy())
+        try:
+            started = time.perf_counter()
+            await samplers.generate(GenerateRequest(prompt_ids=PROMPTS, max_tokens=8, seed=3))
+            generated = time.perf_counter()
+            await graders.logprobs_tensors([Sequence(**seq) for seq in SEQUENCES])
+            graded = time.perf_counter()
+            return [
+                samplers.engine_busy("/v1/generate", (started, generated)) / (generated - started),
+                graders.engine_busy("/v1/logprobs", (generated, graded)) / (graded - generated),
+                samplers.engine_busy("/v1/generate", (generated, graded)),
+                graders.engine_busy("/v1/logprobs", (started, generated)),
+            ]
+        finally:
+            await samplers.aclose()
+            await graders.aclose()
+
+    generating, grading, sampler_after, grader_before = asyncio.run(run())
+    assert 0 < generating < 1 and 0 < grading < 1
+    assert sampler_after == grader_before == 0.0
+
+
+def test_server_timing_is_read_as_the_w3c_header_writes_it():
+    headers = httpx.Headers({"Server-Timing": 'queue;dur=3, engine;desc="forward";dur=12.5, total;dur=20'})
+    assert engine_seconds(headers) == pytest.approx(0.0125)
+    assert engine_seconds(httpx.Headers({"server-timing": "engine;dur=1.5"})) == pytest.approx(0.0015)
+    for header in ({}, {"server-timing": "total;dur=4"}, {"server-timing": "engine"}, {"server-timing": "engine;dur="}):
+        assert engine_seconds(httpx.Headers(header)) is None
 
 
 def test_grader_batches_in_chunks_without_changing_results(teacher_dir, tmp_path):

@@ -207,6 +207,9 @@ def test_distillation_with_both_vllm_servers_lowers_reverse_kl(tmp_path, student
     before, after = evals[0]["eval/reverse_kl_per_token"], evals[-1]["eval/reverse_kl_per_token"]
     assert after <= 0.7 * before, (before, after)
     assert all(m["policy/lag"] == 0.0 for m in history)
+    # vLLM's engines report their share of each phase too
+    assert all(0 < m["time/generate_engine"] < m["time/generate"] for m in history)
+    assert all(0 < m["time/grade_engine"] < m["time/grade"] for m in history)
     # at temperature 1 the vLLM sampler's logprobs and the learner's agree closely
     assert max(m["mismatch/sampler_vs_old"] for m in history) < 1e-3
 
