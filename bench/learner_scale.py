@@ -184,9 +184,11 @@ def in_process_mode(args: argparse.Namespace) -> dict:
                                     args.micro_batch_tokens, device, args.top_k if loss == "topk" else 0)  # fmt: skip
         tokens = samples * (args.prompt_len + args.completion_len)
         ppo_update(policy, optimizer, batches, train=train, processes=processes)  # warm-up
+        held_gb = None  # what stays allocated between updates (weights, grads, AdamW state, the batch)
         if device == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
+            held_gb = torch.cuda.memory_allocated() / 2**30
         start = time.perf_counter()
         for _ in range(args.repeats):
             ppo_update(policy, optimizer, batches, train=train, processes=processes)
@@ -197,6 +199,7 @@ def in_process_mode(args: argparse.Namespace) -> dict:
                "tokens_per_s": tokens / seconds}  # fmt: skip
         if device == "cuda":
             row["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 2**30
+            row["held_gpu_gb"] = held_gb
             peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in torch.cuda.get_device_name()), None)
             row["mfu"] = 6 * params * row["tokens_per_s"] / peak if peak else None
         rows.append(row)
@@ -217,7 +220,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--vocab", type=int, default=VOCAB)
-    parser.add_argument("--samples", type=int, nargs="+", default=[8, 32], help="GPU mode: samples per update")
+    parser.add_argument("--samples", type=int, nargs="+", default=[8, 32, 64], help="GPU mode: samples per update")
     parser.add_argument("--prompt-len", type=int, default=256)
     parser.add_argument("--completion-len", type=int, default=1024)
     parser.add_argument("--micro-batch-tokens", type=int, default=8192)
