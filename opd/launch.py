@@ -56,12 +56,17 @@ def bind_listener(host: str, port: int) -> socket.socket:
     is every IPv4 interface. A taken port ends the process with EXIT_PORT_IN_USE and one line."""
     family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
     try:
-        return socket.create_server((host, port), family=family)
+        listener = socket.create_server((host, port), family=family)
     except OSError as exc:
         if exc.errno != errno.EADDRINUSE:
             raise
         print(f"opd: port {port} on {host} is already in use; pick another with --port", file=sys.stderr)
         raise SystemExit(EXIT_PORT_IN_USE) from None
+    # asyncio turns Nagle off (TCP_NODELAY) only on connections whose socket says IPPROTO_TCP, and
+    # create_server leaves proto 0. With Nagle on, uvicorn's h11 protocol (used where httptools is
+    # not installed) sends a small reply's body only after the client's delayed ACK of its headers:
+    # 43 ms on every small request (the embedded default's generate and grade, a third of its step).
+    return socket.socket(listener.family, listener.type, socket.IPPROTO_TCP, fileno=listener.detach())
 
 
 def _log_tail(path: Path, lines: int = 30) -> str:
