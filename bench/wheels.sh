@@ -23,6 +23,7 @@ for name in "${packages[@]}"; do
     pins+=("$name==$version")
 done
 mkdir -p .whl
+rm -f .whl/pyarrow-*.whl  # the slimmed one of an earlier run: one pyarrow wheel, as pip downloads it
 grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >>.git/info/exclude
 "$PY" -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \

@@ -60,8 +60,9 @@ def _server_message(response: httpx.Response) -> str:
 
 
 ENGINE_SPANS_KEPT = 16384
-"""Engine spans each client keeps per path: a few steps' worth of one request per prompt (vLLM
-samplers), since a step's metrics read those of its own time."""
+"""Engine spans each client keeps per path, since a step's metrics read those of its own time: with
+one request per prompt (vLLM samplers) a few steps' worth at batches of thousands of prompts;
+beyond that the oldest drop out and a step's engine time comes out short."""
 
 
 def busy_seconds(spans: Iterable[tuple[float, float]], window: tuple[float, float]) -> float:
@@ -90,9 +91,10 @@ class _Client:
         self.base_url = base_url.rstrip("/")
         self.retry = retry or RetryPolicy()
         self.engine_spans: dict[str, deque[tuple[float, float]]] = {}
-        """Per path, when the server's engine worked on this client's latest requests: (start, end)
-        on the perf_counter clock, each the engine's seconds its reply reported (Server-Timing,
-        opd.serving.with_engine_time) ending when the reply arrived."""
+        """Per path, when the server's engine held this client's latest requests: (start, end) on
+        the perf_counter clock, each as long as its reply reported (Server-Timing,
+        opd.serving.with_engine_time) and ending when the reply had arrived, so later than the
+        engine's true end by the reply's encoding and transfer."""
         headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
         # connect fails fast so a dead server is retried quickly; reads may take minutes.
         self._http = httpx.AsyncClient(

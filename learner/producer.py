@@ -85,9 +85,9 @@ class Batch:
     times: dict[str, float]
     """time/generate and time/grade (each the span from its first request to its last reply; they
     overlap when grading hides behind generation), time/wait (the learner waiting), and
-    time/generate_engine and time/grade_engine: how much of each span some server's engine was
-    working on this learner's requests (as the replies report it; in the pipelined loop, another
-    step's requests in that span count too)."""
+    time/generate_engine and time/grade_engine: how much of each span some server's engine held
+    this learner's requests, waiting for it included (as the replies report it; 0 from servers
+    that report nothing; in the pipelined loop another step's requests in that span count too)."""
     dropped_stale: int
 
 

@@ -7,6 +7,7 @@ go to the log, never to the client.
 
 import asyncio
 import logging
+import math
 import os
 import signal
 import socket
@@ -218,8 +219,9 @@ SERVER_TIMING = "server-timing"
 
 
 def with_engine_time(reply: Response, seconds: float) -> Response:
-    """`reply` with the engine's share of the request in a W3C Server-Timing header (`engine;dur=`
-    in milliseconds), so a client can tell the engine's time from what HTTP and the reply cost."""
+    """`reply` with the request's time in the engine in a W3C Server-Timing header (`engine;dur=`
+    in milliseconds; waiting for the engine included: a weight swap under way, requests ahead of
+    it), so a client can tell it from what HTTP and the request's and reply's encoding cost."""
     reply.headers[SERVER_TIMING] = f"engine;dur={seconds * 1000:.3f}"
     return reply
 
@@ -231,9 +233,10 @@ def engine_seconds(headers: Mapping[str, str]) -> float | None:
         for key, _, value in (param.partition("=") for param in params):
             if name == "engine" and key == "dur":
                 try:
-                    return float(value) / 1000
+                    milliseconds = float(value)
                 except ValueError:
                     return None
+                return milliseconds / 1000 if math.isfinite(milliseconds) and milliseconds >= 0 else None
     return None
 
 

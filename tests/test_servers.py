@@ -275,6 +275,7 @@ def test_the_servers_connections_send_at_once_under_plain_asyncio():
             def connection_made(self, transport: asyncio.BaseTransport) -> None:
                 sock = transport.get_extra_info("socket")
                 seen.set_result(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+                transport.close()
 
         server = await loop.create_server(Accepted, sock=listener)
         _, writer = await asyncio.open_connection(*listener.getsockname()[:2])
@@ -282,7 +283,9 @@ def test_the_servers_connections_send_at_once_under_plain_asyncio():
             return await asyncio.wait_for(seen, 10)
         finally:
             writer.close()
+            await writer.wait_closed()
             server.close()
+            await server.wait_closed()
 
     assert asyncio.run(nagle_off_on_accept()) != 0
 
@@ -293,6 +296,8 @@ def test_server_timing_is_read_as_the_w3c_header_writes_it():
     assert engine_seconds(httpx.Headers({"server-timing": "engine;dur=1.5"})) == pytest.approx(0.0015)
     for header in ({}, {"server-timing": "total;dur=4"}, {"server-timing": "engine"}, {"server-timing": "engine;dur="}):
         assert engine_seconds(httpx.Headers(header)) is None
+    for dur in ("inf", "nan", "-1"):  # no span that covers every window, or breaks their order
+        assert engine_seconds(httpx.Headers({"server-timing": f"engine;dur={dur}"})) is None
 
 
 def test_grader_batches_in_chunks_without_changing_results(teacher_dir, tmp_path):
