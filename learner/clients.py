@@ -15,9 +15,10 @@ import asyncio
 import logging
 import os
 import time
-from collections import deque
+from collections import defaultdict, deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
@@ -90,7 +91,9 @@ class _Client:
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.retry = retry or RetryPolicy()
-        self.engine_spans: dict[str, deque[tuple[float, float]]] = {}
+        self.engine_spans: defaultdict[str, deque[tuple[float, float]]] = defaultdict(
+            partial(deque, maxlen=ENGINE_SPANS_KEPT)
+        )
         """Per path, when the server's engine held this client's latest requests: (start, end) on
         the perf_counter clock, each as long as its reply reported (Server-Timing,
         opd.serving.with_engine_time) and ending when the reply had arrived, so later than the
@@ -124,8 +127,6 @@ class _Client:
         seconds = engine_seconds(response.headers)
         if seconds is not None:
             arrived = time.perf_counter()
-            if path not in self.engine_spans:
-                self.engine_spans[path] = deque(maxlen=ENGINE_SPANS_KEPT)
             self.engine_spans[path].append((arrived - seconds, arrived))
         return response
 

@@ -37,6 +37,7 @@ from torch.multiprocessing.reductions import rebuild_cuda_tensor, reduce_tensor
 from opd import torch_thread
 from opd.errors import RequestError
 from sampler.schema import CudaIpcHandle, SharedBuffer, SharedTensor
+from sampler.staging import ProcFile
 
 ALIGN = 256
 """Every tensor starts at a multiple of this many bytes: a view of any dtype, and aligned loads on a GPU."""
@@ -73,11 +74,11 @@ class WeightBuffer:
     def __init__(self, layout: list[SharedTensor], device: torch.device) -> None:
         self.layout, self.device = layout, device
         size = max(size_of(layout), 1)
-        self._file: int | None = None
+        self._file: ProcFile | None = None
         if device.type == "cpu":
-            self._file = os.memfd_create(MEMFD_NAME, os.MFD_CLOEXEC)
-            os.ftruncate(self._file, size)
-            self._map = mmap.mmap(self._file, size)
+            self._file = ProcFile(os.memfd_create(MEMFD_NAME, os.MFD_CLOEXEC))
+            os.ftruncate(self._file.fd, size)
+            self._map = mmap.mmap(self._file.fd, size)
             self.flat = torch.frombuffer(self._map, dtype=torch.uint8)
         elif device.type == "cuda":
             self.flat = torch.empty(size, dtype=torch.uint8, device=device)
@@ -115,7 +116,7 @@ class WeightBuffer:
         if self._handle is None:
             size = self.flat.numel()
             if self._file is not None:
-                self._handle = SharedBuffer(kind="memfd", size=size, path=f"/proc/{os.getpid()}/fd/{self._file}")
+                self._handle = SharedBuffer(kind="memfd", size=size, path=self._file.path)
             else:
                 self._handle = SharedBuffer(kind="cuda", size=size, cuda=_ipc_handle(self.flat))
         return self._handle
@@ -126,7 +127,7 @@ class WeightBuffer:
             del self.flat  # the map can close once no tensor views it
             with contextlib.suppress(BufferError):  # a view still held elsewhere: the map goes with it
                 self._map.close()
-            os.close(self._file)
+            self._file.close()
             self._file = None
 
 
