@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Every GPU mode of opd's benchmarks in one prepared run, for a lent GPU (each benchmark has its own
-# time limit so one that hangs cannot eat the rest; all six parts can take up to 25 minutes, so name
+# time limit so one that hangs cannot eat the rest; all seven parts can take up to 27 minutes, so name
 # the parts per call where one call may run 10; on an H200 push + toy seed 0 + scale took 153 s and
 # gkd + two toy seeds 263 s):
 #
 #   bash bench/device.sh                 # GPU: writes bench/results/gpu-*.json, the device name inside
-#   bash bench/device.sh push toy scale  # GPU: only these (scale, push, toy, gkd, services, pipeline), in the order named
+#   bash bench/device.sh push toy scale  # GPU: only these (scale, push, profile, toy, gkd, services, pipeline), in the order named
 #   OPD_TOY_SEEDS="1 2" bash bench/device.sh toy   # the toy comparison's seeds (default 0 1 2)
 #   OPD_GKD_LIMIT=300 bash bench/device.sh gkd     # gkd's time limit in seconds (default 400)
 #   bash bench/device.sh --smoke         # CPU: every benchmark's smoke mode on tiny models (CI runs this)
@@ -67,9 +67,9 @@ if [ "${1:-}" = "--smoke" ]; then
     run pipeline 600 bench.pipeline --smoke --out "$RESULTS/smoke-pipeline.json"
 else
     selected=("$@")
-    [ ${#selected[@]} -gt 0 ] || selected=(scale push toy gkd services pipeline)
+    [ ${#selected[@]} -gt 0 ] || selected=(scale push profile toy gkd services pipeline)
     for name in "${selected[@]}"; do
-        case $name in scale | push | toy | gkd | services | pipeline) ;; *) echo "unknown benchmark: $name" >&2; exit 2 ;; esac
+        case $name in scale | push | profile | toy | gkd | services | pipeline) ;; *) echo "unknown benchmark: $name" >&2; exit 2 ;; esac
     done
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
     "$PY" -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())" || exit 1
@@ -90,6 +90,9 @@ print('transformers', transformers.__version__, 'pyarrow', pyarrow.__version__, 
             ;;
         push)  # whether the learner's pushes reach its torch samplers by CUDA IPC (else they go over HTTP)
             run push_shared 60 bench.push_check --shared cuda --out "$RESULTS/gpu-push_shared.json"
+            ;;
+        profile)  # where the toy step's time goes in each of opd's roles and GKD's, launches and syncs counted
+            run toy_profile 120 bench.toy_profile --device cuda --out "$RESULTS/gpu-toy_profile.json"
             ;;
         toy | gkd) [ $trl -eq 1 ] || { failed+=("$name: TRL does not import (above), not run"); continue; } ;;&
         toy) toy ;;

@@ -61,21 +61,26 @@ class PackedBatch:
 def pack_left_padded(
     prompts: list[list[int]], completions: list[list[int]], pad_id: int, device: str = "cpu"
 ) -> PackedBatch:
-    """Left-pad `prompt + completion` rows; position ids skip the padding."""
-    rows = [p + c for p, c in zip(prompts, completions, strict=True)]
-    length = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
-    for b, row in enumerate(rows):
-        input_ids[b, length - len(row) :] = torch.tensor(row)
-        attention_mask[b, length - len(row) :] = 1
+    """Left-pad `prompt + completion` rows; position ids skip the padding.
+
+    Built on the host from one flat tensor of every row's ids: a tensor and two slice copies per
+    row cost 16 aten ops a row (2,000 for the toy's 128 rows, ~2 ms here and more on a GPU
+    machine's host, in each of the sampler, the grader and the learner every step)."""
+    rows = list(zip(prompts, completions, strict=True))
+    lengths_B = torch.tensor([len(p) + len(c) for p, c in rows], dtype=torch.long)
+    flat = torch.tensor(list(chain.from_iterable(chain(p, c) for p, c in rows)), dtype=torch.long)
+    length = int(lengths_B.max())
+    attention_mask = torch.arange(length)[None, :] >= length - lengths_B[:, None]
+    input_ids = torch.full((len(lengths_B), length), pad_id, dtype=torch.long)
+    input_ids[attention_mask] = flat  # row-major: row b's ids fill its last len(b) columns in order
+    attention_mask = attention_mask.long()
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    lengths = torch.tensor([len(c) for c in completions], dtype=torch.long)
+    completion_lengths_B = torch.tensor([len(c) for c in completions], dtype=torch.long)
     return PackedBatch(
         input_ids.to(device),
         attention_mask.to(device),
         position_ids.to(device),
-        lengths.to(device),
+        completion_lengths_B.to(device),
     )
 
 

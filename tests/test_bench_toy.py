@@ -47,3 +47,16 @@ def test_benchmark_runs_both_systems_and_writes_results(tmp_path, toy_models):
     assert "| trl gkd |" in result.stdout
     assert result.stdout.count("step  train KL  eval KL  reward") == 3  # each run, step by step
     assert (out / "toy_distill_wall.png").stat().st_size > 10_000  # the same over training seconds
+
+
+@pytest.mark.slow
+def test_profile_times_and_counts_every_phase_of_both_systems(tmp_path, toy_models):
+    out = tmp_path / "profile.json"
+    cmd = [sys.executable, "-m", "bench.toy_profile", "--repeats", "1", "--batch-size", "16",
+           "--models", str(toy_models.teacher.parent), "--out", str(out)]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    phases = json.loads(out.read_text())["phases"]
+    assert len(phases) == 5 and any(name.startswith("GKD learn") for name in phases)
+    for phase in phases.values():
+        assert phase["median_ms"] > 0 and phase["aten_ops"] > 0 and phase["top_host_ops_ms"]

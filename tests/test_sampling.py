@@ -51,3 +51,20 @@ def test_top_p_draws_only_the_nucleus_in_proportion():
     nucleus = torch.tensor([0, 1, 3])  # 0.57 + 0.21 < 0.8 <= 0.57 + 0.21 + 0.13
     assert counts[[2, 4, 5]].sum() == 0
     assert chi_square(counts[nucleus], probs[nucleus] / probs[nucleus].sum()) < 25  # 2 dof: P < 4e-6
+
+
+def test_a_decode_of_n_tokens_runs_n_forwards_and_a_seed_repeats_it(student_dir):
+    from sampler.engine import SamplingParams
+    from sampler.engines.torch import TorchSamplerEngine
+
+    engine = TorchSamplerEngine(str(student_dir))
+    engine.eos_ids = set()  # no row stops early: every row decodes max_tokens
+    forwards = []
+    engine.model.register_forward_hook(lambda *_: forwards.append(1))
+    params = SamplingParams(n=2, temperature=1.0, top_p=1.0, max_tokens=5, seed=3)
+    first = engine._generate_sync([[5, 6, 7], [8, 9]], params)
+    # the prompt's forward, then one per token after the first; the last token needs no more logits
+    assert len(forwards) == params.max_tokens
+    assert [len(s.completion_ids) for rows in first for s in rows] == [5] * 4
+    again = engine._generate_sync([[5, 6, 7], [8, 9]], params)
+    assert [[s.completion_ids for s in rows] for rows in first] == [[s.completion_ids for s in rows] for rows in again]

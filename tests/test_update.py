@@ -10,6 +10,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from grader.engine import Scored as TeacherScores
 from grader.engine import batch_of
@@ -19,7 +21,7 @@ from learner.distributed import Processes
 from learner.policy import Policy
 from learner.rollout import Rollouts
 from learner.update import Scored, accumulate_gradients, global_token_count, micro_batches, old_logprobs
-from opd.modeling import load_causal_lm
+from opd.modeling import load_causal_lm, pack_left_padded
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [9, 10], [12, 13, 14], [20, 21, 22, 23], [30], [40, 41]]
 COMPLETIONS = [[11, 12, 13], [14], [15, 16, 17, 18, 19], [24, 25], [31, 32, 33, 34], [42, 43, 44]]
@@ -157,6 +159,21 @@ def test_micro_batches_hold_the_budget_and_every_sample_once():
             padded = batch.packed.input_ids_BL.numel()
             assert padded <= budget or len(batch.rows) == 1, (budget, batch.rows)
             assert padded == len(batch.rows) * max(lengths[r] for r in batch.rows)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.lists(st.integers(1, 999), max_size=6), st.lists(st.integers(1, 999), max_size=6)),
+                min_size=1, max_size=8).filter(lambda rows: any(p or c for p, c in rows)))  # fmt: skip
+def test_packing_left_pads_each_row_and_positions_skip_the_padding(rows):
+    packed = pack_left_padded([p for p, _ in rows], [c for _, c in rows], PAD_ID)
+    length = max(len(p) + len(c) for p, c in rows)
+    assert packed.input_ids_BL.shape == (len(rows), length)
+    for b, (prompt, completion) in enumerate(rows):
+        pad = length - len(prompt) - len(completion)
+        assert packed.input_ids_BL[b].tolist() == [PAD_ID] * pad + prompt + completion
+        assert packed.attention_mask_BL[b].tolist() == [0] * pad + [1] * (length - pad)
+        assert packed.position_ids_BL[b].tolist() == [0] * pad + list(range(length - pad))
+        assert packed.completion_lengths_B[b] == len(completion)
 
 
 def test_chunked_head_matches_the_models_own_logits_at_every_chunk_size(student_dir):

@@ -36,7 +36,8 @@ def sample_next(
     depend on what else is in the batch, and the whole batch samples in one vectorised step (a
     multinomial call per row took half of the decode time at batch 128).
 
-    temperature 0 is greedy and reports the raw (temperature 1) logprobs.
+    temperature 0 is greedy and reports the raw (temperature 1) logprobs. `generators` are the
+    rows' host generators, for the rare redraw below.
     """
     logits_BV = logits_BV.float()
     if temperature == 0.0:
@@ -56,7 +57,7 @@ def sample_next(
     ids_B = inverse_cdf(probs_BV, uniforms_B)
     # A parallel cumsum (CUDA) may round so that a token of probability 0 gets picked; redraw those rows.
     for b in (probs_BV.gather(-1, ids_B[:, None]).squeeze(-1) == 0).nonzero().flatten().tolist():
-        ids_B[b] = torch.multinomial(probs_BV[b], 1, generator=generators[b])[0]
+        ids_B[b] = torch.multinomial(probs_BV[b].cpu(), 1, generator=generators[b])[0]
     return ids_B, logprobs_BV
 
 
@@ -123,8 +124,10 @@ class TorchSamplerEngine:
     def _generate_sync(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Sample]]:
         rows = [prompt for prompt in prompts for _ in range(params.n)]
         seed = params.seed if params.seed is not None else random.randrange(2**31)
+        # Host generators on every device: a seed gives the same draws on CPU and GPU, and a GPU
+        # spends no kernel per row on them (batch 128: 256 launches before the first forward).
         generators = [
-            torch.Generator(device=self.device).manual_seed(sample_seed(seed, i, j, params.n))
+            torch.Generator().manual_seed(sample_seed(seed, i, j, params.n))
             for i in range(len(prompts))
             for j in range(params.n)
         ]
@@ -146,7 +149,7 @@ class TorchSamplerEngine:
         steps: list[tuple[torch.Tensor, ...]] = []  # per decode step: ids, their logprobs, [top ids, top logprobs]
         ends: list[int | None] = [None] * len(rows)  # the step at which each row emitted a stop token
         # Every uniform a row may need, drawn up front from the row's own generator.
-        uniforms_BN = torch.stack([torch.rand(params.max_tokens, generator=g, device=self.device) for g in generators])
+        uniforms_BN = torch.stack([torch.rand(params.max_tokens, generator=g) for g in generators]).to(self.device)
         for t in range(params.max_tokens):
             next_B, logprobs_BV = sample_next(out.logits[:, -1], params.temperature, params.top_p, uniforms_BN[:, t],
                                               generators)  # fmt: skip
@@ -156,8 +159,8 @@ class TorchSamplerEngine:
             for b, token in enumerate(next_B.tolist()):
                 if ends[b] is None and token in self.eos_ids:
                     ends[b] = t
-            if all(end is not None for end in ends):
-                break
+            if t == params.max_tokens - 1 or all(end is not None for end in ends):
+                break  # (at the last step no row needs the next token's logits)
             mask_BL = torch.cat([mask_BL, mask_BL.new_ones(len(rows), 1)], dim=-1)
             positions_B = positions_B + 1
             out = self.model(
