@@ -17,7 +17,8 @@ The raw engines are built by the services' own option functions (`sampler_engine
 `grader_engine_options`) and sent the services' own request parameters, so both sides run with
 the same KV cache, batch limits, dtype, chunked-prefill and logprob settings (printed with the
 results). Only one engine is alive at a time while a throughput is measured: on a small CPU box an
-idle vLLM engine polls and takes the cores the measured one needs. Each throughput is the median
+idle vLLM engine polls and takes the cores the measured one needs (`--smoke`, whose numbers no one
+reads, starts the two servers once for everything). Each throughput is the median
 of `--repeats` timed runs after a warm-up (the fastest is reported too).
 """
 
@@ -281,18 +282,28 @@ def main(argv: list[str] | None = None) -> dict:
         "args": {k: str(v) for k, v in vars(args).items()},
         "engine_settings": engine_settings(args),
     }  # fmt: skip
+
+    def through_sampler(url: str) -> dict[str, Any]:
+        return {"opd_generate": opd_generate(url, args, batch), "weight_push": weight_push(url, student, args.dtype)}
+
+    def through_grader(url: str) -> dict[str, Any]:
+        return {"opd_score": opd_score(url, args, sequences)}
+
     results["raw_generate"] = run_event_loop(raw_generate(student, args, batch))
-    with local_servers([server("sampler", student, args, args.gpu_util)]) as (url,):
-        results["opd_generate"] = opd_generate(url, args, batch)
-        results["weight_push"] = weight_push(url, student, args.dtype)
+    if not args.smoke:  # each server alone while its throughput is measured
+        with local_servers([server("sampler", student, args, args.gpu_util)]) as (url,):
+            results |= through_sampler(url)
     results["raw_score"] = run_event_loop(raw_score(teacher, args, sequences))
     if args.top_k:
         results["raw_score_dicts"] = run_event_loop(raw_score(teacher, args, sequences, flat=False))
-    with local_servers([server("grader", teacher, args, args.gpu_util)]) as (url,):
-        results["opd_score"] = opd_score(url, args, sequences)
+    if not args.smoke:
+        with local_servers([server("grader", teacher, args, args.gpu_util)]) as (url,):
+            results |= through_grader(url)
     servers = [server("sampler", student, args, args.gpu_util), server("grader", teacher, args, args.gpu_util)]
     # both on one GPU: their vLLM start-up memory profiles must not overlap
     with local_servers(servers, one_at_a_time=cuda_available()) as urls:
+        if args.smoke:  # nobody reads its numbers: one start of the two servers for all of it (CI's time)
+            results |= through_sampler(urls[0]) | through_grader(urls[1])
         results["learner_step"] = learner_step((urls[0], urls[1]), student, teacher, args)
     report(results)
     write_results(results, args.out, "smoke-services.json" if args.smoke else f"services-{args.preset}.json")

@@ -37,9 +37,16 @@ if not vllm_available():
 VLLM = ["--engine", "vllm"]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="class")
 def vllm_student(student_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     with local_server("sampler", ["--model", str(student_dir), *VLLM], tmp_path_factory.mktemp("logs")) as url:
+        yield url
+
+
+@pytest.fixture(scope="class")
+def vllm_teacher(teacher_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """One vLLM grader for a class's tests (a grader keeps no state between requests)."""
+    with local_server("grader", ["--model", str(teacher_dir), *VLLM], tmp_path_factory.mktemp("logs")) as url:
         yield url
 
 
@@ -61,53 +68,53 @@ def _greedy_all(url: str) -> list[list[int]]:
     return [r.completions[0].completion_ids for r in reply.results]
 
 
-def test_vllm_greedy_and_logprobs_match_torch_reference(vllm_student, student_dir):
-    model = reference.load(student_dir)
-    reply = generate(vllm_student, prompt_ids=PROMPTS, n=1, temperature=0.0, max_tokens=10)
-    assert httpx.get(f"{vllm_student}/v1/info").json()["engine"] == "vllm"
-    for prompt, result in zip(PROMPTS, reply.results, strict=True):
-        completion = result.completions[0]
-        assert completion.completion_ids == reference.greedy(model, prompt, 10, EOS)
-        # greedy replies carry the raw model logprob of each chosen token
-        want = reference.token_logprobs(model, prompt, completion.completion_ids)
-        assert completion.logprobs == pytest.approx(want, abs=1e-4)
+class TestOneVllmSampler:
+    """Tests that share one vLLM sampler of the student, stopped when the class ends (an idle
+    vLLM engine polls and takes cores from the tests after it). None of them pushes weights."""
 
-
-def test_vllm_sampled_logprobs_are_of_the_sampled_distribution(vllm_student, student_dir):
-    model = reference.load(student_dir)
-    for temperature in (1.0, 0.5):
-        reply = generate(vllm_student, prompt_ids=PROMPTS, n=2, temperature=temperature, max_tokens=8, seed=4)
+    def test_vllm_greedy_and_logprobs_match_torch_reference(self, vllm_student, student_dir):
+        model = reference.load(student_dir)
+        reply = generate(vllm_student, prompt_ids=PROMPTS, n=1, temperature=0.0, max_tokens=10)
+        assert httpx.get(f"{vllm_student}/v1/info").json()["engine"] == "vllm"
         for prompt, result in zip(PROMPTS, reply.results, strict=True):
-            for c in result.completions:
-                with torch.no_grad():
-                    logits = model(torch.tensor([prompt + c.completion_ids])).logits[0].double() / temperature
-                logprobs = torch.log_softmax(logits, -1)
-                want = [logprobs[len(prompt) + i - 1, t].item() for i, t in enumerate(c.completion_ids)]
-                assert c.logprobs == pytest.approx(want, abs=1e-4)
+            completion = result.completions[0]
+            assert completion.completion_ids == reference.greedy(model, prompt, 10, EOS)
+            # greedy replies carry the raw model logprob of each chosen token
+            want = reference.token_logprobs(model, prompt, completion.completion_ids)
+            assert completion.logprobs == pytest.approx(want, abs=1e-4)
 
+    def test_vllm_sampled_logprobs_are_of_the_sampled_distribution(self, vllm_student, student_dir):
+        model = reference.load(student_dir)
+        for temperature in (1.0, 0.5):
+            reply = generate(vllm_student, prompt_ids=PROMPTS, n=2, temperature=temperature, max_tokens=8, seed=4)
+            for prompt, result in zip(PROMPTS, reply.results, strict=True):
+                for c in result.completions:
+                    with torch.no_grad():
+                        logits = model(torch.tensor([prompt + c.completion_ids])).logits[0].double() / temperature
+                    logprobs = torch.log_softmax(logits, -1)
+                    want = [logprobs[len(prompt) + i - 1, t].item() for i, t in enumerate(c.completion_ids)]
+                    assert c.logprobs == pytest.approx(want, abs=1e-4)
 
-def test_vllm_top_logprobs_are_the_sampled_distributions_head(vllm_student, student_dir):
-    reply = generate(vllm_student, prompt_ids=PROMPTS, n=2, temperature=0.7, max_tokens=6, seed=4, top_logprobs=5)
-    check_top_logprobs(reply, reference.load(student_dir), 0.7, 5)
+    def test_vllm_top_logprobs_are_the_sampled_distributions_head(self, vllm_student, student_dir):
+        reply = generate(vllm_student, prompt_ids=PROMPTS, n=2, temperature=0.7, max_tokens=6, seed=4, top_logprobs=5)
+        check_top_logprobs(reply, reference.load(student_dir), 0.7, 5)
 
+    def test_vllm_sampler_scores_given_completions_with_its_student(self, vllm_student, student_dir):
+        sequences = [{"prompt_ids": s["prompt_ids"], "completion_ids": s["completion_ids"]} for s in SEQUENCES]
+        response = httpx.post(f"{vllm_student}/v1/logprobs", json={"sequences": sequences}, timeout=120)
+        assert response.status_code == 200, response.text
+        model = reference.load(student_dir)
+        for seq, scored in zip(SEQUENCES, response.json()["results"], strict=True):
+            want = reference.token_logprobs(model, seq["prompt_ids"], seq["completion_ids"])
+            assert scored["logprobs"] == pytest.approx(want, abs=1e-4)
 
-def test_vllm_sampler_scores_given_completions_with_its_student(vllm_student, student_dir):
-    sequences = [{"prompt_ids": s["prompt_ids"], "completion_ids": s["completion_ids"]} for s in SEQUENCES]
-    response = httpx.post(f"{vllm_student}/v1/logprobs", json={"sequences": sequences}, timeout=120)
-    assert response.status_code == 200, response.text
-    model = reference.load(student_dir)
-    for seq, scored in zip(SEQUENCES, response.json()["results"], strict=True):
-        want = reference.token_logprobs(model, seq["prompt_ids"], seq["completion_ids"])
-        assert scored["logprobs"] == pytest.approx(want, abs=1e-4)
-
-
-def test_vllm_seeds_give_distinct_reproducible_samples(vllm_student):
-    # temperature 2: the tiny student is peaked (entropy ~1 nat), so at 1 two samples may coincide
-    a = generate(vllm_student, prompt_ids=PROMPTS, n=4, temperature=2.0, max_tokens=8, seed=21)
-    b = generate(vllm_student, prompt_ids=PROMPTS, n=4, temperature=2.0, max_tokens=8, seed=21)
-    assert a == b
-    for result in a.results:
-        assert len({tuple(c.completion_ids) for c in result.completions}) == 4
+    def test_vllm_seeds_give_distinct_reproducible_samples(self, vllm_student):
+        # temperature 2: the tiny student is peaked (entropy ~1 nat), so at 1 two samples may coincide
+        a = generate(vllm_student, prompt_ids=PROMPTS, n=4, temperature=2.0, max_tokens=8, seed=21)
+        b = generate(vllm_student, prompt_ids=PROMPTS, n=4, temperature=2.0, max_tokens=8, seed=21)
+        assert a == b
+        for result in a.results:
+            assert len({tuple(c.completion_ids) for c in result.completions}) == 4
 
 
 @pytest.mark.parametrize("which", ["student", "teacher"])  # tied and untied embeddings
@@ -158,60 +165,59 @@ async def _shared_push(url: str, weights: dict[str, torch.Tensor], version: int)
         await pool.aclose()
 
 
-def test_vllm_grader_matches_a_direct_forward(teacher_dir, tmp_path):
-    with local_server("grader", ["--model", str(teacher_dir), *VLLM], tmp_path) as url:
-        response = httpx.post(f"{url}/v1/logprobs", json={"sequences": SEQUENCES, "top_k": 3}, timeout=120)
-        too_many = httpx.post(f"{url}/v1/logprobs", json={"sequences": SEQUENCES, "top_k": 21}, timeout=30)
-        check_candidates(url, teacher_dir)  # the V1 runner's route: a request per position
-        check_text_equals_ids(url, AutoTokenizer.from_pretrained(teacher_dir))
-    assert response.status_code == 200, response.text
-    model = reference.load(teacher_dir)
-    for seq, scored in zip(SEQUENCES, LogprobsResponse.model_validate(response.json()).results, strict=True):
-        assert scored.logprobs == pytest.approx(
-            reference.token_logprobs(model, seq["prompt_ids"], seq["completion_ids"]), abs=1e-4
-        )
-        with torch.no_grad():
-            full = torch.log_softmax(model(torch.tensor([seq["prompt_ids"] + seq["completion_ids"]])).logits[0], -1)
-        for i, (ids, top) in enumerate(zip(scored.top_ids, scored.top_logprobs, strict=True)):
-            want = full[len(seq["prompt_ids"]) + i - 1].topk(3)
-            assert ids == want.indices.tolist()
-            assert top == pytest.approx(want.values.tolist(), abs=1e-4)
-    assert too_many.status_code == 422
-    assert too_many.json()["error"]["param"] == "top_k"
-
-
 def shared_memory_names() -> set[str]:
     """What multiprocessing's shared memory and semaphores hold in /dev/shm (vLLM's message queues)."""
     shm = Path("/dev/shm")
     return {p.name for p in shm.iterdir() if p.name.startswith(("psm_", "sem.mp-"))} if shm.is_dir() else set()
 
 
-@pytest.mark.slow
-def test_distillation_with_both_vllm_servers_lowers_reverse_kl(tmp_path, student_dir, teacher_dir):
-    config = load_config("examples/tiny/config.yml", [
-        "--run_dir", str(tmp_path / "run"), "--train.steps", "20", "--eval.eval_steps", "20",
-        "--eval.max_items", "32", "--logging.progress", "false",
-    ])  # fmt: skip
-    servers = [
-        LocalServer("sampler", ["--model", str(student_dir), *VLLM], tmp_path),
-        LocalServer("grader", ["--model", str(teacher_dir), *VLLM], tmp_path),
-    ]
-    shared_before = shared_memory_names()
-    with local_servers(servers) as (sampler_url, grader_url):
-        services = config.services.model_copy(update={"sampler_url": sampler_url, "grader_url": grader_url})
-        history = OnPolicyDistillationTrainer(config.model_copy(update={"services": services})).train()
-        assert httpx.get(f"{sampler_url}/v1/info").json()["engine"] == "vllm"
-    # stopped in order, the engines unlink their shared memory (a group SIGTERM left 6 entries a run)
-    assert shared_memory_names() - shared_before == set()
-    evals = [m for m in read_metrics(tmp_path / "run" / "metrics.jsonl") if "eval/reverse_kl_per_token" in m]
-    before, after = evals[0]["eval/reverse_kl_per_token"], evals[-1]["eval/reverse_kl_per_token"]
-    assert after <= 0.7 * before, (before, after)
-    assert all(m["policy/lag"] == 0.0 for m in history)
-    # vLLM's engines report their share of each phase too
-    assert all(0 < m["time/generate_engine"] < m["time/generate"] for m in history)
-    assert all(0 < m["time/grade_engine"] < m["time/grade"] for m in history)
-    # at temperature 1 the vLLM sampler's logprobs and the learner's agree closely
-    assert max(m["mismatch/sampler_vs_old"] for m in history) < 1e-3
+class TestOneVllmGrader:
+    """Tests that share one vLLM grader of the teacher, stopped when the class ends."""
+
+    def test_vllm_grader_matches_a_direct_forward(self, vllm_teacher, teacher_dir):
+        url = vllm_teacher
+        response = httpx.post(f"{url}/v1/logprobs", json={"sequences": SEQUENCES, "top_k": 3}, timeout=120)
+        too_many = httpx.post(f"{url}/v1/logprobs", json={"sequences": SEQUENCES, "top_k": 21}, timeout=30)
+        check_candidates(url, teacher_dir)  # the V1 runner's route: a request per position
+        check_text_equals_ids(url, AutoTokenizer.from_pretrained(teacher_dir))
+        assert response.status_code == 200, response.text
+        model = reference.load(teacher_dir)
+        for seq, scored in zip(SEQUENCES, LogprobsResponse.model_validate(response.json()).results, strict=True):
+            assert scored.logprobs == pytest.approx(
+                reference.token_logprobs(model, seq["prompt_ids"], seq["completion_ids"]), abs=1e-4
+            )
+            with torch.no_grad():
+                full = torch.log_softmax(model(torch.tensor([seq["prompt_ids"] + seq["completion_ids"]])).logits[0], -1)
+            for i, (ids, top) in enumerate(zip(scored.top_ids, scored.top_logprobs, strict=True)):
+                want = full[len(seq["prompt_ids"]) + i - 1].topk(3)
+                assert ids == want.indices.tolist()
+                assert top == pytest.approx(want.values.tolist(), abs=1e-4)
+        assert too_many.status_code == 422
+        assert too_many.json()["error"]["param"] == "top_k"
+
+    @pytest.mark.slow
+    def test_distillation_with_both_vllm_servers_lowers_reverse_kl(self, tmp_path, student_dir, vllm_teacher):
+        config = load_config("examples/tiny/config.yml", [
+            "--run_dir", str(tmp_path / "run"), "--train.steps", "20", "--eval.eval_steps", "20",
+            "--eval.max_items", "32", "--logging.progress", "false",
+        ])  # fmt: skip
+        shared_before = shared_memory_names()
+        grader_url = vllm_teacher
+        with local_servers([LocalServer("sampler", ["--model", str(student_dir), *VLLM], tmp_path)]) as (sampler_url,):
+            services = config.services.model_copy(update={"sampler_url": sampler_url, "grader_url": grader_url})
+            history = OnPolicyDistillationTrainer(config.model_copy(update={"services": services})).train()
+            assert httpx.get(f"{sampler_url}/v1/info").json()["engine"] == "vllm"
+        # stopped in order, the engine unlinks its shared memory (a group SIGTERM left 6 entries a run)
+        assert shared_memory_names() - shared_before == set()
+        evals = [m for m in read_metrics(tmp_path / "run" / "metrics.jsonl") if "eval/reverse_kl_per_token" in m]
+        before, after = evals[0]["eval/reverse_kl_per_token"], evals[-1]["eval/reverse_kl_per_token"]
+        assert after <= 0.7 * before, (before, after)
+        assert all(m["policy/lag"] == 0.0 for m in history)
+        # vLLM's engines report their share of each phase too
+        assert all(0 < m["time/generate_engine"] < m["time/generate"] for m in history)
+        assert all(0 < m["time/grade_engine"] < m["time/grade"] for m in history)
+        # at temperature 1 the vLLM sampler's logprobs and the learner's agree closely
+        assert max(m["mismatch/sampler_vs_old"] for m in history) < 1e-3
 
 
 def test_vllm_sampler_serves_a_pushed_adapter_as_the_merged_model(student_dir, tmp_path):
