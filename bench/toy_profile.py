@@ -78,8 +78,9 @@ def _drain(device: torch.device) -> None:
 
 
 def dispatch_counts(fn: Callable[[], object], device: torch.device) -> dict:
-    """What one run of `fn` asked of torch: aten ops, device-to-host reads, kernel launches, host
-    waits for the device, and the ops that took the most host time."""
+    """What one run of `fn` asked of torch: aten ops, scalar reads (`.item()`, `bool(tensor)`;
+    `.tolist()` is a copy, counted among the waits), kernel launches, host waits for the device
+    (one of them the profiler's own at the end), and the ops that took the most host time."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)

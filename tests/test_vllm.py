@@ -37,6 +37,12 @@ if not vllm_available():
 VLLM = ["--engine", "vllm"]
 
 
+def shared_memory_names() -> set[str]:
+    """What multiprocessing's shared memory and semaphores hold in /dev/shm (vLLM's message queues)."""
+    shm = Path("/dev/shm")
+    return {p.name for p in shm.iterdir() if p.name.startswith(("psm_", "sem.mp-"))} if shm.is_dir() else set()
+
+
 @pytest.fixture(scope="class")
 def vllm_student(student_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     with local_server("sampler", ["--model", str(student_dir), *VLLM], tmp_path_factory.mktemp("logs")) as url:
@@ -45,9 +51,12 @@ def vllm_student(student_dir: Path, tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="class")
 def vllm_teacher(teacher_dir: Path, tmp_path_factory: pytest.TempPathFactory):
-    """One vLLM grader for a class's tests (a grader keeps no state between requests)."""
+    """One vLLM grader for a class's tests (a grader keeps no state between requests). Stopped, its
+    engine must leave nothing in /dev/shm."""
+    shared_before = shared_memory_names()
     with local_server("grader", ["--model", str(teacher_dir), *VLLM], tmp_path_factory.mktemp("logs")) as url:
         yield url
+    assert shared_memory_names() - shared_before == set()
 
 
 def _perturbed(model_dir: Path, seed: int) -> dict[str, torch.Tensor]:
@@ -165,12 +174,6 @@ async def _shared_push(url: str, weights: dict[str, torch.Tensor], version: int)
         await pool.aclose()
 
 
-def shared_memory_names() -> set[str]:
-    """What multiprocessing's shared memory and semaphores hold in /dev/shm (vLLM's message queues)."""
-    shm = Path("/dev/shm")
-    return {p.name for p in shm.iterdir() if p.name.startswith(("psm_", "sem.mp-"))} if shm.is_dir() else set()
-
-
 class TestOneVllmGrader:
     """Tests that share one vLLM grader of the teacher, stopped when the class ends."""
 
@@ -207,7 +210,8 @@ class TestOneVllmGrader:
             services = config.services.model_copy(update={"sampler_url": sampler_url, "grader_url": grader_url})
             history = OnPolicyDistillationTrainer(config.model_copy(update={"services": services})).train()
             assert httpx.get(f"{sampler_url}/v1/info").json()["engine"] == "vllm"
-        # stopped in order, the engine unlinks its shared memory (a group SIGTERM left 6 entries a run)
+        # stopped in order, the engine unlinks its shared memory (a group SIGTERM left 6 entries a run;
+        # the grader's is checked as its fixture stops)
         assert shared_memory_names() - shared_before == set()
         evals = [m for m in read_metrics(tmp_path / "run" / "metrics.jsonl") if "eval/reverse_kl_per_token" in m]
         before, after = evals[0]["eval/reverse_kl_per_token"], evals[-1]["eval/reverse_kl_per_token"]

@@ -125,7 +125,7 @@ class TorchSamplerEngine:
         rows = [prompt for prompt in prompts for _ in range(params.n)]
         seed = params.seed if params.seed is not None else random.randrange(2**31)
         # Host generators on every device: a seed gives the same draws on CPU and GPU, and a GPU
-        # spends no kernel per row on them (batch 128: 256 launches before the first forward).
+        # spends no kernel per row on them (batch 128: 128 launches before the first forward).
         generators = [
             torch.Generator().manual_seed(sample_seed(seed, i, j, params.n))
             for i in range(len(prompts))
