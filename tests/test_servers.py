@@ -670,6 +670,17 @@ def test_all_finite_finds_one_bad_value_anywhere_and_accepts_the_largest_finite_
     assert all_finite(torch.empty(0, dtype=dtype)) and all_finite(torch.arange(5))
 
 
+def test_non_finite_names_every_bad_tensor_of_a_push_in_order():
+    from sampler.weights import non_finite
+
+    fine = {"a": torch.randn(4, 3), "big": torch.full((2,), torch.finfo(torch.float64).max, dtype=torch.float64),
+            "ids": torch.arange(3), "empty": torch.empty(0, dtype=torch.bfloat16)}  # fmt: skip
+    assert non_finite(fine) == []
+    bad = fine | {"b": torch.tensor([1.0, float("inf")], dtype=torch.bfloat16),
+                  "c": torch.tensor([float("nan")], dtype=torch.float16)}  # fmt: skip
+    assert non_finite(dict(reversed(bad.items()))) == ["c", "b"]
+
+
 def test_checksum_header_is_enforced(student_dir, tmp_path):
     import hashlib
 
