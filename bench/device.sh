@@ -103,7 +103,7 @@ print('transformers', transformers.__version__, 'pyarrow', pyarrow.__version__, 
             # (GKD runs first, then topk, then sampled; the file is rewritten after each, so a cut
             # run keeps them)
             run gkd "${OPD_GKD_LIMIT:-400}" bench.gkd_scale --device cuda --batch-size 16 --prompt-digits 120 \
-                --max-tokens 128 --steps 4 --losses topk sampled --out "$RESULTS/gpu-gkd_scale.json"
+                --max-tokens 128 --steps 6 --losses topk sampled --out "$RESULTS/gpu-gkd_scale.json"
             ;;
         services | pipeline) [ $vllm -eq 1 ] ||
             { failed+=("$name: vllm is not importable (carry its wheel in .whl/)"); continue; } ;;&
