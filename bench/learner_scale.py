@@ -231,7 +231,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=None, help="JSON results (default: bench/results/...)")
     args = parser.parse_args(argv)
     if args.smoke:
-        args.batches, args.steps, args.max_tokens, args.vocab = [1, 2], 1, 8, 4096
+        # one batch size: each (batch, mode) is an `opd run` process of its own, ~6 s here (CI's time)
+        args.batches, args.steps, args.max_tokens, args.vocab = [1], 1, 8, 4096
         args.samples, args.prompt_len, args.completion_len, args.micro_batch_tokens, args.repeats = [2], 8, 16, 32, 1
     return args
 
