@@ -185,7 +185,8 @@ def main() -> None:
         return results
 
     # CPU: on the torch thread, as the servers run their engines (one OpenMP team: opd/torch_thread.py);
-    # CUDA: on the main thread, where torch's profiler sees the device's events
+    # CUDA: on the main thread, where the profiler's tracer registers (from another thread Kineto
+    # reports that its init callback ran on a thread other than its own)
     phase_results = torch_thread.call(measure) if device.type == "cpu" else measure()
     results = {"machine": machine(args.device), "args": {k: str(v) for k, v in vars(args).items()},
                "phases": phase_results}  # fmt: skip
