@@ -93,6 +93,8 @@ print('transformers', transformers.__version__, 'pyarrow', pyarrow.__version__, 
             ;;
         profile)  # where the toy step's time goes in each of opd's roles and GKD's, launches and syncs counted
             run toy_profile 120 bench.toy_profile --device cuda --out "$RESULTS/gpu-toy_profile.json"
+            # and what each of its requests costs beyond the engine's own time, on the GPU
+            run http_overhead 120 bench.http_overhead --device cuda --out "$RESULTS/gpu-http_overhead.json"
             ;;
         toy | gkd) [ $trl -eq 1 ] || { failed+=("$name: TRL does not import (above), not run"); continue; } ;;&
         toy) toy ;;

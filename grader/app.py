@@ -22,7 +22,15 @@ from grader.schema import InfoResponse, LogprobsRequest, LogprobsResponse, Score
 from grader.tensors import ScoredBatch
 from opd import torch_thread
 from opd.errors import NonFiniteOutputError, RequestError
-from opd.serving import ERROR_RESPONSES, check_token_ids, create_service_app, json_reply, with_engine_time
+from opd.serving import (
+    ERROR_RESPONSES,
+    check_token_ids,
+    create_service_app,
+    json_body_schema,
+    json_reply,
+    parse_json,
+    with_engine_time,
+)
 from opd.tokenizer import chat_prompt_ids, text_ids, token_strings
 
 
@@ -43,15 +51,19 @@ LOGPROBS_RESPONSES: dict[int | str, dict] = {
         "the scores as flat tensors in a safetensors file (grader/tensors.py)",
     },
 }
+LOGPROBS_BODY = json_body_schema(LogprobsRequest)
+"""The body's schema in the OpenAPI document (`logprobs` reads it with `parse_json`)."""
 
 
 def create_app(engine: GraderEngine, settings: GraderSettings | None = None) -> FastAPI:
     app = create_service_app("opd grader", engine, settings or GraderSettings())
-    app.post("/v1/logprobs", response_model=LogprobsResponse, responses=LOGPROBS_RESPONSES)(logprobs)
+    app.post("/v1/logprobs", response_model=LogprobsResponse, responses=LOGPROBS_RESPONSES,
+             openapi_extra=LOGPROBS_BODY)(logprobs)  # fmt: skip
     return app
 
 
-async def logprobs(body: LogprobsRequest, request: Request) -> Response:
+async def logprobs(request: Request) -> Response:
+    body = await parse_json(request, LogprobsRequest)
     engine: GraderEngine = request.app.state.engine
     settings = request.app.state.settings
     if len(body.sequences) > settings.max_sequences:
@@ -62,16 +74,18 @@ async def logprobs(body: LogprobsRequest, request: Request) -> Response:
         raise RequestError(f"top_k {body.top_k} is over this server's --max-logprobs {info.max_logprobs}",
                            param="top_k", status=422)  # fmt: skip
     _check_text_lengths(body.sequences, settings.chars_per_token * info.max_model_len)
-    # Tokenising and templating text takes a while: off the event loop.
-    sequences = await asyncio.to_thread(_to_score, body.sequences, engine.tokenizer)
+    if all(s.prompt_ids is not None and s.completion_ids is not None for s in body.sequences):
+        sequences = _to_score(body.sequences, engine.tokenizer)  # ids as given: nothing to tokenise
+    else:  # tokenising and templating text takes a while: off the event loop
+        sequences = await asyncio.to_thread(_to_score, body.sequences, engine.tokenizer)
     _check_sequences(sequences, info)
     started = time.perf_counter()
     batch = await engine.score(sequences, body.top_k)
     engine_s = time.perf_counter() - started
-    await torch_thread.run(_check_finite, batch)  # torch work, on the torch thread (opd/torch_thread.py)
-    if body.format == "safetensors":
-        encoded = await torch_thread.run(tensors.encode, batch)
+    if body.format == "safetensors":  # checked and encoded in one hop to the torch thread (opd/torch_thread.py)
+        encoded = await torch_thread.run(_encoded_if_finite, batch)
         return with_engine_time(Response(content=encoded, media_type=tensors.MEDIA_TYPE), engine_s)
+    await torch_thread.run(_check_finite, batch)
     # With return_tokens every id and top-k id is decoded, one by one: off the event loop too.
     results = await asyncio.to_thread(lambda: [
         _result(s, asked, given, body.return_tokens, engine.tokenizer)
@@ -141,6 +155,11 @@ def _check_finite(batch: ScoredBatch) -> None:
     # NaN or inf means the teacher's weights overflow.
     if not bool(torch.isfinite(batch.logprobs_N).all()):
         raise NonFiniteOutputError("the teacher produced non-finite logprobs; its weights overflow")
+
+
+def _encoded_if_finite(batch: ScoredBatch) -> bytes:
+    _check_finite(batch)
+    return tensors.encode(batch)
 
 
 def _check_sequences(sequences: list[ToScore], info: InfoResponse) -> None:

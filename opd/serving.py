@@ -6,6 +6,7 @@ go to the log, never to the client.
 """
 
 import asyncio
+import json
 import logging
 import math
 import os
@@ -13,7 +14,7 @@ import signal
 import socket
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
-from typing import Annotated, Any, Literal, Protocol
+from typing import Annotated, Any, Literal, Protocol, TypeVar
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -213,6 +214,54 @@ def json_reply(model: BaseModel) -> Response:
     out. FastAPI's own path re-validates the model and encodes it in Python: ~13x slower for the
     65,536 logprobs of a 256 x 256-token batch (26 vs 2 ms)."""
     return Response(content=model.model_dump_json(exclude_none=True), media_type="application/json")
+
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+
+async def parse_json(request: Request, model: type[ModelT]) -> ModelT:
+    """The request's JSON body as `model`, decoded and validated in one pass by pydantic's core.
+    A FastAPI body parameter decodes with Python's json module, then validates the objects: twice
+    the time, on the event loop (a grade request of 128 x 4k tokens: 70 ms against 48; with 16
+    candidate ids per token, 232 against 113). Errors take the same envelope (422, the field named)."""
+    raw = await request.body()
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as exc:
+        if exc.errors()[0]["type"] != "json_invalid":
+            raise
+        try:  # Python's decoder admits JSON that pydantic's refuses, a lone surrogate ("\ud800") in a
+            decoded = json.loads(raw)  # string: the model's own validators then name the field
+        except UnicodeDecodeError:  # a 400, as FastAPI's own parsing answered
+            raise RequestError("the body is not UTF-8 text", param="body", status=400) from None
+        except ValueError:
+            raise exc from None
+        return model.model_validate(decoded)
+
+
+def json_body_schema(*models: type[BaseModel]) -> dict:
+    """`openapi_extra` for a route that reads its JSON body with `parse_json` (one of `models`), so
+    the OpenAPI document still describes the body."""
+    schemas = [inline_refs(model.model_json_schema()) for model in models]
+    schema = schemas[0] if len(schemas) == 1 else {"oneOf": schemas}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+def inline_refs(schema: dict) -> dict:
+    """`schema` with its `$defs` written in where they are referred to: a request body in the
+    OpenAPI document cannot point into a model's own `$defs`."""
+    defs = schema.pop("$defs", {})
+
+    def resolve(node: object) -> object:
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return resolve(defs[node["$ref"].rsplit("/", 1)[-1]])
+            return {key: resolve(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [resolve(item) for item in node]
+        return node
+
+    return resolve(schema)  # type: ignore[return-value]
 
 
 SERVER_TIMING = "server-timing"

@@ -14,7 +14,7 @@ import torch
 from fastapi import FastAPI, Query, Request, Response
 from starlette.requests import ClientDisconnect
 
-from grader.app import LOGPROBS_RESPONSES, logprobs
+from grader.app import LOGPROBS_BODY, LOGPROBS_RESPONSES, logprobs
 from grader.schema import LogprobsResponse
 from opd import torch_thread
 from opd.auth import check_bearer
@@ -24,7 +24,9 @@ from opd.serving import (
     MAX_JSON_BYTES,
     check_token_ids,
     create_service_app,
+    json_body_schema,
     json_reply,
+    parse_json,
     with_engine_time,
 )
 from sampler.adapters import read_adapter
@@ -67,16 +69,19 @@ def create_app(engine: SamplerEngine, settings: SamplerSettings | None = None) -
     # weights have their own, larger limit, checked while streaming
     app = create_service_app("opd sampler", engine, settings or SamplerSettings(), frozenset({"/v1/weights"}))
     app.state.buffer_maps = BufferMaps()  # the learner's weight buffer, once a shared push has named it
-    app.post("/v1/generate", response_model=GenerateResponse, responses=ERROR_RESPONSES)(generate)
+    app.post("/v1/generate", response_model=GenerateResponse, responses=ERROR_RESPONSES,
+             openapi_extra=json_body_schema(GenerateRequest))(generate)  # fmt: skip
     # The student's logprobs of given completions, as the grader gives the teacher's (`opd grade --sampler`).
-    app.post("/v1/logprobs", response_model=LogprobsResponse, responses=LOGPROBS_RESPONSES)(logprobs)
+    app.post("/v1/logprobs", response_model=LogprobsResponse, responses=LOGPROBS_RESPONSES,
+             openapi_extra=LOGPROBS_BODY)(logprobs)  # fmt: skip
     app.post("/v1/weights", response_model=WeightsResponse, responses=ERROR_RESPONSES, openapi_extra=_WEIGHTS_BODY)(
         push_weights
     )
     return app
 
 
-async def generate(body: GenerateRequest, request: Request) -> Response:
+async def generate(request: Request) -> Response:
+    body = await parse_json(request, GenerateRequest)
     engine: SamplerEngine = request.app.state.engine
     settings: SamplerSettings = request.app.state.settings
     count = len(body.prompt_ids or body.messages or [])
@@ -141,39 +146,8 @@ def _check_chat_lengths(chats: list[list[ChatMessage]], max_chars: int) -> None:
             )
 
 
-def inline_refs(schema: dict) -> dict:
-    """`schema` with its `$defs` written in where they are referred to: a request body in the
-    OpenAPI document cannot point into a model's own `$defs`."""
-    defs = schema.pop("$defs", {})
-
-    def resolve(node: object) -> object:
-        if isinstance(node, dict):
-            if "$ref" in node:
-                return resolve(defs[node["$ref"].rsplit("/", 1)[-1]])
-            return {key: resolve(value) for key, value in node.items()}
-        if isinstance(node, list):
-            return [resolve(item) for item in node]
-        return node
-
-    return resolve(schema)  # type: ignore[return-value]
-
-
-_WEIGHTS_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
-            "application/json": {
-                "schema": {
-                    "oneOf": [
-                        inline_refs(WeightsFromPath.model_json_schema()),
-                        inline_refs(WeightsShared.model_json_schema()),
-                    ]
-                }
-            },
-        },
-    }
-}
+_WEIGHTS_BODY = json_body_schema(WeightsFromPath, WeightsShared)
+_WEIGHTS_BODY["requestBody"]["content"]["application/octet-stream"] = {"schema": {"type": "string", "format": "binary"}}
 
 
 async def push_weights(request: Request, version: int | None = Query(default=None, ge=0)) -> WeightsResponse:

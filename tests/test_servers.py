@@ -408,6 +408,20 @@ def test_logprobs_rejects_bad_input_naming_the_field(servers, body, status, para
     assert response.json()["error"]["param"] == param
 
 
+def test_the_openapi_documents_describe_the_json_bodies_the_routes_parse_themselves(servers):
+    sampler_url, grader_url = servers
+    bodies = {
+        (url, path): httpx.get(f"{url}/openapi.json").json()["paths"][path]["post"]["requestBody"]["content"]
+        for url, path in ((sampler_url, "/v1/generate"), (sampler_url, "/v1/logprobs"), (grader_url, "/v1/logprobs"))
+    }
+    generate = bodies[sampler_url, "/v1/generate"]["application/json"]["schema"]
+    assert {"prompt_ids", "messages", "n", "top_logprobs"} <= set(generate["properties"])
+    assert "$ref" not in json.dumps(generate)  # every definition written in
+    for url in (sampler_url, grader_url):
+        sequences = bodies[url, "/v1/logprobs"]["application/json"]["schema"]["properties"]["sequences"]
+        assert {"prompt_ids", "completion_ids", "candidate_ids"} <= set(sequences["items"]["properties"])
+
+
 def test_info_reports_the_same_tokenizer_for_student_and_teacher(servers, student_dir):
     sampler_info = httpx.get(f"{servers[0]}/v1/info").json()
     grader_info = httpx.get(f"{servers[1]}/v1/info").json()

@@ -1,0 +1,162 @@
+"""What a toy step's requests cost beyond their engines: HTTP, parsing, hand-offs inside each server.
+
+    python -m bench.http_overhead [--device cuda] [--requests 30] [--idle-s 0.15] [--out FILE]
+
+Starts a torch sampler (the toy student) and a torch grader (the toy teacher), sends each the toy
+step's request through the learner's own clients (128 prompts, 10 tokens; their completions graded
+at top 16 as safetensors), and times each request from the client against the engine's own time,
+which every reply reports (its Server-Timing header). The difference is what the loop pays per
+request for running its roles in three processes. Each request is sent back to back with the one
+before and again after `--idle-s` of idling, as in the loop, where a server waits while the others
+work. A change to the services' request path shows here as a ratio to the same measurement before
+it, without the toy loop's seconds of compute around it.
+
+Then, without servers, what decoding a grade request's JSON costs at real sizes (a step of 128
+samples of 4k tokens, and 16 samples with 16 candidate ids per token, Qwen-sized ids): pydantic's
+one pass (`opd.serving.parse_json`, what the services do) against Python's json module followed by
+validation (what a FastAPI body parameter does).
+"""
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from transformers import AutoTokenizer
+
+from bench.common import write_results
+from bench.toy_distill import machine
+from examples.toy.evaluate import MAX_NEW_TOKENS
+from examples.toy.prepare import distill_problems, prepare
+from examples.toy.task import eval_problems, to_items
+from grader.schema import LogprobsRequest, Sequence
+from learner.clients import GraderPool, RetryPolicy, SamplerPool
+from opd.launch import LocalServer, local_servers
+from sampler.schema import GenerateRequest
+
+TOP_K = 16
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--requests", type=int, default=30, help="timed requests of each kind (after 3 warm-up)")
+    parser.add_argument("--idle-s", type=float, default=0.15, help="idle time before each request of the idle runs")
+    parser.add_argument("--models", type=Path, default=Path("runs/toy"), help="toy models cache (prepare --out)")
+    parser.add_argument("--out", type=Path, help="default: bench/results/http_overhead.json")
+    return parser.parse_args()
+
+
+async def timed(
+    send: Callable[[], Awaitable[object]], spans: list[tuple[float, float]], requests: int, idle_s: float
+) -> dict[str, float]:
+    """Median ms of a request from the client, of its engine time, and of the difference."""
+    walls, engines = [], []
+    for i in range(requests + 3):
+        await asyncio.sleep(idle_s)
+        start = time.perf_counter()
+        await send()
+        wall = time.perf_counter() - start
+        engine_start, engine_end = spans[-1]
+        if i >= 3:
+            walls.append(wall)
+            engines.append(engine_end - engine_start)
+    overheads = [w - e for w, e in zip(walls, engines, strict=True)]
+    return {"wall_ms": _ms(statistics.median(walls)), "engine_ms": _ms(statistics.median(engines)),
+            "overhead_ms": _ms(statistics.median(overheads)), "overhead_min_ms": _ms(min(overheads))}  # fmt: skip
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1e3, 3)
+
+
+async def measure(args: argparse.Namespace, sampler_url: str, grader_url: str) -> dict:
+    files = prepare(args.models)
+    tokenizer = AutoTokenizer.from_pretrained(files.student)
+    prompts = [item.prompt_ids for item in to_items(distill_problems(eval_problems(200))[: args.batch_size], tokenizer)]
+    retry = RetryPolicy(deadline_s=5)
+    samplers, graders = SamplerPool([sampler_url], 60, retry), GraderPool([grader_url], 60, retry)
+    request = GenerateRequest(prompt_ids=prompts, n=1, temperature=1.0, max_tokens=MAX_NEW_TOKENS, seed=0)
+    try:
+        reply = await samplers.generate(request)
+        sequences = [Sequence(prompt_ids=r.prompt_ids, completion_ids=r.completions[0].completion_ids)
+                     for r in reply.results]  # fmt: skip
+        sends = {
+            "generate": (lambda: samplers.generate(request), samplers.clients[0].engine_spans["/v1/generate"]),
+            "grade": (lambda: graders.logprobs_tensors(sequences, top_k=TOP_K),
+                      graders.clients[0].engine_spans["/v1/logprobs"]),
+        }  # fmt: skip
+        results: dict[str, dict] = {}
+        for name, (send, spans) in sends.items():
+            for label, idle in (("back_to_back", 0.0), ("after_idle", args.idle_s)):
+                results[f"{name} {label}"] = row = await timed(send, spans, args.requests, idle)  # type: ignore[arg-type]
+                print(f"{name} {label}: {row}", flush=True)
+        return results
+    finally:
+        await samplers.aclose()
+        await graders.aclose()
+
+
+DECODERS: dict[str, Callable[[bytes], LogprobsRequest]] = {
+    "json module + validate": lambda body: LogprobsRequest.model_validate(json.loads(body)),
+    "pydantic one pass": LogprobsRequest.model_validate_json,
+}
+
+
+def grade_body(rng: random.Random, samples: int, tokens: int, candidates: int) -> bytes:
+    """A grade request's JSON: `samples` sequences of a 256-token prompt and `tokens` completion
+    tokens, with `candidates` ids per completion token when above 0."""
+
+    def ids(count: int) -> list[int]:
+        return [rng.randrange(152_000) for _ in range(count)]
+
+    sequences = []
+    for _ in range(samples):
+        sequence: dict = {"prompt_ids": ids(256), "completion_ids": ids(tokens)}
+        if candidates:
+            sequence["candidate_ids"] = [ids(candidates) for _ in range(tokens)]
+        sequences.append(sequence)
+    return json.dumps({"sequences": sequences, "top_k": 16, "format": "safetensors"}).encode()
+
+
+def parse_costs(repeats: int = 5) -> dict[str, dict]:
+    """Fastest ms of decoding a grade request's body each way, at sizes of real steps."""
+    rng = random.Random(0)
+    results = {}
+    for samples, tokens, candidates in ((128, 4096, 0), (16, 4096, 16)):
+        body = grade_body(rng, samples, tokens, candidates)
+        row: dict[str, float] = {"body_mb": round(len(body) / 1e6, 2)}
+        for way, decode in DECODERS.items():
+            seconds = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                decode(body)
+                seconds.append(time.perf_counter() - start)
+            row[f"{way} ms"] = _ms(min(seconds))
+        results[f"{samples} x {tokens} tokens, {candidates} candidates"] = row
+        print(f"parse {samples} x {tokens} tokens, {candidates} candidates: {row}", flush=True)
+    return results
+
+
+def main() -> None:
+    args = parse_args()
+    files = prepare(args.models)
+    common = ["--dtype", "float32", "--device", args.device, "--engine", "torch"]
+    with tempfile.TemporaryDirectory() as logs:
+        servers = [LocalServer("sampler", ["--model", str(files.student), *common], Path(logs)),
+                   LocalServer("grader", ["--model", str(files.teacher), *common], Path(logs))]  # fmt: skip
+        with local_servers(servers) as (sampler_url, grader_url):
+            requests = asyncio.run(measure(args, sampler_url, grader_url))
+    results = {"machine": machine(args.device), "args": {k: str(v) for k, v in vars(args).items()},
+               "requests": requests, "parse": parse_costs()}  # fmt: skip
+    write_results(results, args.out, "http_overhead.json")
+
+
+if __name__ == "__main__":
+    main()
