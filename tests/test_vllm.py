@@ -44,8 +44,13 @@ def shared_memory_names() -> set[str]:
 
 
 @pytest.fixture(scope="class")
-def vllm_student(student_dir: Path, tmp_path_factory: pytest.TempPathFactory):
-    with local_server("sampler", ["--model", str(student_dir), *VLLM], tmp_path_factory.mktemp("logs")) as url:
+def vllm_student_logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("logs")
+
+
+@pytest.fixture(scope="class")
+def vllm_student(student_dir: Path, vllm_student_logs: Path):
+    with local_server("sampler", ["--model", str(student_dir), *VLLM], vllm_student_logs) as url:
         yield url
 
 
@@ -79,7 +84,8 @@ def _greedy_all(url: str) -> list[list[int]]:
 
 class TestOneVllmSampler:
     """Tests that share one vLLM sampler of the student, stopped when the class ends (an idle
-    vLLM engine polls and takes cores from the tests after it). None of them pushes weights."""
+    vLLM engine polls and takes cores from the tests after it). Only the last one pushes weights
+    (pytest runs a class's tests in the order written)."""
 
     def test_vllm_greedy_and_logprobs_match_torch_reference(self, vllm_student, student_dir):
         model = reference.load(student_dir)
@@ -125,40 +131,49 @@ class TestOneVllmSampler:
         for result in a.results:
             assert len({tuple(c.completion_ids) for c in result.completions}) == 4
 
+    def test_vllm_weight_push_equals_a_model_with_the_pushed_weights(
+        self, vllm_student, vllm_student_logs, student_dir, tmp_path
+    ):  # last in the class: it changes the weights (tied embeddings; the untied ones below)
+        check_weight_pushes(vllm_student, student_dir, vllm_student_logs / "sampler.log", tmp_path)
 
-@pytest.mark.parametrize("which", ["student", "teacher"])  # tied and untied embeddings
-def test_vllm_weight_push_equals_a_model_with_the_pushed_weights(which, student_dir, teacher_dir, tmp_path):
-    model_dir = student_dir if which == "student" else teacher_dir
-    with local_server("sampler", ["--model", str(model_dir), *VLLM], tmp_path) as url:
-        before = _greedy_all(url)
-        weights = _perturbed(model_dir, seed=1)
-        response = httpx.post(f"{url}/v1/weights", params={"version": 1}, content=save(weights), timeout=120)
-        assert response.json() == {"policy_version": 1}, response.text
-        assert "staged in memory" in (tmp_path / "sampler.log").read_text()  # the worker read it from a file
-        want = [reference.greedy(_with_weights(model_dir, weights), p, 10, EOS) for p in PROMPTS]
-        assert want != before
-        assert _greedy_all(url) == want
 
-        other = _perturbed(model_dir, seed=2)
-        save_file(other, tmp_path / "w.safetensors")
-        response = httpx.post(f"{url}/v1/weights", json={"path": str(tmp_path / "w.safetensors")}, timeout=120)
-        assert response.json() == {"policy_version": 2}
-        serving = _greedy_all(url)
-        assert serving == [reference.greedy(_with_weights(model_dir, other), p, 10, EOS) for p in PROMPTS]
+def test_vllm_weight_push_with_untied_embeddings_equals_a_model_with_the_pushed_weights(teacher_dir, tmp_path):
+    with local_server("sampler", ["--model", str(teacher_dir), *VLLM], tmp_path) as url:
+        check_weight_pushes(url, teacher_dir, tmp_path / "sampler.log", tmp_path)
 
-        name = next(iter(other))
-        bad = dict(other) | {name: torch.zeros(2, 2)}
-        response = httpx.post(f"{url}/v1/weights", content=save(bad), timeout=120)
-        assert response.status_code == 422
-        assert response.json()["error"]["param"] == f"weights.{name}"
-        assert httpx.get(f"{url}/v1/info").json()["policy_version"] == 2
-        assert _greedy_all(url) == serving
 
-        # its weights live in vLLM's worker: a shared push is refused, and the learner's pool sends the body
-        third = _perturbed(model_dir, seed=3)
-        assert asyncio.run(_shared_push(url, third, 3)) == 3
-        assert _greedy_all(url) == [reference.greedy(_with_weights(model_dir, third), p, 10, EOS) for p in PROMPTS]
-        assert "the learner's memfd buffer" not in (tmp_path / "sampler.log").read_text()
+def check_weight_pushes(url: str, model_dir: Path, log: Path, tmp_path: Path) -> None:
+    """A vLLM sampler at policy_version 0 serves exactly the weights pushed to it: whole, by path,
+    and from the learner's buffer (refused, then sent as a body); a bad push changes nothing."""
+    before = _greedy_all(url)
+    weights = _perturbed(model_dir, seed=1)
+    response = httpx.post(f"{url}/v1/weights", params={"version": 1}, content=save(weights), timeout=120)
+    assert response.json() == {"policy_version": 1}, response.text
+    assert "staged in memory" in log.read_text()  # the worker read it from a file
+    want = [reference.greedy(_with_weights(model_dir, weights), p, 10, EOS) for p in PROMPTS]
+    assert want != before
+    assert _greedy_all(url) == want
+
+    other = _perturbed(model_dir, seed=2)
+    save_file(other, tmp_path / "w.safetensors")
+    response = httpx.post(f"{url}/v1/weights", json={"path": str(tmp_path / "w.safetensors")}, timeout=120)
+    assert response.json() == {"policy_version": 2}
+    serving = _greedy_all(url)
+    assert serving == [reference.greedy(_with_weights(model_dir, other), p, 10, EOS) for p in PROMPTS]
+
+    name = next(iter(other))
+    bad = dict(other) | {name: torch.zeros(2, 2)}
+    response = httpx.post(f"{url}/v1/weights", content=save(bad), timeout=120)
+    assert response.status_code == 422
+    assert response.json()["error"]["param"] == f"weights.{name}"
+    assert httpx.get(f"{url}/v1/info").json()["policy_version"] == 2
+    assert _greedy_all(url) == serving
+
+    # its weights live in vLLM's worker: a shared push is refused, and the learner's pool sends the body
+    third = _perturbed(model_dir, seed=3)
+    assert asyncio.run(_shared_push(url, third, 3)) == 3
+    assert _greedy_all(url) == [reference.greedy(_with_weights(model_dir, third), p, 10, EOS) for p in PROMPTS]
+    assert "the learner's memfd buffer" not in log.read_text()
 
 
 async def _shared_push(url: str, weights: dict[str, torch.Tensor], version: int) -> int:
