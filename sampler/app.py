@@ -188,19 +188,25 @@ async def _swap_in_shared(request: Request, body: WeightsShared) -> WeightsRespo
         raise RequestError("this sampler takes weights by body or path: pushes through shared memory need the "
                            "torch engine and full weights", param="buffer", status=422)  # fmt: skip
     maps: BufferMaps = request.app.state.buffer_maps
-    flat = await torch_thread.run(maps.open, body.buffer)
-    tensors = tensor_views(flat, body.tensors)
-    response = await _swap_in(request, (tensors, {}), "", body.version, f"the learner's {body.buffer.kind} buffer")
-    if flat.is_cuda:
-        await torch_thread.run(torch.cuda.synchronize, flat.device)
-    return response
+    specs = engine.weight_specs()
+
+    def opened_and_checked() -> dict[str, torch.Tensor]:  # one hop to the torch thread for both
+        tensors = tensor_views(maps.open(body.buffer), body.tensors)
+        check_weights(tensors, specs)
+        return tensors
+
+    tensors = await torch_thread.run(opened_and_checked)
+    # (the engine's copy has finished when load_weights returns: the learner may write the buffer again)
+    return await _swap_in(request, (tensors, {}), "", body.version, f"the learner's {body.buffer.kind} buffer",
+                          checked=True)  # fmt: skip
 
 
 async def _swap_in(
-    request: Request, decoded: Decoded, origin: str | bytearray, version: int | None, where: str
+    request: Request, decoded: Decoded, origin: str | bytearray, version: int | None, where: str, checked: bool = False
 ) -> WeightsResponse:
-    """Check the decoded tensors and load them (`origin`: what they were decoded from, which the
-    engine may load from; `where`: how the log names it)."""
+    """Check the decoded tensors (unless `checked`: full weights checked already) and load them
+    (`origin`: what they were decoded from, which the engine may load from; `where`: how the log
+    names it)."""
     tensors, metadata = decoded
     engine: SamplerEngine = request.app.state.engine
     new_version = version if version is not None else engine.policy_version + 1
@@ -214,7 +220,8 @@ async def _swap_in(
         if ADAPTER_CONFIG_KEY in metadata:
             raise RequestError("this sampler serves full weights: start it with --max-lora-rank to push LoRA adapters",
                                param="weights", status=422)  # fmt: skip
-        await torch_thread.run(check_weights, tensors, engine.weight_specs())
+        if not checked:
+            await torch_thread.run(check_weights, tensors, engine.weight_specs())
         await engine.load_weights(tensors, new_version, origin)
     logger.info("loaded %d weight tensors from %s, policy_version=%d", len(tensors), where, new_version)
     return WeightsResponse(policy_version=new_version)

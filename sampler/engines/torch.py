@@ -194,10 +194,14 @@ class TorchSamplerEngine:
 
     @torch.no_grad()
     def _copy_in(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy `tensors` into the model; on a GPU, finished when this returns (the source may be
+        the learner's buffer, which it writes again once the push is answered)."""
         params = dict(self.model.named_parameters())
         with torch_thread.alone_if_small(tensors.values()):
             for name, tensor in tensors.items():
                 params[name].copy_(tensor)  # host to device in one copy, no device temporary
+        if torch.device(self.device).type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     async def load_adapter(self, adapter: Adapter, version: int) -> None:
         async with self._lock:
