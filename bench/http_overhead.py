@@ -24,6 +24,7 @@ import random
 import statistics
 import tempfile
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -54,15 +55,18 @@ def parse_args() -> argparse.Namespace:
 
 
 async def timed(
-    send: Callable[[], Awaitable[object]], spans: list[tuple[float, float]], requests: int, idle_s: float
+    send: Callable[[], Awaitable[object]], spans: deque[tuple[float, float]], requests: int, idle_s: float
 ) -> dict[str, float]:
     """Median ms of a request from the client, of its engine time, and of the difference."""
     walls, engines = [], []
     for i in range(requests + 3):
         await asyncio.sleep(idle_s)
+        reported = len(spans)
         start = time.perf_counter()
         await send()
         wall = time.perf_counter() - start
+        if len(spans) == reported:  # (one more per reply that reports it; the client keeps 16k)
+            raise RuntimeError("the reply reported no engine time (Server-Timing)")
         engine_start, engine_end = spans[-1]
         if i >= 3:
             walls.append(wall)
@@ -95,7 +99,7 @@ async def measure(args: argparse.Namespace, sampler_url: str, grader_url: str) -
         results: dict[str, dict] = {}
         for name, (send, spans) in sends.items():
             for label, idle in (("back_to_back", 0.0), ("after_idle", args.idle_s)):
-                results[f"{name} {label}"] = row = await timed(send, spans, args.requests, idle)  # type: ignore[arg-type]
+                results[f"{name} {label}"] = row = await timed(send, spans, args.requests, idle)
                 print(f"{name} {label}: {row}", flush=True)
         return results
     finally:

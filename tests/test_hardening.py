@@ -4,6 +4,7 @@ Real servers on loopback (torch engines, tiny models); the eval case runs the le
 sampler that is killed and restarted between a weight push and the eval that follows it.
 """
 
+import asyncio
 import json
 import struct
 import subprocess
@@ -97,6 +98,7 @@ def test_a_weight_push_with_a_dtype_torch_lacks_is_a_400_and_the_old_weights_ser
         ("DELETE", "/v1/weights", None, 405, "method_not_allowed"),
         ("POST", "/v1/generate", b"\x80 not utf-8", 400, "invalid_request"),  # FastAPI's body-parse 400
         ("POST", "/v1/generate", b"plain text", 422, "invalid_request"),
+        ("POST", "/v1/generate", b"[" * 5000, 422, "invalid_request"),  # past pydantic's nesting limit
     ],
 )
 def test_framework_errors_come_in_the_envelope(sampler_url, method, path, content, status, kind):
@@ -106,6 +108,37 @@ def test_framework_errors_come_in_the_envelope(sampler_url, method, path, conten
     assert envelope(response)["type"] == kind
     if status == 405:
         assert response.headers["allow"]
+
+
+@pytest.mark.parametrize(
+    ("content_type", "status"),
+    [("application/json; charset=utf-8", 200), ("application/vnd.opd+json", 200), ("text/plain", 422), (None, 422)],
+)
+def test_a_json_body_is_read_only_when_sent_as_json(sampler_url, content_type, status):
+    # a page in a browser may post text/plain or a form to another origin without asking first
+    headers = {} if content_type is None else {"content-type": content_type}
+    body = json.dumps({"prompt_ids": [[1, 2, 3]], "max_tokens": 2})
+    response = httpx.post(f"{sampler_url}/v1/generate", content=body, headers=headers, timeout=60)
+    assert response.status_code == status, response.text
+    if status != 200:
+        assert envelope(response)["param"] == "body" and "content-type" in envelope(response)["message"]
+
+
+def test_a_body_cut_off_by_its_client_is_a_400_not_an_unhandled_error():
+    from starlette.requests import Request
+
+    from opd.errors import RequestError
+    from opd.serving import parse_json
+    from sampler.schema import GenerateRequest
+
+    async def receive() -> dict:  # the client went away before its body arrived
+        return {"type": "http.disconnect"}
+
+    headers = [(b"content-type", b"application/json")]
+    scope = {"type": "http", "method": "POST", "path": "/v1/generate", "headers": headers}
+    with pytest.raises(RequestError) as caught:
+        asyncio.run(parse_json(Request(scope, receive), GenerateRequest))
+    assert (caught.value.status, caught.value.param) == (400, "body")
 
 
 def test_absurd_finite_weights_give_a_clear_500_not_nulls(student_dir, tmp_path):

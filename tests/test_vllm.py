@@ -84,8 +84,8 @@ def _greedy_all(url: str) -> list[list[int]]:
 
 class TestOneVllmSampler:
     """Tests that share one vLLM sampler of the student, stopped when the class ends (an idle
-    vLLM engine polls and takes cores from the tests after it). Only the last one pushes weights
-    (pytest runs a class's tests in the order written)."""
+    vLLM engine polls and takes cores from the tests after it). Only the last one pushes weights,
+    and it puts the student's own back."""
 
     def test_vllm_greedy_and_logprobs_match_torch_reference(self, vllm_student, student_dir):
         model = reference.load(student_dir)
@@ -133,8 +133,14 @@ class TestOneVllmSampler:
 
     def test_vllm_weight_push_equals_a_model_with_the_pushed_weights(
         self, vllm_student, vllm_student_logs, student_dir, tmp_path
-    ):  # last in the class: it changes the weights (tied embeddings; the untied ones below)
+    ):  # last in the class (tied embeddings; the untied ones below)
         check_weight_pushes(vllm_student, student_dir, vllm_student_logs / "sampler.log", tmp_path)
+        # the student's own weights back, so the class's other tests hold in any order
+        original = {name: p.detach() for name, p in reference.load(student_dir).named_parameters()}
+        response = httpx.post(f"{vllm_student}/v1/weights", params={"version": 4}, content=save(original), timeout=120)
+        assert response.json() == {"policy_version": 4}, response.text
+        model = reference.load(student_dir)
+        assert _greedy_all(vllm_student) == [reference.greedy(model, p, 10, EOS) for p in PROMPTS]
 
 
 def test_vllm_weight_push_with_untied_embeddings_equals_a_model_with_the_pushed_weights(teacher_dir, tmp_path):
