@@ -244,7 +244,7 @@ async def parse_json(request: Request, model: type[ModelT]) -> ModelT:
             decoded = json.loads(raw)  # string: the model's own validators then name the field
         except UnicodeDecodeError:
             raise RequestError("the body is not UTF-8 text", param="body", status=400) from None
-        except (ValueError, RecursionError):  # (nesting past pydantic's limit of 200 overflows Python's stack)
+        except (ValueError, RecursionError):  # (arrays or objects nested past Python's recursion limit)
             raise exc from None
         return model.model_validate(decoded)
 
@@ -258,12 +258,12 @@ def _is_json(content_type: str) -> bool:
 def json_body_schema(*models: type[BaseModel]) -> dict:
     """`openapi_extra` for a route that reads its JSON body with `parse_json` (one of `models`), so
     the OpenAPI document still describes the body."""
-    schemas = [inline_refs(model.model_json_schema()) for model in models]
+    schemas = [_inline_refs(model.model_json_schema()) for model in models]
     schema = schemas[0] if len(schemas) == 1 else {"oneOf": schemas}
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
 
-def inline_refs(schema: dict) -> dict:
+def _inline_refs(schema: dict) -> dict:
     """`schema` with its `$defs` written in where they are referred to: a request body in the
     OpenAPI document cannot point into a model's own `$defs`."""
     defs = schema.pop("$defs", {})

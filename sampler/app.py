@@ -175,7 +175,7 @@ def _names_a_buffer(raw: bytes | bytearray) -> bool:
     JSON included, is validated as a WeightsFromPath and refused as one."""
     try:
         body = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # (nested past Python's recursion limit: no push either)
         return False
     return isinstance(body, dict) and "buffer" in body
 

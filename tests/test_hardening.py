@@ -99,6 +99,7 @@ def test_a_weight_push_with_a_dtype_torch_lacks_is_a_400_and_the_old_weights_ser
         ("POST", "/v1/generate", b"\x80 not utf-8", 400, "invalid_request"),  # FastAPI's body-parse 400
         ("POST", "/v1/generate", b"plain text", 422, "invalid_request"),
         ("POST", "/v1/generate", b"[" * 5000, 422, "invalid_request"),  # past pydantic's nesting limit
+        ("POST", "/v1/weights", b"[" * 5000, 422, "invalid_request"),  # and past Python's recursion limit
     ],
 )
 def test_framework_errors_come_in_the_envelope(sampler_url, method, path, content, status, kind):
