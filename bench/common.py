@@ -23,14 +23,19 @@ def write_results(results: dict, out: Path | None, name: str) -> Path:
     return path
 
 
-def median_seconds(fn: Callable[[], object], repeats: int) -> float:
-    """Median wall time of `repeats` calls of `fn` (after the caller's warm-up)."""
+def call_seconds(fn: Callable[[], object], repeats: int) -> list[float]:
+    """Wall time of each of `repeats` calls of `fn` (after the caller's warm-up)."""
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return times
+
+
+def median_seconds(fn: Callable[[], object], repeats: int) -> float:
+    """Median wall time of `repeats` calls of `fn` (after the caller's warm-up)."""
+    return statistics.median(call_seconds(fn, repeats))
 
 
 @contextmanager

@@ -26,11 +26,12 @@ import tempfile
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
 
 from transformers import AutoTokenizer
 
-from bench.common import write_results
+from bench.common import call_seconds, write_results
 from bench.toy_distill import machine
 from examples.toy.evaluate import MAX_NEW_TOKENS
 from examples.toy.prepare import distill_problems, prepare
@@ -137,12 +138,7 @@ def parse_costs(repeats: int = 5) -> dict[str, dict]:
         body = grade_body(rng, samples, tokens, candidates)
         row: dict[str, float] = {"body_mb": round(len(body) / 1e6, 2)}
         for way, decode in DECODERS.items():
-            seconds = []
-            for _ in range(repeats):
-                start = time.perf_counter()
-                decode(body)
-                seconds.append(time.perf_counter() - start)
-            row[f"{way} ms"] = _ms(min(seconds))
+            row[f"{way} ms"] = _ms(min(call_seconds(partial(decode, body), repeats)))
         results[f"{samples} x {tokens} tokens, {candidates} candidates"] = row
         print(f"parse {samples} x {tokens} tokens, {candidates} candidates: {row}", flush=True)
     return results
