@@ -95,6 +95,8 @@ print('transformers', transformers.__version__, 'pyarrow', pyarrow.__version__, 
             run toy_profile 120 bench.toy_profile --device cuda --out "$RESULTS/gpu-toy_profile.json"
             # and what each of its requests costs beyond the engine's own time, on the GPU
             run http_overhead 120 bench.http_overhead --device cuda --out "$RESULTS/gpu-http_overhead.json"
+            # the torch sampler's captured decode steps against its eager decode (CI has no GPU to run this)
+            run static_decode 120 pytest -q -p no:cacheprovider tests/test_static_decode.py -k captured
             ;;
         toy | gkd) [ $trl -eq 1 ] || { failed+=("$name: TRL does not import (above), not run"); continue; } ;;&
         toy) toy ;;

@@ -102,17 +102,28 @@ def dispatch_counts(fn: Callable[[], object], device: torch.device) -> dict:
     }
 
 
-def phases(args: argparse.Namespace) -> dict[str, Callable[[], object]]:
+def phases(args: argparse.Namespace, facts: dict) -> dict[str, Callable[[], object]]:
     """Each measured phase as a closure over its inputs, opd's and GKD's; the inputs are a batch the
-    student really sampled and the teacher really scored, as in the loop."""
+    student really sampled and the teacher really scored, as in the loop. On a GPU the sampler
+    decodes with CUDA graphs, and also eagerly as the before; `facts` gets what was seen of that."""
     device = torch.device(args.device)
     files = prepare(args.models)
     tokenizer = AutoTokenizer.from_pretrained(files.student)
     pad_id = int(tokenizer.pad_token_id)
     prompts = [item.prompt_ids for item in to_items(distill_problems(eval_problems(200))[: args.batch_size], tokenizer)]
-    sampler = TorchSamplerEngine(str(files.student), device=args.device)
+    sampler = TorchSamplerEngine(str(files.student), device=args.device)  # on a GPU: CUDA graphs
     params = SamplingParams(n=1, temperature=1.0, top_p=1.0, max_tokens=MAX_NEW_TOKENS, seed=0)
+    started = time.perf_counter()
     samples = [s[0] for s in sampler._generate_sync(prompts, params)]
+    facts["first generate, capture included (s)"] = round(time.perf_counter() - started, 3)
+    facts["cuda graphs"] = sampler.cuda_graphs and sampler._static is not None and sampler._static.graphs is not None
+    generators = {"opd generate (torch sampler engine)": lambda: sampler._generate_sync(prompts, params)}
+    if sampler.cuda_graphs:  # the same seed eagerly: the graphs' steps compute the same draws (to rounding)
+        eager_sampler = TorchSamplerEngine(str(files.student), device=args.device, enforce_eager=True)
+        generators["opd generate, eager (--enforce-eager)"] = lambda: eager_sampler._generate_sync(prompts, params)
+        eager = [s[0].completion_ids for s in eager_sampler._generate_sync(prompts, params)]
+        same = sum(e == s.completion_ids for e, s in zip(eager, samples, strict=True))
+        facts["samples identical to the eager decode's"] = f"{same} of {len(samples)}"
     completions = [s.completion_ids for s in samples]
     teacher = load_causal_lm(str(files.teacher), "float32", args.device)
     to_score = [ToScore(p, c) for p, c in zip(prompts, completions, strict=True)]
@@ -159,7 +170,7 @@ def phases(args: argparse.Namespace) -> dict[str, Callable[[], object]]:
         gkd_optimizer.step()
 
     return {
-        "opd generate (torch sampler engine)": lambda: sampler._generate_sync(prompts, params),
+        **generators,
         "GKD generate (HF generate)": gkd_generate,
         "opd grade (torch grader engine, top 16)": grade,
         "opd learn (micro-batches + update)": learn,
@@ -172,9 +183,11 @@ def main() -> None:
     device = torch.device(args.device)
     torch_thread.use_device(device)
 
+    facts: dict = {}
+
     def measure() -> dict:
         results = {}
-        for name, fn in phases(args).items():
+        for name, fn in phases(args, facts).items():
             seconds = timed_runs(fn, device, args.repeats)
             results[name] = {"median_ms": round(1e3 * statistics.median(seconds), 2),
                              "min_ms": round(1e3 * min(seconds), 2)} | dispatch_counts(fn, device)  # fmt: skip
@@ -189,7 +202,8 @@ def main() -> None:
     # reports that its init callback ran on a thread other than its own)
     phase_results = torch_thread.call(measure) if device.type == "cpu" else measure()
     results = {"machine": machine(args.device), "args": {k: str(v) for k, v in vars(args).items()},
-               "phases": phase_results}  # fmt: skip
+               "phases": phase_results, "sampler": facts}  # fmt: skip
+    print("sampler:", facts)
     write_results(results, args.out, "toy_profile.json")
 
 

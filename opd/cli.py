@@ -66,7 +66,8 @@ def _server_parser(sub: argparse._SubParsersAction, name: str, default_port: int
         "--enforce-eager",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="no CUDA graphs / compilation (default: on for CPU, off for GPU)",
+        help="no CUDA graphs / compilation (default: on for CPU, off for GPU); the torch sampler too: "
+        "on a GPU it replays each decode step as a CUDA graph unless this is set",
     )
     vllm.add_argument("--seed", type=int, default=0)
     return parser
@@ -186,8 +187,11 @@ def run_sampler(args: argparse.Namespace) -> None:
     else:
         from sampler.engines.torch import TorchSamplerEngine
 
+        if args.enforce_eager is False and not args.device.startswith("cuda"):
+            raise SystemExit(f"opd: --no-enforce-eager needs a cuda --device for the torch sampler, not {args.device}")
         engine = TorchSamplerEngine(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
-                                    max_logprobs=args.max_logprobs, max_lora_rank=args.max_lora_rank)  # fmt: skip
+                                    max_logprobs=args.max_logprobs, max_lora_rank=args.max_lora_rank,
+                                    enforce_eager=args.enforce_eager)  # fmt: skip
     settings = SamplerSettings(max_weights_bytes=args.max_weights_bytes, max_prompts=args.max_request_sequences,
                                max_sequences=args.max_request_sequences, api_key=api_key)  # fmt: skip
     serve(create_app(engine, settings), listener)

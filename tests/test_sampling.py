@@ -3,7 +3,7 @@ values and by the frequencies of many draws against the distribution they come f
 
 import torch
 
-from sampler.engines.torch import inverse_cdf, sample_next
+from sampler.engines.sampling import inverse_cdf, sample_next
 
 LOGITS_V = torch.tensor([2.0, 0.5, -1.0, 1.0, 0.0, -3.0])
 ONE_BELOW_1 = 1 - 2**-24  # the largest float32 uniform torch.rand returns

@@ -3,10 +3,13 @@
 Used where vLLM is not installed and as the reference in parity tests. All prompts x n samples
 decode together in one left-padded batch with a KV cache; one lock serialises generation and
 weight swaps, so a swap waits for in-flight generation and no reply mixes two weight versions.
-The model loads and runs on the process's torch thread (`opd/torch_thread.py`).
+The model loads and runs on the process's torch thread (`opd/torch_thread.py`). On a GPU each
+decode step replays a CUDA graph (`static_decode.py`) unless the engine is made eager; weight
+pushes and adapters copy into the same parameters, so a captured step reads the new weights.
 """
 
 import asyncio
+import logging
 import random
 
 import torch
@@ -16,65 +19,15 @@ from grader.engine import ToScore
 from grader.engines.torch import score_sequences
 from grader.tensors import ScoredBatch
 from opd import torch_thread
-from opd.modeling import load_causal_lm, model_card, pack_left_padded
+from opd.modeling import PackedBatch, load_causal_lm, model_card, pack_left_padded
 from opd.serving import InfoResponse
 from opd.tokenizer import chat_prompt_ids, pad_token_id
 from sampler.adapters import Adapter
 from sampler.engine import Sample, SamplingParams, WeightSpec, sample_seed
+from sampler.engines.sampling import sample_next
+from sampler.engines.static_decode import DecodeShape, StaticDecoder, fits
 
-
-def sample_next(
-    logits_BV: torch.Tensor,
-    temperature: float,
-    top_p: float,
-    uniforms_B: torch.Tensor,
-    generators: list[torch.Generator],
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next token per row [B], and the logprobs of the distribution actually sampled [B, V].
-
-    Row b inverts its CDF at `uniforms_B[b]`, a draw from its own generator, so a sample does not
-    depend on what else is in the batch, and the whole batch samples in one vectorised step (a
-    multinomial call per row took half of the decode time at batch 128).
-
-    temperature 0 is greedy and reports the raw (temperature 1) logprobs. `generators` are the
-    rows' host generators, for the rare redraw below.
-    """
-    logits_BV = logits_BV.float()
-    if temperature == 0.0:
-        return logits_BV.argmax(dim=-1), torch.log_softmax(logits_BV, -1)
-    scaled_BV = logits_BV / temperature
-    if top_p < 1.0:
-        sorted_BV, order_BV = scaled_BV.sort(dim=-1, descending=True)
-        probs_BV = torch.softmax(sorted_BV, dim=-1)
-        # Keep the smallest prefix whose mass reaches top_p. The first token always stays, also when
-        # top_p is below float32's range (1e-147 rounds to 0 and would drop every token).
-        drop_sorted_BV = (probs_BV.cumsum(-1) - probs_BV) >= top_p
-        drop_sorted_BV[:, 0] = False
-        drop_BV = torch.zeros_like(drop_sorted_BV).scatter(-1, order_BV, drop_sorted_BV)
-        scaled_BV = scaled_BV.masked_fill(drop_BV, float("-inf"))
-    logprobs_BV = torch.log_softmax(scaled_BV, dim=-1)
-    probs_BV = logprobs_BV.exp()
-    ids_B = inverse_cdf(probs_BV, uniforms_B)
-    # A parallel cumsum (CUDA) may round so that a token of probability 0 gets picked; redraw those rows.
-    for b in (probs_BV.gather(-1, ids_B[:, None]).squeeze(-1) == 0).nonzero().flatten().tolist():
-        ids_B[b] = torch.multinomial(probs_BV[b].cpu(), 1, generator=generators[b])[0]
-    return ids_B, logprobs_BV
-
-
-def inverse_cdf(probs_BV: torch.Tensor, uniforms_B: torch.Tensor) -> torch.Tensor:
-    """Per row, the first token whose cumulative probability exceeds u x (total mass): token v is
-    drawn with probability p_v (u uniform on [0, 1)). The target stays strictly below the total,
-    so the search always lands on a token; a token with p = 0 adds nothing to the CDF and so is
-    never the first to exceed it."""
-    cdf_BV = probs_BV.cumsum(-1)
-    total_B1 = cdf_BV[:, -1:]
-    target_B1 = torch.minimum(
-        uniforms_B[:, None].to(cdf_BV) * total_B1, torch.nextafter(total_B1, total_B1.new_zeros(()))
-    )
-    # Clamped: NaN probabilities (weights that overflow) put the search past the end; such rows
-    # get some token and a NaN logprob, which the app refuses to hand out.
-    return torch.searchsorted(cdf_BV, target_B1, right=True).squeeze(-1).clamp(max=probs_BV.shape[-1] - 1)
-
+log = logging.getLogger(__name__)
 
 SCORE_BATCH_TOKENS = 16384
 """Padded tokens per forward when the sampler scores given completions (the grader's default)."""
@@ -90,7 +43,9 @@ class TorchSamplerEngine:
         max_model_len: int | None = None,
         max_logprobs: int = 20,
         max_lora_rank: int | None = None,
+        enforce_eager: bool | None = None,
     ) -> None:
+        """`enforce_eager`: decode without CUDA graphs (default: graphs on a GPU, eager elsewhere)."""
         self.model_path = model_path
         self.dtype = dtype
         self.device = device
@@ -108,6 +63,20 @@ class TorchSamplerEngine:
         self.pad_id = pad_token_id(self.tokenizer)
         self.policy_version = 0
         self._lock = asyncio.Lock()
+        self.cuda_graphs = self._graphs_wanted(enforce_eager)
+        self._static: StaticDecoder | None = None  # the last decode shape's buffers and graphs
+
+    def _graphs_wanted(self, enforce_eager: bool | None) -> bool:
+        on_gpu = torch.device(self.device).type == "cuda"
+        if enforce_eager is False and not on_gpu:
+            raise ValueError(f"CUDA graphs need a cuda device, not {self.device!r}: leave the engine eager")
+        if enforce_eager or not on_gpu:
+            return False
+        if (unfit := fits(self.model)) is not None:
+            log.warning("torch sampler: decoding eagerly, without CUDA graphs: %s", unfit)
+            return False
+        log.info("torch sampler: each decode step replays a CUDA graph (captured once per batch shape)")
+        return True
 
     def info(self) -> InfoResponse:
         return self.card.model_copy(update={"policy_version": self.policy_version})
@@ -136,7 +105,36 @@ class TorchSamplerEngine:
 
     def _decode(self, rows: list[list[int]], params: SamplingParams, generators: list[torch.Generator]) -> list[Sample]:
         batch = pack_left_padded(rows, [[] for _ in rows], self.pad_id, self.device)
+        # Every uniform a row may need, drawn up front from the row's own generator.
+        uniforms_BT = torch.stack([torch.rand(params.max_tokens, generator=g) for g in generators]).to(self.device)
+        decoder = self._static_decoder(batch.input_ids_BL.shape[1], len(rows), params) if self.cuda_graphs else None
+        if decoder is not None:
+            columns, ends = decoder.decode(batch, uniforms_BT, self.eos_ids, generators)
+        else:
+            columns, ends = self._eager_decode(batch, params, uniforms_BT, generators)
+        return self._samples(columns, ends)
+
+    def _static_decoder(self, prompt_length: int, rows: int, params: SamplingParams) -> StaticDecoder | None:
+        """The captured decoder of this request's shape (captured now if the last request's shape
+        differed), or None if capturing failed: then this engine decodes eagerly from now on."""
+        shape = DecodeShape.of(rows, prompt_length, params.max_tokens, params.temperature, params.top_p,
+                               params.top_logprobs)  # fmt: skip
+        if self._static is None or self._static.shape != shape:
+            self._static = None  # (its buffers and graph pool go before the next ones are made)
+            try:
+                self._static = StaticDecoder(self.model, shape, capture=True)
+            except Exception as error:  # a model whose forward syncs with the host, say
+                log.warning("torch sampler: capturing the decode step failed (%s: %s); decoding eagerly from now "
+                            "on", type(error).__name__, error)  # fmt: skip
+                self.cuda_graphs = False
+        return self._static
+
+    def _eager_decode(
+        self, batch: PackedBatch, params: SamplingParams, uniforms_BT: torch.Tensor, generators: list[torch.Generator]
+    ) -> tuple[list[list[list]], list[int | None]]:
+        """Per output, its [B][steps(, K)] lists, and the step at which each row drew a stop token."""
         mask_BL, positions_B = batch.attention_mask_BL, batch.position_ids_BL[:, -1]
+        rows = len(mask_BL)
         cache = DynamicCache()
         out = self.model(
             input_ids=batch.input_ids_BL,
@@ -147,11 +145,9 @@ class TorchSamplerEngine:
             logits_to_keep=1,
         )
         steps: list[tuple[torch.Tensor, ...]] = []  # per decode step: ids, their logprobs, [top ids, top logprobs]
-        ends: list[int | None] = [None] * len(rows)  # the step at which each row emitted a stop token
-        # Every uniform a row may need, drawn up front from the row's own generator.
-        uniforms_BN = torch.stack([torch.rand(params.max_tokens, generator=g) for g in generators]).to(self.device)
+        ends: list[int | None] = [None] * rows  # the step at which each row emitted a stop token
         for t in range(params.max_tokens):
-            next_B, logprobs_BV = sample_next(out.logits[:, -1], params.temperature, params.top_p, uniforms_BN[:, t],
+            next_B, logprobs_BV = sample_next(out.logits[:, -1], params.temperature, params.top_p, uniforms_BT[:, t],
                                               generators)  # fmt: skip
             top = logprobs_BV.topk(params.top_logprobs, dim=-1) if params.top_logprobs else None
             steps.append((next_B, logprobs_BV.gather(-1, next_B[:, None]).squeeze(-1),
@@ -161,7 +157,7 @@ class TorchSamplerEngine:
                     ends[b] = t
             if t == params.max_tokens - 1 or all(end is not None for end in ends):
                 break  # (at the last step no row needs the next token's logits)
-            mask_BL = torch.cat([mask_BL, mask_BL.new_ones(len(rows), 1)], dim=-1)
+            mask_BL = torch.cat([mask_BL, mask_BL.new_ones(rows, 1)], dim=-1)
             positions_B = positions_B + 1
             out = self.model(
                 input_ids=next_B[:, None],
@@ -170,17 +166,16 @@ class TorchSamplerEngine:
                 past_key_values=cache,
                 use_cache=True,
             )
-        return self._samples(steps, ends)
+        # converted to lists once for the whole decode (a conversion per row and step took as long
+        # as decoding at batch 128 with top-k)
+        return [torch.stack(parts, dim=1).tolist() for parts in zip(*steps, strict=True)], ends
 
     @staticmethod
-    def _samples(steps: list[tuple[torch.Tensor, ...]], ends: list[int | None]) -> list[Sample]:
-        """Each row up to its stop token, converted to lists once for the whole decode (a conversion
-        per row and step took as long as decoding at batch 128 with top-k)."""
-        columns = [torch.stack(parts, dim=1).tolist() for parts in zip(*steps, strict=True)]  # [B, T(, K)] each
+    def _samples(columns: list[list[list]], ends: list[int | None]) -> list[Sample]:
+        """Each row up to its stop token, from the decode's [B][steps(, K)] lists."""
         out = []
         for b, end in enumerate(ends):
-            length = len(steps) if end is None else end + 1
-            ids, logprobs, *top = (column[b][:length] for column in columns)
+            ids, logprobs, *top = (column[b] if end is None else column[b][: end + 1] for column in columns)
             out.append(Sample(ids, logprobs, "length" if end is None else "stop", *top))
         return out
 
