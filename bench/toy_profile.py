@@ -116,7 +116,7 @@ def phases(args: argparse.Namespace, facts: dict) -> dict[str, Callable[[], obje
     started = time.perf_counter()
     samples = [s[0] for s in sampler._generate_sync(prompts, params)]
     facts["first generate, capture included (s)"] = round(time.perf_counter() - started, 3)
-    facts["cuda graphs"] = sampler.cuda_graphs and sampler._static is not None and sampler._static.graphs is not None
+    facts["cuda graphs"] = any(decoder.graphs is not None for decoder in sampler._static.values())
     generators = {"opd generate (torch sampler engine)": lambda: sampler._generate_sync(prompts, params)}
     if sampler.cuda_graphs:  # the same seed eagerly: the graphs' steps compute the same draws (to rounding)
         eager_sampler = TorchSamplerEngine(str(files.student), device=args.device, enforce_eager=True)

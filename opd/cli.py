@@ -187,11 +187,12 @@ def run_sampler(args: argparse.Namespace) -> None:
     else:
         from sampler.engines.torch import TorchSamplerEngine
 
-        if args.enforce_eager is False and not args.device.startswith("cuda"):
-            raise SystemExit(f"opd: --no-enforce-eager needs a cuda --device for the torch sampler, not {args.device}")
-        engine = TorchSamplerEngine(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
-                                    max_logprobs=args.max_logprobs, max_lora_rank=args.max_lora_rank,
-                                    enforce_eager=args.enforce_eager)  # fmt: skip
+        try:
+            engine = TorchSamplerEngine(args.model, dtype=args.dtype, device=args.device,
+                                        max_model_len=args.max_model_len, max_logprobs=args.max_logprobs,
+                                        max_lora_rank=args.max_lora_rank, enforce_eager=args.enforce_eager)  # fmt: skip
+        except ValueError as error:  # --no-enforce-eager where graphs cannot be had
+            raise SystemExit(f"opd: {error}") from None
     settings = SamplerSettings(max_weights_bytes=args.max_weights_bytes, max_prompts=args.max_request_sequences,
                                max_sequences=args.max_request_sequences, api_key=api_key)  # fmt: skip
     serve(create_app(engine, settings), listener)

@@ -255,29 +255,35 @@ def _is_json(content_type: str) -> bool:
     return kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json"))
 
 
+COMPONENTS = "#/components/schemas/"
+_BODY_MODELS: dict[str, type[BaseModel]] = {}
+"""Every model a route reads with `parse_json`, by name: the OpenAPI documents describe them."""
+
+
 def json_body_schema(*models: type[BaseModel]) -> dict:
     """`openapi_extra` for a route that reads its JSON body with `parse_json` (one of `models`), so
-    the OpenAPI document still describes the body."""
-    schemas = [_inline_refs(model.model_json_schema()) for model in models]
-    schema = schemas[0] if len(schemas) == 1 else {"oneOf": schemas}
+    the OpenAPI document still describes the body: a reference to each model's schema, which the
+    service apps put under components/schemas (`_with_body_schemas`), named as pydantic names it."""
+    for model in models:
+        if _BODY_MODELS.setdefault(model.__name__, model) is not model:
+            raise ValueError(f"two request bodies are named {model.__name__}: the OpenAPI document needs one")
+    refs = [{"$ref": COMPONENTS + model.__name__} for model in models]
+    schema = refs[0] if len(refs) == 1 else {"oneOf": refs}
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
 
-def _inline_refs(schema: dict) -> dict:
-    """`schema` with its `$defs` written in where they are referred to: a request body in the
-    OpenAPI document cannot point into a model's own `$defs`."""
-    defs = schema.pop("$defs", {})
-
-    def resolve(node: object) -> object:
-        if isinstance(node, dict):
-            if "$ref" in node:
-                return resolve(defs[node["$ref"].rsplit("/", 1)[-1]])
-            return {key: resolve(value) for key, value in node.items()}
-        if isinstance(node, list):
-            return [resolve(item) for item in node]
-        return node
-
-    return resolve(schema)  # type: ignore[return-value]
+def _with_body_schemas(document: dict) -> dict:
+    """`document` with the schema of each body model its routes refer to, and of the models
+    nested in them, under components/schemas (FastAPI puts there only what it validates itself)."""
+    schemas = document.setdefault("components", {}).setdefault("schemas", {})
+    paths = json.dumps(document.get("paths", {}))
+    for name, model in _BODY_MODELS.items():
+        if f'"{COMPONENTS}{name}"' in paths:
+            schema = model.model_json_schema(ref_template=COMPONENTS + "{model}")
+            for nested, nested_schema in schema.pop("$defs", {}).items():
+                schemas.setdefault(nested, nested_schema)
+            schemas[name] = schema
+    return document
 
 
 SERVER_TIMING = "server-timing"
@@ -369,4 +375,12 @@ def create_service_app(
     add_body_limit(app, exempt=body_limit_exempt)
     app.get("/health")(health)
     app.get("/v1/info", response_model=InfoResponse)(info)
+    build_document = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = _with_body_schemas(build_document())
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]  # (FastAPI's documented way to extend the document)
     return app

@@ -163,6 +163,14 @@ def test_missing_model_path_fails_naming_it():
     assert "/no/such/model does not exist" in result.stderr
 
 
+def test_cuda_graphs_asked_for_off_the_gpu_fail_at_start_saying_so(student_dir):
+    result = opd("sampler", "--model", str(student_dir), "--engine", "torch", "--port", "0", "--no-enforce-eager",
+                 timeout=120)  # fmt: skip
+    assert result.returncode != 0
+    assert "opd: CUDA graphs need a cuda device, not 'cpu'" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 @pytest.mark.slow
 def test_weights_through_a_shared_directory(tmp_path):
     shared = tmp_path / "shared"

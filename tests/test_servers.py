@@ -409,17 +409,33 @@ def test_logprobs_rejects_bad_input_naming_the_field(servers, body, status, para
 
 
 def test_the_openapi_documents_describe_the_json_bodies_the_routes_parse_themselves(servers):
+    """The bodies the routes read themselves (`parse_json`) are named schemas under components,
+    as FastAPI's own bodies would be, so that client generators name their types."""
     sampler_url, grader_url = servers
-    bodies = {
-        (url, path): httpx.get(f"{url}/openapi.json").json()["paths"][path]["post"]["requestBody"]["content"]
-        for url, path in ((sampler_url, "/v1/generate"), (sampler_url, "/v1/logprobs"), (grader_url, "/v1/logprobs"))
-    }
-    generate = bodies[sampler_url, "/v1/generate"]["application/json"]["schema"]
+    documents = {url: httpx.get(f"{url}/openapi.json").json() for url in servers}
+
+    def body(url: str, path: str) -> dict:
+        document = documents[url]
+        ref = document["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+        name = ref.removeprefix("#/components/schemas/")
+        return {"name": name, **document["components"]["schemas"][name]}
+
+    generate = body(sampler_url, "/v1/generate")
+    assert generate["name"] == "GenerateRequest"
     assert {"prompt_ids", "messages", "n", "top_logprobs"} <= set(generate["properties"])
-    assert "$ref" not in json.dumps(generate)  # every definition written in
     for url in (sampler_url, grader_url):
-        sequences = bodies[url, "/v1/logprobs"]["application/json"]["schema"]["properties"]["sequences"]
-        assert {"prompt_ids", "completion_ids", "candidate_ids"} <= set(sequences["items"]["properties"])
+        logprobs = body(url, "/v1/logprobs")
+        assert logprobs["name"] == "LogprobsRequest"
+        sequence_ref = logprobs["properties"]["sequences"]["items"]["$ref"]
+        sequence = documents[url]["components"]["schemas"][sequence_ref.removeprefix("#/components/schemas/")]
+        assert {"prompt_ids", "completion_ids", "candidate_ids"} <= set(sequence["properties"])
+    weights = documents[sampler_url]["paths"]["/v1/weights"]["post"]["requestBody"]["content"]
+    assert {ref["$ref"] for ref in weights["application/json"]["schema"]["oneOf"]} == {
+        "#/components/schemas/WeightsFromPath", "#/components/schemas/WeightsShared"}  # fmt: skip
+    assert "application/octet-stream" in weights
+    for document in documents.values():  # every reference resolves
+        for ref in re.findall(r'"\$ref": "#/components/schemas/([^"]+)"', json.dumps(document)):
+            assert ref in document["components"]["schemas"], ref
 
 
 def test_info_reports_the_same_tokenizer_for_student_and_teacher(servers, student_dir):

@@ -5,9 +5,10 @@ import pytest
 import torch
 
 from opd.modeling import pack_left_padded
+from sampler.adapters import Adapter
 from sampler.engine import SamplingParams
 from sampler.engines.sampling import sampling_logprobs
-from sampler.engines.static_decode import SLOT_BLOCK, DecodeShape, StaticDecoder, fits
+from sampler.engines.static_decode import SLOT_BLOCK, DecodeShape, StaticDecoder, fits, within_window
 from sampler.engines.torch import TorchSamplerEngine
 
 PROMPTS = [[5, 6, 7, 8, 9], [8, 9], [10, 11, 12]]  # unequal: rows are left-padded
@@ -77,18 +78,19 @@ def test_one_decoder_serves_calls_after_each_other(engine):
     the previous call's cache slots, mask and step counter do not leak into it."""
     params = SamplingParams(n=1, temperature=1.0, top_p=1.0, max_tokens=8, seed=7)
     _, _, decoder = both_decodes(engine, params)
-    other = [[13, 14, 15, 16], [17, 18, 19, 20, 21], [22]]  # a different prompt length, same shape
-    assert DecodeShape.of(3, 5, 8, 1.0, 1.0, 0) == decoder.shape
+    other = [[13, 14, 15, 16, 17, 18, 19, 20], [21, 22], [23]]  # 8 prompt slots, not 5: the same shape
+    assert DecodeShape.of(3, 8, 8, 1.0, 1.0, 0) == decoder.shape
     eager, static, _ = both_decodes(engine, params, prompts=other, decoder=decoder)
     assert_same(eager, static)
 
 
-def test_a_zero_probability_draw_is_redrawn_and_fed_to_the_next_step(engine, monkeypatch):
+@pytest.mark.parametrize(("temperature", "top_p"), [(1.0, 1.0), (0.7, 0.9)])
+def test_a_zero_probability_draw_is_redrawn_and_fed_to_the_next_step(engine, monkeypatch, temperature, top_p):
     """Injected fault: the device flags row 1's draw at step 0 as a token of probability 0 (what a
-    rounding parallel cumsum can cause). The host redraws it; the outputs and the next step's
-    input carry the redrawn token with its logprob."""
-    params = SamplingParams(n=1, temperature=1.0, top_p=1.0, max_tokens=3, seed=11)
-    shape = DecodeShape.of(3, 5, 3, 1.0, 1.0, 0)
+    rounding parallel cumsum can cause). The host redraws it from the row's distribution at the
+    request's settings; the outputs and the next step's input carry the redrawn token and its logprob."""
+    params = SamplingParams(n=1, temperature=temperature, top_p=top_p, max_tokens=3, seed=11)
+    shape = DecodeShape.of(3, 5, 3, temperature, top_p, 0)
     decoder = StaticDecoder(engine.model, shape, capture=False)
     real_step, fed = decoder._draw_step, []
 
@@ -109,7 +111,7 @@ def test_a_zero_probability_draw_is_redrawn_and_fed_to_the_next_step(engine, mon
     real_redraw = decoder._redraw
 
     def recording_redraw(t, b, generator):
-        logprobs_V = sampling_logprobs(decoder.logits_BV[b : b + 1], 1.0, 1.0)[0].clone()
+        logprobs_V = sampling_logprobs(decoder.logits_BV[b : b + 1].double(), temperature, top_p)[0].float()
         redrawn.append((real_redraw(t, b, generator), logprobs_V))
         return redrawn[-1][0]
 
@@ -118,13 +120,39 @@ def test_a_zero_probability_draw_is_redrawn_and_fed_to_the_next_step(engine, mon
     assert len(redrawn) == 1
     token, logprobs_V = redrawn[0]
     assert columns[0][1][0] == token == fed[0][1]
-    assert columns[1][1][0] == pytest.approx(logprobs_V[token].item())
+    assert columns[1][1][0] == pytest.approx(logprobs_V[token].item(), abs=1e-5)
+    assert torch.isfinite(logprobs_V[token])  # (top_p 0.9: a token outside the nucleus would be -inf)
 
 
 def test_slots_come_in_blocks_that_hold_prompt_and_completion():
     shape = DecodeShape.of(rows=8, prompt_length=70, max_tokens=10, temperature=1.0, top_p=1.0, top_logprobs=0)
     assert shape.slots == 2 * SLOT_BLOCK
     assert DecodeShape.of(8, 54, 10, 1.0, 1.0, 0).slots == SLOT_BLOCK
+
+
+def test_a_model_with_one_attention_window_decodes_here_only_within_it(engine):
+    config = engine.model.config
+    shape = DecodeShape.of(3, 5, 8, 1.0, 1.0, 0)  # 64 slots
+    saved = config.sliding_window
+    try:
+        for window, fits_in in [(None, True), (4096, True), (64, True), (32, False)]:
+            config.sliding_window = window  # as Mistral's configs set it
+            assert within_window(engine.model, shape) is fits_in, window
+    finally:
+        config.sliding_window = saved
+
+
+def test_slots_an_earlier_request_left_non_finite_do_not_reach_a_later_one(engine):
+    """Weights that overflowed leave NaN keys behind; after sane weights, the next request through
+    the same buffers draws what the eager decode draws."""
+    params = SamplingParams(n=1, temperature=1.0, top_p=1.0, max_tokens=8, seed=13)
+    _, _, decoder = both_decodes(engine, params)
+    with torch.inference_mode():
+        for keys, values in zip(decoder.cache.keys, decoder.cache.values, strict=True):
+            keys.fill_(float("nan"))
+            values.fill_(float("nan"))
+    eager, static, _ = both_decodes(engine, params, decoder=decoder)
+    assert_same(eager, static)
 
 
 def test_only_full_attention_models_with_sdpa_or_eager_kernels_fit(engine):
@@ -153,6 +181,21 @@ def test_pushed_weights_land_in_the_same_parameters(engine):
         engine._copy_in(saved)
 
 
+def test_a_merged_adapter_lands_in_the_same_parameters(engine):
+    module = "model.layers.0.self_attn.q_proj"
+    weight = dict(engine.model.named_parameters())[f"{module}.weight"]
+    before, saved = weight.data_ptr(), weight.detach().clone()
+    a, b = torch.randn(4, weight.shape[1]), torch.randn(weight.shape[0], 4)
+    try:
+        engine._merge(Adapter(tensors={}, config={}, scale=0.5, modules={module: (a, b)}))
+        assert weight.data_ptr() == before
+        torch.testing.assert_close(weight.detach(), saved + 0.5 * b @ a)
+    finally:
+        engine._merge(Adapter(tensors={}, config={}, scale=0.0, modules={}))  # undoes it from the kept copy
+        engine._base.clear()
+    torch.testing.assert_close(weight.detach(), saved)
+
+
 def test_graphs_are_refused_off_the_gpu(student_dir):
     with pytest.raises(ValueError, match="CUDA graphs need a cuda device"):
         TorchSamplerEngine(str(student_dir), enforce_eager=False)
@@ -171,12 +214,12 @@ def test_captured_steps_draw_what_the_eager_decode_draws_and_read_pushed_weights
     # replayed steps compute with the pushed weights
     params = SETTINGS[0]
     first = engine._generate_sync(PROMPTS, params)
-    decoder = engine._static
-    assert decoder is not None and decoder.graphs is not None
+    (decoder,) = engine._static.values()
+    assert decoder.graphs is not None
     pushed = {name: p.detach() * 1.5 for name, p in engine.model.named_parameters()}
     engine._copy_in(pushed)
     after = engine._generate_sync(PROMPTS, params)
-    assert engine._static is decoder  # the same capture, replayed
+    assert list(engine._static.values()) == [decoder]  # the same capture, replayed
     eager_engine = TorchSamplerEngine(str(student_dir), device="cuda", enforce_eager=True)
     eager_engine._copy_in(pushed)
     assert [[s.completion_ids for s in row] for row in after] == [

@@ -15,7 +15,9 @@ every tensor a step touches at a fixed address, so here:
 Prompts' lengths vary, so the prefill stays eager; it writes the same cache. The same steps run
 uncaptured on any device (`capture=False`), which is how the CPU tests check them against the
 eager decode. Only models whose every layer attends in full with an sdpa or eager kernel qualify
-(`fits`): a 4D mask is handed to every layer as is, which would be wrong for sliding-window layers.
+(`fits`): a 4D mask is handed to every layer as is, which would be wrong for sliding-window
+layers; a model with one window for all layers (Mistral's `sliding_window`) decodes here only
+requests that fit inside it (`within_window`).
 """
 
 from dataclasses import dataclass
@@ -71,15 +73,22 @@ class DecodeShape:
 
 
 def fits(model: PreTrainedModel) -> str | None:
-    """Why `model` cannot decode on fixed buffers, or None when it can."""
+    """Why `model` can never decode on fixed buffers, or None when it can (for shapes within its
+    attention window: `within_window`)."""
     config = model.config
     if config._attn_implementation not in ("sdpa", "eager"):
         return f"attention implementation {config._attn_implementation!r} takes no 4D mask"
     if any(kind != "full_attention" for kind in getattr(config, "layer_types", None) or []):
         return "it has layers that do not attend in full (sliding windows)"
-    if getattr(config, "use_sliding_window", False) and getattr(config, "sliding_window", None):
-        return "it attends within a sliding window"
     return None
+
+
+def within_window(model: PreTrainedModel, shape: DecodeShape) -> bool:
+    """Whether every token of `shape` sees every earlier one under the model's attention window
+    (Mistral-style models set `sliding_window`; Qwen's configs set it to None when they do not
+    use it): the static decode attends in full, which then computes the same."""
+    window = getattr(model.config, "sliding_window", None)
+    return window is None or shape.slots <= window
 
 
 class StaticDecoder:
@@ -140,18 +149,24 @@ class StaticDecoder:
 
     def _capture(self) -> None:
         # Warm up once on a side stream (libraries pick and load their kernels there), then record
-        # each step; the two graphs share one memory pool since they never run at once.
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            self._draw_step()
-            self._forward_step()
-        torch.cuda.current_stream().wait_stream(side)
-        draw_graph, forward_graph = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
-        with torch.cuda.graph(draw_graph):
-            self._draw_step()
-        with torch.cuda.graph(forward_graph, pool=draw_graph.pool()):
-            self._forward_step()
+        # each step; the two graphs share one memory pool since they never run at once. A capture
+        # that fails can leave its stream current (torch ends the capture before restoring it), so
+        # the caller's stream is put back here, whatever happens.
+        caller = torch.cuda.current_stream()
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(caller)
+            with torch.cuda.stream(side):
+                self._draw_step()
+                self._forward_step()
+            caller.wait_stream(side)
+            draw_graph, forward_graph = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+            with torch.cuda.graph(draw_graph, capture_error_mode="thread_local"):
+                self._draw_step()
+            with torch.cuda.graph(forward_graph, pool=draw_graph.pool(), capture_error_mode="thread_local"):
+                self._forward_step()
+        finally:
+            torch.cuda.set_stream(caller)
         self.graphs = (draw_graph, forward_graph)
 
     def _prefill(self, batch: PackedBatch, uniforms_BT: torch.Tensor) -> None:
@@ -165,6 +180,11 @@ class StaticDecoder:
         seen_B1LL = (causal_LL & real_BL[:, None, :]) | torch.eye(L, dtype=torch.bool, device=device)
         bias_B1LL = torch.zeros(B, 1, L, L, dtype=self.bias_B11C.dtype, device=device)
         bias_B1LL = bias_B1LL.masked_fill_(~seen_B1LL[:, None], self.hidden)
+        for keys, values in zip(self.cache.keys, self.cache.values, strict=True):
+            # an earlier request's keys past the prompt stay hidden by the bias, but a non-finite one
+            # (weights that overflowed) would still turn the bias sum into NaN: start clean
+            keys[:, :, L:].zero_()
+            values[:, :, L:].zero_()
         decode_at, self.cache.write_at = self.cache.write_at, torch.arange(L, device=device)
         self.cache.visible = L
         try:

@@ -11,6 +11,7 @@ pushes and adapters copy into the same parameters, so a captured step reads the 
 import asyncio
 import logging
 import random
+from collections import OrderedDict
 
 import torch
 from transformers import DynamicCache
@@ -25,9 +26,13 @@ from opd.tokenizer import chat_prompt_ids, pad_token_id
 from sampler.adapters import Adapter
 from sampler.engine import Sample, SamplingParams, WeightSpec, sample_seed
 from sampler.engines.sampling import sample_next
-from sampler.engines.static_decode import DecodeShape, StaticDecoder, fits
+from sampler.engines.static_decode import DecodeShape, StaticDecoder, fits, within_window
 
 log = logging.getLogger(__name__)
+
+KEPT_CAPTURES = 4
+"""Decode shapes whose buffers and graphs the sampler keeps (the least recently used goes first):
+a training batch and an eval batch alternate without capturing again."""
 
 SCORE_BATCH_TOKENS = 16384
 """Padded tokens per forward when the sampler scores given completions (the grader's default)."""
@@ -64,18 +69,24 @@ class TorchSamplerEngine:
         self.policy_version = 0
         self._lock = asyncio.Lock()
         self.cuda_graphs = self._graphs_wanted(enforce_eager)
-        self._static: StaticDecoder | None = None  # the last decode shape's buffers and graphs
+        self._static: OrderedDict[DecodeShape, StaticDecoder] = OrderedDict()  # by recent use
 
     def _graphs_wanted(self, enforce_eager: bool | None) -> bool:
         on_gpu = torch.device(self.device).type == "cuda"
         if enforce_eager is False and not on_gpu:
-            raise ValueError(f"CUDA graphs need a cuda device, not {self.device!r}: leave the engine eager")
+            raise ValueError(
+                f"CUDA graphs need a cuda device, not {self.device!r} (enforce_eager=False, --no-enforce-eager)"
+            )
         if enforce_eager or not on_gpu:
             return False
         if (unfit := fits(self.model)) is not None:
+            if enforce_eager is False:  # asked for by name: say so at start rather than run eagerly
+                raise ValueError(
+                    f"CUDA graphs cannot decode {self.model_path}: {unfit} (enforce_eager=False, --no-enforce-eager)"
+                )
             log.warning("torch sampler: decoding eagerly, without CUDA graphs: %s", unfit)
             return False
-        log.info("torch sampler: each decode step replays a CUDA graph (captured once per batch shape)")
+        log.info("torch sampler: each decode step replays a CUDA graph (captured when a batch shape is first seen)")
         return True
 
     def info(self) -> InfoResponse:
@@ -115,19 +126,32 @@ class TorchSamplerEngine:
         return self._samples(columns, ends)
 
     def _static_decoder(self, prompt_length: int, rows: int, params: SamplingParams) -> StaticDecoder | None:
-        """The captured decoder of this request's shape (captured now if the last request's shape
-        differed), or None if capturing failed: then this engine decodes eagerly from now on."""
+        """The captured decoder of this request's shape (captured now if it is not kept), or None:
+        this request decodes eagerly (beyond the model's attention window, or out of GPU memory for
+        the buffers), or every one does from now on (capturing failed)."""
         shape = DecodeShape.of(rows, prompt_length, params.max_tokens, params.temperature, params.top_p,
                                params.top_logprobs)  # fmt: skip
-        if self._static is None or self._static.shape != shape:
-            self._static = None  # (its buffers and graph pool go before the next ones are made)
-            try:
-                self._static = StaticDecoder(self.model, shape, capture=True)
-            except Exception as error:  # a model whose forward syncs with the host, say
-                log.warning("torch sampler: capturing the decode step failed (%s: %s); decoding eagerly from now "
-                            "on", type(error).__name__, error)  # fmt: skip
-                self.cuda_graphs = False
-        return self._static
+        if shape in self._static:
+            self._static.move_to_end(shape)
+            return self._static[shape]
+        if not within_window(self.model, shape):
+            return None
+        while len(self._static) >= KEPT_CAPTURES:
+            self._static.popitem(last=False)  # (its buffers and graph pool go before new ones are made)
+        try:
+            self._static[shape] = StaticDecoder(self.model, shape, capture=True)
+        except torch.OutOfMemoryError:
+            self._static.clear()
+            log.warning("torch sampler: no GPU memory for a captured decode of %d rows x %d slots; this request "
+                        "decodes eagerly", shape.rows, shape.slots)  # fmt: skip
+            return None
+        except Exception:  # a model whose forward syncs with the host, say
+            log.warning("torch sampler: capturing the decode step failed; decoding eagerly from now on",
+                        exc_info=True)  # fmt: skip
+            self._static.clear()
+            self.cuda_graphs = False
+            return None
+        return self._static[shape]
 
     def _eager_decode(
         self, batch: PackedBatch, params: SamplingParams, uniforms_BT: torch.Tensor, generators: list[torch.Generator]
