@@ -4,6 +4,7 @@ These are the first two calls of a training step (and of an eval); `learner/prod
 them ahead of the learner, `learner/update.py` scores and learns from what they return.
 """
 
+import asyncio
 from dataclasses import dataclass
 
 from grader.schema import Sequence
@@ -68,16 +69,44 @@ async def sample(
     )
 
 
+GRADE_REQUEST_BYTES = 32 * 2**20
+"""The most JSON one grade request may carry: the servers refuse bodies over 64 MiB, and a step of
+long completions graded with the student's top-k as candidates (`top_k_head: both`: 16 ids a
+token) passes that (128 samples x 8k tokens: ~120 MB). A larger step goes as several requests."""
+ID_BYTES = 7
+"""JSON bytes of one token id at most, its comma included (vocabularies stay under a million)."""
+
+
+def request_chunks(sequences: list[Sequence], max_bytes: int) -> list[list[Sequence]]:
+    """`sequences` in order, cut into runs whose JSON stays under `max_bytes` (by an upper bound on
+    its size; a sequence larger than that alone goes alone, and the server judges it)."""
+    chunks: list[list[Sequence]] = [[]]
+    size = 0
+    for sequence in sequences:
+        candidates = sequence.candidate_ids or []
+        this = 64 + ID_BYTES * (len(sequence.prompt_ids or []) + len(sequence.completion_ids or []))
+        this += sum(3 + ID_BYTES * len(ids) for ids in candidates)
+        if chunks[-1] and size + this > max_bytes:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(sequence)
+        size += this
+    return chunks
+
+
 async def grade(grader: GraderPool, rollouts: Rollouts, top_k: int = 0) -> ScoredBatch:
     """The teacher's scores of every sample, flat over completion tokens (sample 0's, then sample
     1's, ...): each token's logprob; with `top_k` also each position's top-k, and when the rollouts
-    carry the student's top ids, the teacher's logprobs at those (asked as candidate_ids)."""
+    carry the student's top ids, the teacher's logprobs at those (asked as candidate_ids). Sent as
+    one request, or as several at once where one would carry more than GRADE_REQUEST_BYTES."""
     candidates = rollouts.student_top_ids if top_k else None
     sequences = [
         Sequence(prompt_ids=p, completion_ids=c, candidate_ids=None if candidates is None else candidates[i])
         for i, (p, c) in enumerate(zip(rollouts.prompt_ids, rollouts.completion_ids, strict=True))
     ]
-    scores = await grader.logprobs_tensors(sequences, top_k=top_k)
+    chunks = request_chunks(sequences, GRADE_REQUEST_BYTES)
+    parts = await asyncio.gather(*(grader.logprobs_tensors(chunk, top_k=top_k) for chunk in chunks))
+    scores = parts[0] if len(parts) == 1 else ScoredBatch.concat(list(parts))
     if scores.lengths_B.tolist() != [len(c) for c in rollouts.completion_ids]:
         raise GraderError("grader returned a different number of logprobs than completion tokens")
     if top_k and (scores.top_ids_NK is None or scores.top_logprobs_NK is None):

@@ -11,6 +11,8 @@ import asyncio
 import pytest
 import torch
 
+import learner.rollout
+from grader.schema import LogprobsRequest, Sequence
 from learner.clients import GraderPool, RetryPolicy, SamplerPool
 from learner.loss import advantages
 from learner.rollout import grade, sample
@@ -157,3 +159,50 @@ def test_a_both_head_is_the_teachers_top_k_then_the_students_top_ids_scored_by_t
             assert ids[:, :4].tolist() == mine.top_ids_NK.tolist()
             assert ids[:, 4:].tolist() == rollouts.student_top_ids[row]
             assert values[:, 4:].tolist() == mine.candidate_logprobs_NC.tolist()
+
+
+def test_a_step_too_large_for_one_grade_request_goes_as_several_with_the_same_scores(servers, monkeypatch):
+    """Long completions with the student's top-k as candidates pass the servers' 64 MiB body limit
+    in one request; `grade` cuts the step by its JSON size, and the scores come back as from one."""
+    sampler_url, grader_url = servers
+    retry = RetryPolicy(deadline_s=30)
+    prompts = [[1, 365, 201, 89], [1, 67, 360], [5, 500, 6, 7, 8]]
+    request = GenerateRequest(prompt_ids=prompts, n=2, temperature=1.0, max_tokens=6, seed=3, top_logprobs=4)
+    sent: list[int] = []
+
+    async def graded_at(max_bytes: int):
+        monkeypatch.setattr(learner.rollout, "GRADE_REQUEST_BYTES", max_bytes)
+        sampler, grader = SamplerPool([sampler_url], 60, retry), GraderPool([grader_url], 60, retry)
+        real = grader.logprobs_tensors
+
+        async def counted(sequences, top_k=0):
+            sent.append(len(sequences))
+            return await real(sequences, top_k)
+
+        grader.logprobs_tensors = counted  # type: ignore[method-assign]
+        try:
+            rollouts = await sample(sampler, prompts, request, eos_id=2, min_version=0)
+            return await grade(grader, rollouts, top_k=4)
+        finally:
+            await sampler.aclose()
+            await grader.aclose()
+
+    whole = asyncio.run(graded_at(learner.rollout.GRADE_REQUEST_BYTES))
+    assert sent == [6]
+    sent.clear()
+    cut = asyncio.run(graded_at(400))  # a few sequences' worth
+    assert len(sent) > 2 and sum(sent) == 6
+    # (each request pads its batch to its own longest sequence, so float32 sums round differently)
+    for name in ("lengths_B", "logprobs_N", "top_ids_NK", "top_logprobs_NK", "candidate_logprobs_NC"):
+        torch.testing.assert_close(getattr(cut, name), getattr(whole, name), rtol=0, atol=1e-5, msg=name)
+
+
+def test_request_chunks_keep_the_order_and_bound_each_chunks_json():
+    sequences = [Sequence(prompt_ids=[151_000] * 10, completion_ids=[9] * n, candidate_ids=[[151_000] * 16] * n)
+                 for n in (1, 50, 3, 200, 7)]  # fmt: skip
+    chunks = learner.rollout.request_chunks(sequences, 4000)
+    assert [s for chunk in chunks for s in chunk] == sequences
+    for chunk in chunks:
+        body = LogprobsRequest(sequences=chunk, top_k=4, format="safetensors").model_dump_json(exclude_none=True)
+        assert len(chunk) == 1 or len(body) <= 4000
+    assert len(chunks) > 1
