@@ -14,7 +14,10 @@ it, without the toy loop's seconds of compute around it.
 Then, without servers, what decoding a grade request's JSON costs at real sizes (a step of 128
 samples of 4k tokens, and 16 samples with 16 candidate ids per token, Qwen-sized ids): pydantic's
 one pass (`opd.serving.parse_json`, what the services do) against Python's json module followed by
-validation (what a FastAPI body parameter does).
+validation (what a FastAPI body parameter does). And what a generate reply costs the sampler to
+write and the learner to read, as JSON and as safetensors (`sampler/samples.py`, the learner's
+format), at 256 samples of 4k tokens and at 32 samples with the student's top 16 at every token.
+The toy's generate request is timed both ways too.
 """
 
 import argparse
@@ -39,7 +42,10 @@ from examples.toy.task import eval_problems, to_items
 from grader.schema import LogprobsRequest, Sequence
 from learner.clients import GraderPool, RetryPolicy, SamplerPool
 from opd.launch import LocalServer, local_servers
-from sampler.schema import GenerateRequest
+from opd.serving import json_reply
+from sampler import samples as samples_wire
+from sampler.engine import Sample
+from sampler.schema import Completion, GenerateRequest, GenerateResponse, PromptResult
 
 TOP_K = 16
 
@@ -92,8 +98,10 @@ async def measure(args: argparse.Namespace, sampler_url: str, grader_url: str) -
         reply = await samplers.generate(request)
         sequences = [Sequence(prompt_ids=r.prompt_ids, completion_ids=r.completions[0].completion_ids)
                      for r in reply.results]  # fmt: skip
+        as_tensors = request.model_copy(update={"format": "safetensors"})  # what the learner asks for
         sends = {
-            "generate": (lambda: samplers.generate(request), samplers.clients[0].engine_spans["/v1/generate"]),
+            "generate": (lambda: samplers.generate(as_tensors), samplers.clients[0].engine_spans["/v1/generate"]),
+            "generate as json": (lambda: samplers.generate(request), samplers.clients[0].engine_spans["/v1/generate"]),
             "grade": (lambda: graders.logprobs_tensors(sequences, top_k=TOP_K),
                       graders.clients[0].engine_spans["/v1/logprobs"]),
         }  # fmt: skip
@@ -144,6 +152,43 @@ def parse_costs(repeats: int = 5) -> dict[str, dict]:
     return results
 
 
+def generated(rng: random.Random, samples: int, tokens: int, top_k: int) -> tuple[list[list[int]], list[list[Sample]]]:
+    """A generate reply's prompts and samples (one per prompt): 256-token prompts, `tokens` completion
+    tokens with `top_k` top ids each, Qwen-sized ids."""
+    prompts = [[rng.randrange(152_000) for _ in range(256)] for _ in range(samples)]
+    samples_ = []
+    for _ in range(samples):
+        tops = [[rng.randrange(152_000) for _ in range(top_k)] for _ in range(tokens)] if top_k else None
+        top_logprobs = [[-5 * rng.random() for _ in range(top_k)] for _ in range(tokens)] if top_k else None
+        samples_.append([Sample([rng.randrange(152_000) for _ in range(tokens)],
+                                [-5 * rng.random() for _ in range(tokens)], "length", tops, top_logprobs)])  # fmt: skip
+    return prompts, samples_
+
+
+def reply_costs(repeats: int = 3) -> dict[str, dict]:
+    """Fastest ms of writing a generate reply in the sampler and reading it in the learner, as JSON
+    and as safetensors, at sizes of real steps (the learner asks for safetensors)."""
+    rng = random.Random(1)
+    results = {}
+    for samples, tokens, top_k in ((256, 4096, 0), (32, 4096, 16)):
+        prompts, samples_ = generated(rng, samples, tokens, top_k)
+        as_json = GenerateResponse(policy_version=1, results=[
+            PromptResult(prompt_ids=p, completions=[Completion.model_construct(**vars(s)) for s in per_prompt])
+            for p, per_prompt in zip(prompts, samples_, strict=True)])  # fmt: skip
+        encoders = {"json": partial(lambda reply: json_reply(reply).body, as_json),
+                    "safetensors": partial(samples_wire.encode, 1, prompts, samples_, 1, top_k)}  # fmt: skip
+        decoders = {"json": GenerateResponse.model_validate_json, "safetensors": samples_wire.decode}
+        row: dict[str, float] = {}
+        for way, encode in encoders.items():
+            body = encode()
+            row[f"{way} mb"] = round(len(body) / 1e6, 1)
+            row[f"{way} write ms"] = _ms(min(call_seconds(encode, repeats)))
+            row[f"{way} read ms"] = _ms(min(call_seconds(partial(decoders[way], body), repeats)))
+        results[f"{samples} x {tokens} tokens, top {top_k}"] = row
+        print(f"reply {samples} x {tokens} tokens, top {top_k}: {row}", flush=True)
+    return results
+
+
 def main() -> None:
     args = parse_args()
     files = prepare(args.models)
@@ -154,7 +199,7 @@ def main() -> None:
         with local_servers(servers) as (sampler_url, grader_url):
             requests = asyncio.run(measure(args, sampler_url, grader_url))
     results = {"machine": machine(args.device), "args": {k: str(v) for k, v in vars(args).items()},
-               "requests": requests, "parse": parse_costs()}  # fmt: skip
+               "requests": requests, "parse": parse_costs(), "reply": reply_costs()}  # fmt: skip
     write_results(results, args.out, "http_overhead.json")
 
 

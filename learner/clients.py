@@ -32,6 +32,7 @@ from grader.tensors import ScoredBatch
 from learner.config import Transport
 from opd.errors import GraderError, SamplerError, ServiceError
 from opd.serving import engine_seconds
+from sampler import samples as samples_wire
 from sampler.schema import GenerateRequest, GenerateResponse, WeightsFromPath, WeightsResponse, WeightsShared
 from sampler.shared import WeightBuffer, layout_of
 from sampler.staging import stage
@@ -179,9 +180,19 @@ class SamplerClient(_Client):
     error_cls = SamplerError
 
     async def generate(self, request: GenerateRequest) -> GenerateResponse:
-        reply = await self._post_model("/v1/generate", request, GenerateResponse)
-        assert isinstance(reply, GenerateResponse)
-        return reply
+        """POST /v1/generate; with format safetensors the reply is read from flat tensors
+        (sampler/samples.py) into the same GenerateResponse."""
+        if request.format == "json":
+            reply = await self._post_model("/v1/generate", request, GenerateResponse)
+            assert isinstance(reply, GenerateResponse)
+            return reply
+        response = await self._request("POST", "/v1/generate", content=request.model_dump_json(exclude_none=True),
+                                       headers={"content-type": "application/json"})  # fmt: skip
+        try:
+            return samples_wire.decode(response.content)
+        except ValueError as exc:
+            raise self.error_cls(f"{self.error_cls.service} /v1/generate answered with no samples in safetensors: "
+                                 f"{exc}") from exc  # fmt: skip
 
     async def push_weights(
         self, tensors: dict[str, torch.Tensor], version: int, metadata: dict[str, str] | None = None

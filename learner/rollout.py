@@ -44,8 +44,9 @@ class Rollouts:
 
 async def generate(sampler: SamplerPool, request: GenerateRequest, min_version: int) -> GenerateResponse:
     """The sampler's reply, refused (StaleSamplerError) when older weights than `min_version`
-    generated it: a restarted sampler serves its initial weights as version 0."""
-    reply = await sampler.generate(request)
+    generated it: a restarted sampler serves its initial weights as version 0. Sent as flat
+    tensors (sampler/samples.py): at real sizes the JSON reply costs seconds to write and read."""
+    reply = await sampler.generate(request.model_copy(update={"format": "safetensors"}))
     if reply.policy_version < min_version:
         raise StaleSamplerError(f"sampler served policy_version {reply.policy_version}, expected {min_version}")
     return reply

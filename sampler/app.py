@@ -29,6 +29,7 @@ from opd.serving import (
     parse_json,
     with_engine_time,
 )
+from sampler import samples as samples_wire
 from sampler.adapters import read_adapter
 from sampler.engine import Sample, SamplerEngine, SamplingParams
 from sampler.schema import (
@@ -65,11 +66,21 @@ class SamplerSettings:
     often enough for a prompt that fits the context to be that long."""
 
 
+GENERATE_RESPONSES: dict[int | str, dict] = {
+    **ERROR_RESPONSES,
+    200: {
+        "content": {samples_wire.MEDIA_TYPE: {}},
+        "description": "GenerateResponse as JSON, or with format safetensors the samples as flat tensors in a "
+        "safetensors file (sampler/samples.py)",
+    },
+}
+
+
 def create_app(engine: SamplerEngine, settings: SamplerSettings | None = None) -> FastAPI:
     # weights have their own, larger limit, checked while streaming
     app = create_service_app("opd sampler", engine, settings or SamplerSettings(), frozenset({"/v1/weights"}))
     app.state.buffer_maps = BufferMaps()  # the learner's weight buffer, once a shared push has named it
-    app.post("/v1/generate", response_model=GenerateResponse, responses=ERROR_RESPONSES,
+    app.post("/v1/generate", response_model=GenerateResponse, responses=GENERATE_RESPONSES,
              openapi_extra=json_body_schema(GenerateRequest))(generate)  # fmt: skip
     # The student's logprobs of given completions, as the grader gives the teacher's (`opd grade --sampler`).
     app.post("/v1/logprobs", response_model=LogprobsResponse, responses=LOGPROBS_RESPONSES,
@@ -96,6 +107,9 @@ async def generate(request: Request) -> Response:
     version, samples = await engine.generate(prompts, params)
     engine_s = time.perf_counter() - started
     _check_finite(samples, version)
+    if body.format == "safetensors":  # (torch builds the tensors: on the torch thread, opd/torch_thread.py)
+        encoded = await torch_thread.run(samples_wire.encode, version, prompts, samples, body.n, body.top_logprobs)
+        return with_engine_time(Response(content=encoded, media_type=samples_wire.MEDIA_TYPE), engine_s)
     # the engine's own lists, not validated again (see the grader's `_result`)
     results = [
         PromptResult(prompt_ids=prompt, completions=[Completion.model_construct(**vars(s)) for s in per_prompt])

@@ -1,6 +1,6 @@
 """Wire schema of the sampler. The learner imports these models; nothing builds JSON by hand.
 
-POST /v1/generate  GenerateRequest -> GenerateResponse
+POST /v1/generate  GenerateRequest -> GenerateResponse (or, with format safetensors, sampler/samples.py)
 POST /v1/weights   safetensors bytes (application/octet-stream, ?version=N),
                    WeightsFromPath or WeightsShared (application/json) -> WeightsResponse
 GET  /v1/info      InfoResponse
@@ -58,6 +58,9 @@ class GenerateRequest(BaseModel):
     """Also return the k most likely ids at each generated position and their logprobs, under the
     distribution sampled from (the student's head for the learner's top-k loss). At most the
     server's --max-logprobs."""
+    format: Literal["json", "safetensors"] = "json"
+    """`safetensors`: the reply is not GenerateResponse's JSON but the same samples as flat tensors
+    in a safetensors file (sampler/samples.py), what the learner asks for."""
 
     @field_validator("temperature")
     @classmethod
