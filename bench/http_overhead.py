@@ -58,6 +58,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--idle-s", type=float, default=0.15, help="idle time before each request of the idle runs")
     parser.add_argument("--models", type=Path, default=Path("runs/toy"), help="toy models cache (prepare --out)")
     parser.add_argument("--out", type=Path, help="default: bench/results/http_overhead.json")
+    parser.add_argument("--real-tokens", type=int, default=4096,
+                        help="completion tokens per sample, real-size bodies and replies")  # fmt: skip
     return parser.parse_args()
 
 
@@ -138,11 +140,11 @@ def grade_body(rng: random.Random, samples: int, tokens: int, candidates: int) -
     return json.dumps({"sequences": sequences, "top_k": 16, "format": "safetensors"}).encode()
 
 
-def parse_costs(repeats: int = 5) -> dict[str, dict]:
+def parse_costs(tokens: int, repeats: int = 5) -> dict[str, dict]:
     """Fastest ms of decoding a grade request's body each way, at sizes of real steps."""
     rng = random.Random(0)
     results = {}
-    for samples, tokens, candidates in ((128, 4096, 0), (16, 4096, 16)):
+    for samples, candidates in ((128, 0), (16, 16)):
         body = grade_body(rng, samples, tokens, candidates)
         row: dict[str, float] = {"body_mb": round(len(body) / 1e6, 2)}
         for way, decode in DECODERS.items():
@@ -165,12 +167,12 @@ def generated(rng: random.Random, samples: int, tokens: int, top_k: int) -> tupl
     return prompts, samples_
 
 
-def reply_costs(repeats: int = 3) -> dict[str, dict]:
+def reply_costs(tokens: int, repeats: int = 3) -> dict[str, dict]:
     """Fastest ms of writing a generate reply in the sampler and reading it in the learner, as JSON
     and as safetensors, at sizes of real steps (the learner asks for safetensors)."""
     rng = random.Random(1)
     results = {}
-    for samples, tokens, top_k in ((256, 4096, 0), (32, 4096, 16)):
+    for samples, top_k in ((256, 0), (32, 16)):
         prompts, samples_ = generated(rng, samples, tokens, top_k)
         as_json = GenerateResponse(policy_version=1, results=[
             PromptResult(prompt_ids=p, completions=[Completion.model_construct(**vars(s)) for s in per_prompt])
@@ -199,7 +201,8 @@ def main() -> None:
         with local_servers(servers) as (sampler_url, grader_url):
             requests = asyncio.run(measure(args, sampler_url, grader_url))
     results = {"machine": machine(args.device), "args": {k: str(v) for k, v in vars(args).items()},
-               "requests": requests, "parse": parse_costs(), "reply": reply_costs()}  # fmt: skip
+               "requests": requests, "parse": parse_costs(args.real_tokens),
+               "reply": reply_costs(args.real_tokens)}  # fmt: skip
     write_results(results, args.out, "http_overhead.json")
 
 

@@ -66,13 +66,17 @@ def test_profile_times_and_counts_every_phase_of_both_systems(tmp_path, toy_mode
 def test_http_overhead_times_each_request_against_its_engine_and_both_parsers(tmp_path, toy_models):
     out = tmp_path / "http.json"
     cmd = [sys.executable, "-m", "bench.http_overhead", "--requests", "1", "--idle-s", "0.01", "--batch-size", "16",
-           "--models", str(toy_models.teacher.parent), "--out", str(out)]  # fmt: skip
+           "--real-tokens", "64", "--models", str(toy_models.teacher.parent), "--out", str(out)]  # fmt: skip
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads(out.read_text())
-    assert set(results["requests"]) == {f"{kind} {when}" for kind in ("generate", "grade")
+    assert set(results["requests"]) == {f"{kind} {when}" for kind in ("generate", "generate as json", "grade")
                                         for when in ("back_to_back", "after_idle")}  # fmt: skip
     for row in results["requests"].values():
         assert 0 < row["engine_ms"] < row["wall_ms"]
     for row in results["parse"].values():
         assert row["json module + validate ms"] > 0 and row["pydantic one pass ms"] > 0
+    assert len(results["reply"]) == 2
+    for row in results["reply"].values():  # both formats written and read; the tensors are the smaller body
+        assert all(row[f"{way} {what} ms"] > 0 for way in ("json", "safetensors") for what in ("write", "read"))
+        assert row["safetensors mb"] < row["json mb"]
