@@ -74,3 +74,20 @@ def test_a_malformed_reply_is_a_value_error_naming_what_is_wrong(damage, message
         samples.decode(b"".join(encode(wire, {"policy_version": "1", "n": "1"}).parts))
     with pytest.raises(ValueError, match="not a samples reply"):
         samples.decode(b"\x00" * 12)
+
+
+def test_reading_a_reply_leaves_the_garbage_collector_as_it_found_it():
+    import gc
+
+    payload = samples.encode(1, [[1, 2]], [[Sample([3, 4], [-1.0, -2.0], "stop", [[3], [4]], [[-1.0], [-2.0]])]], 1, 1)
+    try:
+        for enabled in (True, False):
+            gc.enable() if enabled else gc.disable()
+            assert samples.decode(payload).results[0].completions[0].top_ids == [[3], [4]]
+            assert gc.isenabled() is enabled
+        gc.enable()
+        with pytest.raises(ValueError), samples.gc_paused():
+            raise ValueError("inside")
+        assert gc.isenabled()
+    finally:
+        gc.enable()
