@@ -19,7 +19,7 @@ slow to read, on the learner's event loop (`bench/http_overhead.py`, 2 CPU cores
 | step | JSON: MB, write, read | safetensors: MB, write, read |
 |---|---|---|
 | 256 samples x 4k tokens | 27.6, 87 ms, 126 ms | 8.7, 44 ms, 100 ms |
-| 32 x 4k with the student's top 16 (`top_k_head: both`) | 58.2, 251 ms, 669 ms | 17.9, 98 ms, 255 ms |
+| 32 x 4k with the student's top 16 (`top_k_head: both`) | 58.2, 251 ms, 669 ms | 17.9, 98 ms, 255-273 ms |
 
 Most of what reading still costs is building the GenerateResponse's Python lists, with the
 garbage collector paused meanwhile (`gc_paused`; 516 ms for the top-16 reply without the pause).
