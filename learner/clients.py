@@ -40,6 +40,8 @@ from sampler.wire import Body, encode
 
 logger = logging.getLogger(__name__)
 
+DecodedT = TypeVar("DecodedT")
+
 
 @dataclass(frozen=True)
 class RetryPolicy:
@@ -136,11 +138,24 @@ class _Client:
             return exc
         return self.error_cls(f"{self.error_cls.service} at {self.base_url}{path} unreachable: {exc!r}")
 
-    async def _post_model(self, path: str, body: BaseModel, reply: type[BaseModel]) -> BaseModel:
+    async def _post(self, path: str, body: BaseModel) -> httpx.Response:
         # pydantic's Rust serialiser: json= would encode the token ids with Python's json module
         content = body.model_dump_json(exclude_none=True)
-        response = await self._request("POST", path, content=content, headers={"content-type": "application/json"})
-        return reply.model_validate_json(response.content)
+        return await self._request("POST", path, content=content, headers={"content-type": "application/json"})
+
+    async def _post_model(self, path: str, body: BaseModel, reply: type[BaseModel]) -> BaseModel:
+        return reply.model_validate_json((await self._post(path, body)).content)
+
+    async def _post_for_tensors(
+        self, path: str, body: BaseModel, decode: Callable[[bytes], DecodedT], what: str
+    ) -> DecodedT:
+        """POST `body` asking for a safetensors reply, read with `decode` (ValueError: not one)."""
+        response = await self._post(path, body)
+        try:
+            return decode(response.content)
+        except ValueError as exc:
+            message = f"{self.error_cls.service} {path} answered with no {what} in safetensors: {exc}"
+            raise self.error_cls(message) from exc
 
     async def info(self) -> InfoResponse:
         return InfoResponse.model_validate_json((await self._request("GET", "/v1/info")).content)
@@ -158,14 +173,7 @@ class _Client:
         """POST /v1/logprobs with format safetensors: the same scores as flat tensors in request
         order (grader/tensors.py); what the learner asks for, a third of the bytes of JSON at top-k."""
         request = LogprobsRequest(sequences=sequences, top_k=top_k, format="safetensors")
-        content = request.model_dump_json(exclude_none=True)
-        response = await self._request("POST", "/v1/logprobs", content=content,
-                                       headers={"content-type": "application/json"})  # fmt: skip
-        try:
-            return tensors.decode(response.content)
-        except ValueError as exc:
-            message = f"{self.error_cls.service} /v1/logprobs answered with no scores in safetensors: {exc}"
-            raise self.error_cls(message) from exc
+        return await self._post_for_tensors("/v1/logprobs", request, tensors.decode, "scores")
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -186,13 +194,7 @@ class SamplerClient(_Client):
             reply = await self._post_model("/v1/generate", request, GenerateResponse)
             assert isinstance(reply, GenerateResponse)
             return reply
-        response = await self._request("POST", "/v1/generate", content=request.model_dump_json(exclude_none=True),
-                                       headers={"content-type": "application/json"})  # fmt: skip
-        try:
-            return samples_wire.decode(response.content)
-        except ValueError as exc:
-            raise self.error_cls(f"{self.error_cls.service} /v1/generate answered with no samples in safetensors: "
-                                 f"{exc}") from exc  # fmt: skip
+        return await self._post_for_tensors("/v1/generate", request, samples_wire.decode, "samples")
 
     async def push_weights(
         self, tensors: dict[str, torch.Tensor], version: int, metadata: dict[str, str] | None = None
