@@ -55,6 +55,15 @@ class SlotCache:
         return 0
 
 
+def mark_stops(ends: list[int | None], ids: list[int], step: int, eos_ids: set[int]) -> bool:
+    """Record `step` in `ends` for each row that drew a stop token there and had not stopped yet;
+    whether every row has now stopped (both decodes' bookkeeping)."""
+    for b, token in enumerate(ids):
+        if ends[b] is None and token in eos_ids:
+            ends[b] = step
+    return all(end is not None for end in ends)
+
+
 @dataclass(frozen=True)
 class DecodeShape:
     """What a capture is specific to: B rows, C cache slots, T steps and the sampling settings."""
@@ -215,10 +224,7 @@ class StaticDecoder:
             ids, zero_probability = self.status_2B.tolist()
             for b in (b for b, flag in enumerate(zero_probability) if flag):
                 ids[b] = self._redraw(t, b, generators[b])
-            for b, token in enumerate(ids):
-                if ends[b] is None and token in eos_ids:
-                    ends[b] = t
-            if t == self.shape.steps - 1 or all(end is not None for end in ends):
+            if mark_stops(ends, ids, t, eos_ids) or t == self.shape.steps - 1:
                 break  # (at the last step no row needs the next token's logits)
             forward_step()
         return [buffer[: t + 1].transpose(0, 1).tolist() for buffer in self.outputs], ends

@@ -26,7 +26,7 @@ from opd.tokenizer import chat_prompt_ids, pad_token_id
 from sampler.adapters import Adapter
 from sampler.engine import Sample, SamplingParams, WeightSpec, sample_seed
 from sampler.engines.sampling import sample_next
-from sampler.engines.static_decode import DecodeShape, StaticDecoder, fits, within_window
+from sampler.engines.static_decode import DecodeShape, StaticDecoder, fits, mark_stops, within_window
 
 log = logging.getLogger(__name__)
 
@@ -176,10 +176,7 @@ class TorchSamplerEngine:
             top = logprobs_BV.topk(params.top_logprobs, dim=-1) if params.top_logprobs else None
             steps.append((next_B, logprobs_BV.gather(-1, next_B[:, None]).squeeze(-1),
                           *((top.indices, top.values) if top is not None else ())))  # fmt: skip
-            for b, token in enumerate(next_B.tolist()):
-                if ends[b] is None and token in self.eos_ids:
-                    ends[b] = t
-            if t == params.max_tokens - 1 or all(end is not None for end in ends):
+            if mark_stops(ends, next_B.tolist(), t, self.eos_ids) or t == params.max_tokens - 1:
                 break  # (at the last step no row needs the next token's logits)
             mask_BL = torch.cat([mask_BL, mask_BL.new_ones(rows, 1)], dim=-1)
             positions_B = positions_B + 1
