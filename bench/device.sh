@@ -7,6 +7,7 @@
 #   bash bench/device.sh                 # GPU: writes bench/results/gpu-*.json, the device name inside
 #   bash bench/device.sh push toy scale  # GPU: only these (scale, push, profile, toy, gkd, services, pipeline), in the order named
 #   OPD_TOY_SEEDS="1 2" bash bench/device.sh toy   # the toy comparison's seeds (default 0 1 2)
+#   OPD_TOY_STALENESS=1 bash bench/device.sh toy   # opd's pipelined loop (train.max_staleness, default 0)
 #   OPD_GKD_LIMIT=300 bash bench/device.sh gkd     # gkd's time limit in seconds (default 400)
 #   bash bench/device.sh --smoke         # CPU: every benchmark's smoke mode on tiny models (CI runs this)
 #
@@ -49,12 +50,14 @@ keep_logs() {  # keep_logs DIR NAME: the service logs of the runs under DIR into
 }
 
 toy() {  # the toy task at ppo_steps 1, opd top-k vs TRL GKD on the GPU, one run per seed (issue 13)
-    local seed
+    local seed staleness=${OPD_TOY_STALENESS:-0} name
     for seed in ${OPD_TOY_SEEDS:-0 1 2}; do
-        run "toy seed $seed" 150 bench.toy_distill --device cuda --engine torch --ppo-steps 1 --losses topk \
-            --seed "$seed" --out "/tmp/opd-gpu-toy-s$seed" &&
-            cp "/tmp/opd-gpu-toy-s$seed/results.json" "$RESULTS/gpu-toy_distill-s$seed.json" ||
-            keep_logs "/tmp/opd-gpu-toy-s$seed" "gpu-toy-s$seed"
+        name=s$seed
+        [ "$staleness" = 0 ] || name=$name-k$staleness
+        run "toy $name" 150 bench.toy_distill --device cuda --engine torch --ppo-steps 1 --losses topk \
+            --max-staleness "$staleness" --seed "$seed" --out "/tmp/opd-gpu-toy-$name" &&
+            cp "/tmp/opd-gpu-toy-$name/results.json" "$RESULTS/gpu-toy_distill-$name.json" ||
+            keep_logs "/tmp/opd-gpu-toy-$name" "gpu-toy-$name"
     done
 }
 
@@ -95,8 +98,10 @@ print('transformers', transformers.__version__, 'pyarrow', pyarrow.__version__, 
             run toy_profile 120 bench.toy_profile --device cuda --out "$RESULTS/gpu-toy_profile.json"
             # and what each of its requests costs beyond the engine's own time, on the GPU
             run http_overhead 120 bench.http_overhead --device cuda --out "$RESULTS/gpu-http_overhead.json"
-            # the torch sampler's captured decode steps against its eager decode (CI has no GPU to run this)
-            run static_decode 120 pytest -q -p no:cacheprovider tests/test_static_decode.py -k captured
+            # the tests CI has no GPU for: the torch sampler's captured decode steps against its eager
+            # and its uncaptured decode (float32, bf16), and the learner's fused AdamW on CUDA
+            run gpu_tests 120 pytest -q -p no:cacheprovider tests/test_static_decode.py tests/test_update.py \
+                -k "captured or cuda"
             ;;
         toy | gkd) [ $trl -eq 1 ] || { failed+=("$name: TRL does not import (above), not run"); continue; } ;;&
         toy) toy ;;

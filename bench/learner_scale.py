@@ -164,7 +164,7 @@ def in_process_mode(args: argparse.Namespace) -> dict:
     from learner.config import TrainConfig
     from learner.distributed import Processes
     from learner.policy import Policy
-    from learner.update import ppo_update
+    from learner.update import adamw, ppo_update
     from opd.modeling import load_causal_lm
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -174,7 +174,7 @@ def in_process_mode(args: argparse.Namespace) -> dict:
     params = sum(p.numel() for p in lm.parameters())
     precision = "bf16" if device == "cuda" else "fp32"
     policy = Policy(lm, precision, args.chunk, args.gradient_checkpointing).train()
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-5)
+    optimizer = adamw(list(policy.parameters()), TrainConfig())
     processes = Processes(False, device)
     rows = []
     for loss, samples in ((loss, samples) for loss in args.losses for samples in args.samples):

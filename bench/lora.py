@@ -46,18 +46,16 @@ def measure_learner(path: str, mode: str, args: argparse.Namespace) -> dict:
     """In this (fresh) process: peak RSS and seconds per update of the learner."""
     import resource
 
-    import torch
-
     from bench.learner_scale import synthetic_batches
     from learner.config import TrainConfig
     from learner.distributed import Processes
     from learner.policy import student_policy
-    from learner.update import ppo_update
+    from learner.update import adamw, ppo_update
 
     train, processes = TrainConfig(), Processes(False, "cpu")
     policy = student_policy(spec(path, mode), train, "cpu").train()
     trainable = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=1e-5)
+    optimizer = adamw(trainable, train)
     vocab = policy.lm.config.vocab_size
     batches = synthetic_batches(args.samples, args.prompt_len, args.completion_len, vocab, train.micro_batch_tokens,
                                 "cpu")  # fmt: skip

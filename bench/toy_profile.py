@@ -38,7 +38,7 @@ from learner.config import TrainConfig
 from learner.distributed import Processes
 from learner.policy import Policy
 from learner.rollout import Rollouts
-from learner.update import micro_batches, ppo_update
+from learner.update import adamw, micro_batches, ppo_update
 from opd import torch_thread
 from opd.modeling import load_causal_lm, pack_left_padded
 from sampler.engine import SamplingParams
@@ -136,14 +136,14 @@ def phases(args: argparse.Namespace, facts: dict) -> dict[str, Callable[[], obje
     train = TrainConfig(loss="topk", top_k=TOP_K, lr=1e-5)
     processes = Processes(use_accelerate=False, device=args.device)
     policy = Policy(load_causal_lm(str(files.student), "float32", args.device).train())
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=train.lr)
+    optimizer = adamw(list(policy.parameters()), train)
 
     def learn() -> None:
         micro = micro_batches(rollouts, graded, pad_id=pad_id, max_tokens=train.micro_batch_tokens, device=device)
         ppo_update(policy, optimizer, micro, train=train, processes=processes)
 
     gkd_student = load_causal_lm(str(files.student), "float32", args.device).train()
-    gkd_optimizer = torch.optim.AdamW(gkd_student.parameters(), lr=train.lr)
+    gkd_optimizer = torch.optim.AdamW(gkd_student.parameters(), lr=train.lr, fused=True)  # TRL's default
     gkd_prompts = pack_left_padded(prompts, [[] for _ in prompts], pad_id, args.device)
     packed = pack_left_padded(prompts, completions, pad_id, args.device)
     width = max(len(c) for c in completions)

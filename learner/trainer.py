@@ -36,7 +36,7 @@ from learner.producer import Producer, step_plan
 from learner.rewards import load_reward
 from learner.services import check_services, service_urls
 from learner.step_metrics import batch_metrics, mean_over_processes
-from learner.update import MicroBatch, Scored, micro_batches, ppo_update
+from learner.update import MicroBatch, Scored, adamw, micro_batches, ppo_update
 from opd import torch_thread
 from opd.auth import load_api_key
 from opd.errors import ConfigError, SamplerError, StaleSamplerError
@@ -77,7 +77,7 @@ class OnPolicyDistillationTrainer:
         self.pad_id = pad_token_id(self.tokenizer)
         self.policy = student_policy(cfg.student, cfg.train, str(self.processes.device)).train()
         trainable = [p for p in self.policy.parameters() if p.requires_grad]  # a LoRA student: the adapters
-        self.optimizer = torch.optim.AdamW(trainable, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        self.optimizer = adamw(trainable, cfg.train)
         warmup = cfg.train.warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0

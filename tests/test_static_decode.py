@@ -60,6 +60,20 @@ def test_static_steps_draw_what_the_eager_decode_draws(engine, params):
     assert len(static[0][0][0]) > 1  # more than the prefill's token: the steps ran
 
 
+@pytest.fixture(scope="module")
+def bf16_engine(student_dir) -> TorchSamplerEngine:
+    return TorchSamplerEngine(str(student_dir), dtype="bfloat16")
+
+
+@pytest.mark.parametrize("params", SETTINGS)
+def test_bf16_static_steps_draw_what_the_eager_decode_draws(bf16_engine, params):
+    # bf16 attention over the padded slot buffer rounds differently from the eager cache's
+    (eager_columns, eager_ends), (static_columns, static_ends), _ = both_decodes(bf16_engine, params)
+    assert static_ends == eager_ends
+    assert static_columns[0] == eager_columns[0]
+    torch.testing.assert_close(torch.tensor(static_columns[1]), torch.tensor(eager_columns[1]), rtol=0, atol=0.02)
+
+
 def test_rows_stop_at_their_own_stop_token_and_the_decode_ends_when_all_have(engine, monkeypatch):
     params = SamplingParams(n=4, temperature=1.0, top_p=1.0, max_tokens=40, seed=5)
     eager, _, _ = both_decodes(engine, params)
@@ -226,3 +240,15 @@ def test_captured_steps_draw_what_the_eager_decode_draws_and_read_pushed_weights
         [s.completion_ids for s in row] for row in eager_engine._generate_sync(PROMPTS, params)
     ]
     assert [[s.completion_ids for s in row] for row in after] != [[s.completion_ids for s in row] for row in first]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (bench/device.sh profile runs this)")
+def test_captured_bf16_steps_replay_the_uncaptured_steps_exactly(student_dir):
+    # the graphs launch the very kernels of the uncaptured steps on the same buffers; bf16 against
+    # the eager decode is covered on the CPU (test_bf16_static_steps_draw_what_the_eager_decode_draws)
+    engine = TorchSamplerEngine(str(student_dir), dtype="bfloat16", device="cuda")
+    for params in SETTINGS:
+        _, uncaptured, _ = both_decodes(engine, params)
+        _, captured, decoder = both_decodes(engine, params, capture=True)
+        assert decoder.graphs is not None
+        assert captured == uncaptured

@@ -20,7 +20,7 @@ from learner.config import TrainConfig
 from learner.distributed import Processes
 from learner.policy import Policy
 from learner.rollout import Rollouts
-from learner.update import Scored, accumulate_gradients, global_token_count, micro_batches, old_logprobs
+from learner.update import Scored, accumulate_gradients, adamw, global_token_count, micro_batches, old_logprobs
 from opd.modeling import load_causal_lm, pack_left_padded
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [9, 10], [12, 13, 14], [20, 21, 22, 23], [30], [40, 41]]
@@ -241,3 +241,35 @@ def test_topk_loss_with_the_whole_vocabulary_as_head_is_the_exact_reverse_kl_gra
         kl = kl + (logp.exp() * (logp - q)).sum()
     (kl / sum(len(c) for c in COMPLETIONS)).backward()
     assert_same_gradients(ours, {name: p.grad.clone() for name, p in policy.lm.named_parameters()})
+
+
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=pytest.mark.skipif(
+                not torch.cuda.is_available(), reason="needs a GPU (bench/device.sh profile runs this)"
+            ),
+        ),
+    ],
+)
+def test_learner_adamw_takes_the_textbook_step_fused_on_cuda(device):
+    """Two steps of the learner's optimizer against AdamW written out in float64."""
+    train = TrainConfig(lr=1e-2, weight_decay=0.1)
+    gen = torch.Generator().manual_seed(0)
+    param = torch.nn.Parameter(torch.randn(5, 3, generator=gen).to(device))
+    grads = [torch.randn(5, 3, generator=gen).to(device) for _ in range(2)]
+    optimizer = adamw([param], train)
+    assert bool(optimizer.param_groups[0]["fused"]) == (device == "cuda")
+    expected, m, v = param.detach().double().clone(), 0.0, 0.0
+    beta1, beta2, eps = 0.9, 0.999, 1e-8
+    for step, grad in enumerate(grads, start=1):
+        param.grad = grad.clone()
+        optimizer.step()
+        g = grad.double()
+        m, v = beta1 * m + (1 - beta1) * g, beta2 * v + (1 - beta2) * g * g
+        expected *= 1 - train.lr * train.weight_decay
+        expected -= train.lr * (m / (1 - beta1**step)) / ((v / (1 - beta2**step)).sqrt() + eps)
+    torch.testing.assert_close(param.detach().double(), expected, rtol=0, atol=1e-6)
