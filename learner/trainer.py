@@ -40,6 +40,7 @@ from learner.update import MicroBatch, Scored, adamw, micro_batches, ppo_update
 from opd import torch_thread
 from opd.auth import load_api_key
 from opd.errors import ConfigError, SamplerError, StaleSamplerError
+from opd.host_memory import keep_freed_host_memory
 from opd.modeling import load_tokenizer
 from opd.tokenizer import pad_token_id, tokenizer_fingerprint
 
@@ -72,6 +73,7 @@ class OnPolicyDistillationTrainer:
                               "of the main process's shards only. Its weights are whole: start a new run from them "
                               "(student.path: the checkpoint directory)")  # fmt: skip
         self.processes = Processes(cfg.train.use_accelerate, cfg.train.device, cfg.train.fsdp)
+        keep_freed_host_memory(self.processes.device)  # on a CPU: no page faults for every step's tensors
         torch.manual_seed(cfg.train.seed)
         self.tokenizer = load_tokenizer(cfg.student.path)
         self.pad_id = pad_token_id(self.tokenizer)

@@ -21,6 +21,8 @@ from typing import ParamSpec, TypeVar
 
 import torch
 
+from opd.host_memory import keep_freed_host_memory
+
 P = ParamSpec("P")
 T = TypeVar("T")
 
@@ -45,11 +47,16 @@ async def run(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
 
 
 def use_device(device: torch.device) -> None:
-    """Make `device` the torch thread's current CUDA device (nothing to do off CUDA). The current
-    device is per OS thread and starts at GPU 0: a process working on GPU N from this thread (a
-    server started with `--device cuda:N`, a data-parallel learner's pipelined update) would
-    otherwise open a context on GPU 0, and any call that takes the current device instead of a
-    tensor's would run there. A bare "cuda" names the current device: nothing to set."""
+    """Set the process up for torch work on `device` from this thread.
+
+    CUDA: make `device` the torch thread's current device. The current device is per OS thread
+    and starts at GPU 0: a process working on GPU N from this thread (a server started with
+    `--device cuda:N`, a data-parallel learner's pipelined update) would otherwise open a context
+    on GPU 0, and any call that takes the current device instead of a tensor's would run there. A
+    bare "cuda" names the current device: nothing to set.
+
+    CPU: the process keeps the host memory it frees for its next request (`opd/host_memory.py`)."""
+    keep_freed_host_memory(device)
     if device.type == "cuda" and device.index is not None:
         call(torch.cuda.set_device, device)
 
