@@ -80,16 +80,3 @@ def test_http_overhead_times_each_request_against_its_engine_and_both_parsers(tm
     for row in results["reply"].values():  # both formats written and read; the tensors are the smaller body
         assert all(row[f"{way} {what} ms"] > 0 for way in ("json", "safetensors") for what in ("write", "read"))
         assert row["safetensors mb"] < row["json mb"]
-
-
-@pytest.mark.slow
-def test_host_memory_times_and_counts_the_faults_of_each_setup(tmp_path, toy_models):
-    out = tmp_path / "host_memory.json"
-    cmd = [sys.executable, "-m", "bench.host_memory", "--turns", "6", "--models", str(toy_models.teacher.parent),
-           "--out", str(out)]  # fmt: skip
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    setups = json.loads(out.read_text())["setups"]
-    assert list(setups) == ["one process", "two processes", "two processes, freed memory kept"]
-    for row in setups.values():
-        assert row["both_ms"] > 0 and all(p["median_ms"] > 0 for k, p in row.items() if k != "both_ms")
