@@ -15,10 +15,11 @@ from itertools import chain
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from opd import torch_thread
 from opd.logprobs import token_logprobs, top_k_logprobs
 from opd.paths import resolve_model_path
 from opd.serving import InfoResponse
-from opd.tokenizer import tokenizer_fingerprint
+from opd.tokenizer import pad_token_id, tokenizer_fingerprint
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -46,6 +47,32 @@ def load_causal_lm(path: str, dtype: str = "float32", device: str = "cpu") -> Pr
     """A causal LM from a HF model id, a local dir, or `tiny:NAME`, in eval mode on `device`."""
     model = AutoModelForCausalLM.from_pretrained(resolve_model_path(path), dtype=DTYPES[dtype])
     return model.to(device).eval()  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """What a torch engine serves: the model, loaded on the process's torch thread, its tokenizer
+    and padding id, and its GET /v1/info card."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    card: InfoResponse
+    pad_id: int
+
+
+def load_served_model(
+    model_path: str, *, dtype: str, device: str, max_model_len: int | None, max_logprobs: int,
+    max_lora_rank: int | None = None,
+) -> ServedModel:  # fmt: skip
+    """Both torch engines' start: the process set up for `device`, the model loaded on the torch
+    thread (every later torch call of the server runs there: `opd/torch_thread.py`), its card."""
+    torch_thread.use_device(torch.device(device))
+    model = torch_thread.call(load_causal_lm, model_path, dtype, device)
+    tokenizer, card = model_card(
+        model_path, engine="torch", dtype=dtype, max_model_len=max_model_len or model.config.max_position_embeddings,
+        model_vocab_size=model.config.vocab_size, max_logprobs=max_logprobs, max_lora_rank=max_lora_rank,
+    )  # fmt: skip
+    return ServedModel(model, tokenizer, card, pad_token_id(tokenizer))
 
 
 @dataclass(frozen=True)

@@ -15,15 +15,8 @@ from transformers import PreTrainedModel
 from grader.engine import ToScore
 from grader.tensors import ScoredBatch
 from opd import torch_thread
-from opd.modeling import (
-    completion_scores,
-    length_sorted_chunks,
-    load_causal_lm,
-    model_card,
-    pack_left_padded,
-)
+from opd.modeling import completion_scores, length_sorted_chunks, load_served_model, pack_left_padded
 from opd.serving import InfoResponse
-from opd.tokenizer import pad_token_id
 
 
 class TorchGraderEngine:
@@ -39,15 +32,11 @@ class TorchGraderEngine:
     ) -> None:
         self.model_path = model_path
         self.dtype = dtype
-        torch_thread.use_device(torch.device(device))  # every torch call of this server runs there
-        self.model = torch_thread.call(load_causal_lm, model_path, dtype, device)
-        self.max_model_len = max_model_len or self.model.config.max_position_embeddings
+        served = load_served_model(model_path, dtype=dtype, device=device, max_model_len=max_model_len,
+                                   max_logprobs=max_logprobs)  # fmt: skip
+        self.model, self.tokenizer, self.card, self.pad_id = served.model, served.tokenizer, served.card, served.pad_id
+        self.max_model_len = self.card.max_model_len
         self.max_batch_tokens = max_batch_tokens
-        self.tokenizer, self.card = model_card(
-            model_path, engine="torch", dtype=dtype, max_model_len=self.max_model_len,
-            model_vocab_size=self.model.config.vocab_size, max_logprobs=max_logprobs,
-        )  # fmt: skip
-        self.pad_id = pad_token_id(self.tokenizer)
         self._lock = asyncio.Lock()
 
     def info(self) -> InfoResponse:

@@ -20,9 +20,9 @@ from grader.engine import ToScore
 from grader.engines.torch import score_sequences
 from grader.tensors import ScoredBatch
 from opd import torch_thread
-from opd.modeling import PackedBatch, load_causal_lm, model_card, pack_left_padded
+from opd.modeling import PackedBatch, load_served_model, pack_left_padded
 from opd.serving import InfoResponse
-from opd.tokenizer import chat_prompt_ids, pad_token_id
+from opd.tokenizer import chat_prompt_ids
 from sampler.adapters import Adapter
 from sampler.engine import Sample, SamplingParams, WeightSpec, sample_seed
 from sampler.engines.sampling import sample_next
@@ -54,18 +54,14 @@ class TorchSamplerEngine:
         self.model_path = model_path
         self.dtype = dtype
         self.device = device
-        torch_thread.use_device(torch.device(device))  # every torch call of this server runs there
-        self.model = torch_thread.call(load_causal_lm, model_path, dtype, device)
-        self.max_model_len = max_model_len or self.model.config.max_position_embeddings
-        self.tokenizer, self.card = model_card(
-            model_path, engine="torch", dtype=dtype, max_model_len=self.max_model_len,
-            model_vocab_size=self.model.config.vocab_size, max_logprobs=max_logprobs, max_lora_rank=max_lora_rank,
-        )  # fmt: skip
+        served = load_served_model(model_path, dtype=dtype, device=device, max_model_len=max_model_len,
+                                   max_logprobs=max_logprobs, max_lora_rank=max_lora_rank)  # fmt: skip
+        self.model, self.tokenizer, self.card, self.pad_id = served.model, served.tokenizer, served.card, served.pad_id
+        self.max_model_len = self.card.max_model_len
         self._base: dict[str, torch.Tensor] = {}  # LoRA mode: the original weights the adapters change
         eos = self.model.generation_config.eos_token_id
         eos = eos if eos is not None else self.tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos])
-        self.pad_id = pad_token_id(self.tokenizer)
         self.policy_version = 0
         self._lock = asyncio.Lock()
         self.cuda_graphs = self._graphs_wanted(enforce_eager)
