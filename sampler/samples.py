@@ -39,6 +39,15 @@ from sampler.engine import Sample
 from sampler.schema import Completion, GenerateResponse, PromptResult
 
 MEDIA_TYPE = "application/vnd.opd.samples+safetensors"
+INTEGER_DIMS = {
+    "prompt_lengths": 1,
+    "prompt_ids": 1,
+    "completion_lengths": 1,
+    "completion_ids": 1,
+    "stopped": 1,
+    "top_ids": 2,
+}
+"""The integer tensors of a reply, by their dimensions."""
 
 
 def _flat(rows: Iterable[Iterable], count: int, dtype: type) -> torch.Tensor:
@@ -84,9 +93,9 @@ def decode(payload: bytes) -> GenerateResponse:
     missing -= wire.keys()
     if missing:
         raise ValueError(f"the reply has no {sorted(missing)}")
-    for name in ("prompt_lengths", "prompt_ids", "completion_lengths", "completion_ids", "stopped", "top_ids"):
-        if name in wire and (wire[name].is_floating_point() or wire[name].dim() != (2 if name == "top_ids" else 1)):
-            raise ValueError(f"{name} is not a {2 if name == 'top_ids' else 1}-d integer tensor")
+    for name, dims in INTEGER_DIMS.items():
+        if name in wire and (wire[name].is_floating_point() or wire[name].dim() != dims):
+            raise ValueError(f"{name} is not a {dims}-d integer tensor")
     prompt_lengths, lengths = wire["prompt_lengths"].tolist(), wire["completion_lengths"].tolist()
     if min(lengths + prompt_lengths, default=0) < 0:
         raise ValueError("a negative length")
