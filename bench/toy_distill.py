@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import time
 from datetime import date
@@ -86,7 +87,7 @@ def run_opd(
 ) -> dict:
     """Distil with opd's Python API; returns wall times and the final checkpoint."""
     start = time.perf_counter()
-    (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    shutil.rmtree(run_dir, ignore_errors=True)  # this benchmark's own run: a run dir holds one run
     trainer = OnPolicyDistillationTrainer(
         student=str(files.student), teacher=str(files.teacher), train_dataset=train, eval_dataset=eval_,
         run_dir=str(run_dir), data={"shuffle": False},

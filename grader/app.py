@@ -22,6 +22,7 @@ from grader.schema import InfoResponse, LogprobsRequest, LogprobsResponse, Score
 from grader.tensors import ScoredBatch
 from opd import torch_thread
 from opd.errors import NonFiniteOutputError, RequestError
+from opd.limits import MAX_REQUEST_SEQUENCES
 from opd.serving import (
     ERROR_RESPONSES,
     check_token_ids,
@@ -36,7 +37,7 @@ from opd.tokenizer import chat_prompt_ids, text_ids, token_strings
 
 @dataclass(frozen=True)
 class GraderSettings:
-    max_sequences: int = 4096
+    max_sequences: int = MAX_REQUEST_SEQUENCES
     """Largest number of sequences per /v1/logprobs call."""
     chars_per_token: int = 32
     """Text longer than this x the model's context (in characters) is refused before tokenising
@@ -152,9 +153,10 @@ def _check_candidates(seq: ToScore, info: InfoResponse, param: str) -> None:
 
 def _check_finite(batch: ScoredBatch) -> None:
     # A logprob of -inf is possible only for a token of probability 0, which a softmax never gives;
-    # NaN or inf means the teacher's weights overflow.
+    # NaN or inf means the model's weights overflow (the grader's teacher, or the sampler's student
+    # answering the same /v1/logprobs).
     if not bool(torch.isfinite(batch.logprobs_N).all()):
-        raise NonFiniteOutputError("the teacher produced non-finite logprobs; its weights overflow")
+        raise NonFiniteOutputError("the model produced non-finite logprobs; its weights overflow")
 
 
 def _encoded_if_finite(batch: ScoredBatch) -> bytes:

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from transformers import PreTrainedTokenizerBase
 
 from learner.config import DataConfig, OpdConfig, format_errors, load_config
-from learner.data import PromptItem, encode_row, load_prompts
+from learner.data import PromptItem, encode_row, load_prompts, warn_of_unread_keys
 from learner.rewards import Reward, exact
 from opd.errors import ConfigError
 
@@ -64,14 +64,16 @@ def load_dataset(
     if isinstance(dataset, str | Path):
         return list(load_prompts(str(dataset), tokenizer, data, reward))
     items: list[EvalItem] = []
-    for index, row in enumerate(dataset):
+    rows = [(f"dataset[{index}]", row) for index, row in enumerate(dataset)]
+    warn_of_unread_keys(rows, "dataset")
+    for where, row in rows:
         if isinstance(row, dict):
-            items.append(encode_row(row, f"dataset[{index}]", tokenizer, data, reward))
+            items.append(encode_row(row, where, tokenizer, data, reward))
         elif hasattr(row, "prompt_ids") and hasattr(row, "get_reward"):
             items.append(row)  # type: ignore[arg-type]  # duck-typed just above
         else:
             raise ConfigError(
-                f"dataset[{index}]: expected a dict with 'prompt'/'messages' or an item with prompt_ids and get_reward"
+                f"{where}: expected a dict with 'prompt'/'messages' or an item with prompt_ids and get_reward"
             )
     return items
 

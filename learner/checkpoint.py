@@ -103,6 +103,12 @@ def resolve_resume(root: Path, resume: str) -> Path | None:
 def load_checkpoint(model: PreTrainedModel, path: Path) -> TrainerState:
     """Load the checkpoint's weights (or a LoRA student's adapter) into `model` in place and return
     the trainer state."""
+    holds_adapter, lora = (path / "adapter_config.json").is_file(), is_lora(model)
+    if holds_adapter != lora:
+        held = "a LoRA adapter" if holds_adapter else "a full student"
+        wanted = "LoRA (student.lora is set)" if lora else "full (student.lora is not set)"
+        raise ConfigError(f"{path} holds {held}, but this run's student is {wanted}: resume with the student "
+                          "config the checkpoint was trained with")  # fmt: skip
     if is_lora(model):
         from learner.lora import load_adapter
 

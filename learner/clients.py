@@ -50,17 +50,26 @@ class RetryPolicy:
     max_backoff_s: float = 10.0
 
 
+UNRETRYABLE_ERROR_TYPES = frozenset({"non_finite_output"})
+"""5xx a retry cannot fix: the model's weights give NaN or infinite logprobs until they change."""
+
+
 def _is_retryable(exc: Exception) -> bool:
+    if isinstance(exc, httpx.UnsupportedProtocol):  # a URL without http://: no retry reaches it
+        return False
     if isinstance(exc, httpx.TransportError):
         return True
-    return isinstance(exc, ServiceError) and exc.status is not None and exc.status >= 500
+    return (isinstance(exc, ServiceError) and exc.status is not None and exc.status >= 500
+            and exc.error_type not in UNRETRYABLE_ERROR_TYPES)  # fmt: skip
 
 
-def _server_message(response: httpx.Response) -> str:
+def _server_error(response: httpx.Response) -> tuple[str, str | None]:
+    """(message, type) of the server's error envelope; the body's start when it is not one."""
     try:
-        return response.json()["error"]["message"]
-    except (ValueError, KeyError, TypeError):
-        return response.text[:500]
+        error = response.json()["error"]
+        return str(error["message"]), error.get("type")
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return response.text[:500], None
 
 
 ENGINE_SPANS_KEPT = 16384
@@ -123,10 +132,9 @@ class _Client:
     async def _request_once(self, method: str, path: str, **kwargs) -> httpx.Response:
         response = await self._http.request(method, path, **kwargs)
         if response.status_code >= 400:
-            raise self.error_cls(
-                f"{self.error_cls.service} {path} answered {response.status_code}: {_server_message(response)}",
-                status=response.status_code,
-            )
+            message, error_type = _server_error(response)
+            raise self.error_cls(f"{self.error_cls.service} {path} answered {response.status_code}: {message}",
+                                 status=response.status_code, error_type=error_type)  # fmt: skip
         seconds = engine_seconds(response.headers)
         if seconds is not None:
             arrived = time.perf_counter()
@@ -327,6 +335,7 @@ class SamplerPool(ReplicaPool[SamplerClient]):
         self._buffer: WeightBuffer | None = None  # shared pushes: the weights the samplers copy from
         self._bufferless = False  # the buffer could not be made: shared pushes go over HTTP
         self._unshared: set[str] = set()  # samplers that refused a shared push: they get the body
+        self._shared_file: Path | None = None  # the last push by path: removed at close (/dev/shm is RAM)
 
     async def generate(self, request: GenerateRequest) -> GenerateResponse:
         work = len(request.prompt_ids or request.messages or []) * request.n * request.max_tokens
@@ -344,6 +353,7 @@ class SamplerPool(ReplicaPool[SamplerClient]):
     ) -> int:
         """`tensors` written to `shared_dir` (see `write_shared`), loaded by every replica by path."""
         final = await write_shared(tensors, version, shared_dir, metadata)
+        self._shared_file = final
         loaded = await self._push_all(lambda client: client.push_path(str(final.resolve()), version), version)
         remove_older(shared_dir, final)
         return loaded
@@ -422,6 +432,9 @@ class SamplerPool(ReplicaPool[SamplerClient]):
         if self._buffer is not None:
             self._buffer.close()
             self._buffer = None
+        if self._shared_file is not None:  # every sampler has loaded it; the checkpoint keeps the weights
+            self._shared_file.unlink(missing_ok=True)
+            self._shared_file = None
 
     async def push_weights_by(
         self, transport: Transport, tensors: dict[str, torch.Tensor], version: int,

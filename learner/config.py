@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from learner.rewards import BUILT_IN, CUSTOM
 from opd.errors import ConfigError
+from opd.limits import MAX_N, MAX_TEMPERATURE
 from opd.paths import missing_local_model
 from sampler.staging import memfd_available
 
@@ -73,9 +74,9 @@ class DataConfig(Section):
 
 
 class SamplingConfig(Section):
-    n: int = Field(default=1, ge=1)
+    n: int = Field(default=1, ge=1, le=MAX_N)
     """Completions sampled per prompt."""
-    temperature: float = Field(default=0.7, gt=0.0)
+    temperature: float = Field(default=0.7, gt=0.0, le=MAX_TEMPERATURE)
     """Sampling temperature of training rollouts (the reference method uses 0.6-0.8)."""
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     """Nucleus sampling mass of training rollouts."""
@@ -157,7 +158,7 @@ class EvalConfig(Section):
     """Evaluate every this many steps (and before the first and after the last); 0: never."""
     max_items: int | None = Field(default=None, gt=0)
     """Evaluate on the first this many eval items; all when unset."""
-    n: int = Field(default=1, ge=1)
+    n: int = Field(default=1, ge=1, le=MAX_N)
     """Samples per eval prompt for the reverse-KL estimate (temperature 1)."""
     max_tokens: int = Field(default=128, gt=0)
     """Most tokens per eval completion."""
@@ -333,11 +334,25 @@ def format_errors(exc: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping: plain YAML keeps the last
+    one silently, so a second `student:` block would replace the first."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> OpdConfig:
     """Parse YAML + overrides; relative data paths are resolved against the config's folder."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}  # a SafeLoader
     except (OSError, yaml.YAMLError) as exc:
         raise ConfigError(f"cannot read config {path}: {exc}") from exc
     if not isinstance(raw, dict):

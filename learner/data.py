@@ -5,17 +5,22 @@ Each line is an object with `prompt` (text) or `messages` (chat messages), and o
 """
 
 import json
+import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
 from transformers import PreTrainedTokenizerBase
 
 from learner.config import DataConfig
 from learner.rewards import Reward, exact
 from opd.errors import ConfigError
+from opd.serving import ChatMessage
 from opd.tokenizer import chat_prompt_ids, text_ids
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -46,12 +51,53 @@ def encode_prompt(
     return chat_prompt_ids(tokenizer, messages, **(template_kwargs or {}))
 
 
+ROW_KEYS = ("prompt", "messages", "answer")
+"""What a row may say; other keys (an id, a source) are left alone, and named once in a warning."""
+
+
 def _check_row(row: object, where: str) -> dict:
     if not isinstance(row, dict) or ("prompt" in row) == ("messages" in row):
         raise ConfigError(f"{where}: each line needs exactly one of 'prompt' or 'messages'")
+    if "prompt" in row and not (isinstance(row["prompt"], str) and _is_unicode(row["prompt"])):
+        raise ConfigError(f"{where}: 'prompt' must be text (valid Unicode)")
+    if "messages" in row:
+        _check_messages(row["messages"], where)
     if "answer" in row and not isinstance(row["answer"], str | int | float):
         raise ConfigError(f"{where}: 'answer' must be a string or number")
     return row
+
+
+def _check_messages(messages: object, where: str) -> None:
+    """A chat as the servers take one (`opd.serving.ChatMessage`): a list of {role, content}."""
+    if not isinstance(messages, list) or not messages:
+        raise ConfigError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
+    for i, message in enumerate(messages):
+        try:
+            ChatMessage.model_validate(message)
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'message'}: {e['msg']}" for e in exc.errors())
+            raise ConfigError(f"{where}: messages[{i}]: {problems}") from None
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:  # a lone surrogate ("\ud800" in JSON)
+        return False
+    return True
+
+
+def warn_of_unread_keys(rows: list[tuple[str, object]], source: str) -> None:
+    """Name, once per file or dataset, the keys its rows carry that opd does not read: a typo such
+    as `answr` would otherwise silently leave an item without its reward."""
+    unread: dict[str, str] = {}
+    for where, row in rows:
+        for key in row if isinstance(row, dict) else ():
+            if key not in ROW_KEYS:
+                unread.setdefault(key, where)
+    if unread:
+        named = ", ".join(f"{key!r} (first at {where})" for key, where in unread.items())
+        logger.warning("%s: rows carry keys opd does not read: %s; it reads %s", source, named, ", ".join(ROW_KEYS))
 
 
 def encode_row(
@@ -72,15 +118,16 @@ def load_prompts(
     """Read and tokenize every line; errors name the file and line."""
     if not Path(path).is_file():
         raise ConfigError(f"data file {path} does not exist")
-    items = []
+    rows = []
     for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            rows.append((f"{path}:{number}", json.loads(line)))
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
-        items.append(encode_row(row, f"{path}:{number}", tokenizer, data, reward))
+    items = [encode_row(row, where, tokenizer, data, reward) for where, row in rows]
+    warn_of_unread_keys(rows, path)
     if not items:
         raise ConfigError(f"data file {path} has no prompts")
     return items

@@ -22,6 +22,12 @@ from opd.errors import ConfigError
 
 class Processes:
     def __init__(self, use_accelerate: bool, device: str, fsdp: bool = False) -> None:
+        try:
+            kind = torch.device(device).type
+        except RuntimeError as exc:
+            raise ConfigError(f"train.device {device!r} is not a torch device: {exc}") from None
+        if kind == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"train.device is {device}, but this torch ({torch.__version__}) sees no CUDA device")
         self.accelerator: Any = None
         if use_accelerate:
             from accelerate import Accelerator, FullyShardedDataParallelPlugin
@@ -30,8 +36,10 @@ class Processes:
             self.accelerator = Accelerator(cpu=device == "cpu", fsdp_plugin=plugin)
             if fsdp and self.accelerator.distributed_type.name != "FSDP":
                 # accelerate drops the FSDP plugin off GPUs instead of failing; say so.
+                kind = self.accelerator.distributed_type.name  # NO: one process, not distributed
                 raise ConfigError(
-                    f"train.fsdp needs CUDA devices; accelerate runs {self.accelerator.distributed_type.name}"
+                    "train.fsdp needs CUDA devices; accelerate found none and runs "
+                    f"{'one plain process' if kind == 'NO' else kind}"
                 )
         self._device = device
 

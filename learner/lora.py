@@ -64,6 +64,9 @@ def merge_checkpoint(checkpoint: Path, out: Path, base: str | None = None) -> Pa
 
     from opd.modeling import load_causal_lm
 
+    if not (checkpoint / "adapter_config.json").is_file():
+        raise ConfigError(f"{checkpoint} holds no LoRA adapter (adapter_config.json): only a LoRA student's "
+                          "checkpoint needs merging; a full student's is a Hugging Face model as it is")  # fmt: skip
     config = json.loads((checkpoint / "adapter_config.json").read_text())
     base_path = base or config.get("base_model_name_or_path")
     if not base_path:

@@ -93,12 +93,24 @@ def timed(name: str, metrics: dict[str, float]) -> Iterator[None]:
 
 
 def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """Every line's metrics; a last line without its newline that does not parse (a run killed
+    while writing it) is left out, a bad line elsewhere raises."""
+    return [json.loads(line) for line in _complete_lines(Path(path).read_text())]
+
+
+def _complete_lines(text: str) -> list[str]:
+    lines = [line for line in text.splitlines() if line.strip()]
+    if lines and not text.endswith("\n"):
+        try:
+            json.loads(lines[-1])
+        except ValueError:
+            lines.pop()
+    return lines
 
 
 def truncate_metrics(path: Path, last_step: int) -> None:
     """Keep only the lines of steps <= last_step (used on resume, which redoes later steps)."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+    kept = [line for line in _complete_lines(path.read_text()) if json.loads(line)["step"] <= last_step]
     path.write_text("".join(line + "\n" for line in kept))

@@ -36,7 +36,10 @@ def run_metrics(run_dir: Path) -> list[dict]:
     path = run_dir if run_dir.is_file() else run_dir / "metrics.jsonl"
     if not path.is_file():
         raise ConfigError(f"no metrics at {path}: pass a run directory (the trainer's run_dir) or a metrics.jsonl")
-    rows = read_metrics(path)
+    try:
+        rows = read_metrics(path)
+    except ValueError as exc:  # a line cut off by a killed run, or not JSON at all
+        raise ConfigError(f"{path} is not a metrics.jsonl (one JSON object per line): {exc}") from None
     if not any(TRAIN_KL in row or EVAL_KL in row for row in rows):
         raise ConfigError(f"{path} has no reverse-KL metrics to plot")
     return rows

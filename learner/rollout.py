@@ -11,6 +11,7 @@ from grader.schema import Sequence
 from grader.tensors import ScoredBatch
 from learner.clients import GraderPool, SamplerPool
 from opd.errors import GraderError, StaleSamplerError
+from opd.limits import MAX_REQUEST_SEQUENCES
 from sampler.schema import GenerateRequest, GenerateResponse
 
 
@@ -44,12 +45,22 @@ class Rollouts:
 
 async def generate(sampler: SamplerPool, request: GenerateRequest, min_version: int) -> GenerateResponse:
     """The sampler's reply, refused (StaleSamplerError) when older weights than `min_version`
-    generated it: a restarted sampler serves its initial weights as version 0. Sent as flat
-    tensors (sampler/samples.py): at real sizes the JSON reply costs seconds to write and read."""
-    reply = await sampler.generate(request.model_copy(update={"format": "safetensors"}))
-    if reply.policy_version < min_version:
-        raise StaleSamplerError(f"sampler served policy_version {reply.policy_version}, expected {min_version}")
-    return reply
+    generated any of it: a restarted sampler serves its initial weights as version 0. Sent as flat
+    tensors (sampler/samples.py): at real sizes the JSON reply costs seconds to write and read.
+    More than MAX_REQUEST_SEQUENCES samples go as several requests at once, each prompt's seeds as
+    in one request (sample j of prompt i: seed + i * n + j), so the split changes no draw."""
+    prompts = request.prompt_ids or []
+    per_request = max(1, MAX_REQUEST_SEQUENCES // request.n)
+    parts = [request.model_copy(update={"prompt_ids": prompts[i : i + per_request], "format": "safetensors",
+                                        "seed": None if request.seed is None else request.seed + i * request.n})
+             for i in range(0, len(prompts), per_request)] or [request]  # fmt: skip
+    replies = await asyncio.gather(*(sampler.generate(part) for part in parts))
+    version = min(reply.policy_version for reply in replies)
+    if version < min_version:
+        raise StaleSamplerError(f"sampler served policy_version {version}, expected {min_version}")
+    if len(replies) == 1:
+        return replies[0]
+    return GenerateResponse(policy_version=version, results=[r for reply in replies for r in reply.results])
 
 
 async def sample(
@@ -78,16 +89,17 @@ ID_BYTES = 7
 """JSON bytes of one token id at most, its comma included (vocabularies stay under a million)."""
 
 
-def request_chunks(sequences: list[Sequence], max_bytes: int) -> list[list[Sequence]]:
-    """`sequences` in order, cut into runs whose JSON stays under `max_bytes` (by an upper bound on
-    its size; a sequence larger than that alone goes alone, and the server judges it)."""
+def request_chunks(sequences: list[Sequence], max_bytes: int, max_count: int) -> list[list[Sequence]]:
+    """`sequences` in order, cut into runs of at most `max_count` whose JSON stays under
+    `max_bytes` (by an upper bound on its size; a sequence larger than that alone goes alone, and
+    the server judges it)."""
     chunks: list[list[Sequence]] = [[]]
     size = 0
     for sequence in sequences:
         candidates = sequence.candidate_ids or []
         this = 64 + ID_BYTES * (len(sequence.prompt_ids or []) + len(sequence.completion_ids or []))
         this += sum(3 + ID_BYTES * len(ids) for ids in candidates)
-        if chunks[-1] and size + this > max_bytes:
+        if chunks[-1] and (size + this > max_bytes or len(chunks[-1]) == max_count):
             chunks.append([])
             size = 0
         chunks[-1].append(sequence)
@@ -99,13 +111,14 @@ async def grade(grader: GraderPool, rollouts: Rollouts, top_k: int = 0) -> Score
     """The teacher's scores of every sample, flat over completion tokens (sample 0's, then sample
     1's, ...): each token's logprob; with `top_k` also each position's top-k, and when the rollouts
     carry the student's top ids, the teacher's logprobs at those (asked as candidate_ids). Sent as
-    one request, or as several at once where one would carry more than GRADE_REQUEST_BYTES."""
+    one request, or as several at once where one would carry more than GRADE_REQUEST_BYTES or
+    MAX_REQUEST_SEQUENCES sequences."""
     candidates = rollouts.student_top_ids if top_k else None
     sequences = [
         Sequence(prompt_ids=p, completion_ids=c, candidate_ids=None if candidates is None else candidates[i])
         for i, (p, c) in enumerate(zip(rollouts.prompt_ids, rollouts.completion_ids, strict=True))
     ]
-    chunks = request_chunks(sequences, GRADE_REQUEST_BYTES)
+    chunks = request_chunks(sequences, GRADE_REQUEST_BYTES, MAX_REQUEST_SEQUENCES)
     parts = await asyncio.gather(*(grader.logprobs_tensors(chunk, top_k=top_k) for chunk in chunks))
     scores = parts[0] if len(parts) == 1 else ScoredBatch.concat(list(parts))
     if scores.lengths_B.tolist() != [len(c) for c in rollouts.completion_ids]:

@@ -15,7 +15,7 @@ def run(config: OpdConfig, resume: str | None = None) -> None:
     resume_from = resolve_resume(Path(config.run_dir) / "checkpoints", resume) if resume else None
     trainer = OnPolicyDistillationTrainer(config, resume_from=resume_from)
     history = trainer.train()
-    if not trainer.processes.is_main:
+    if not trainer.processes.is_main or not history:
         return  # every process holds the same averaged metrics; one summary line
     last = history[-1] if history else {}
     logger.info(

@@ -63,20 +63,35 @@ def _log_name(role: str, index: int, count: int) -> str:
 
 def check_services(
     sampler: InfoResponse, grader: InfoResponse, *, student: str, own_fingerprint: tuple[int, str], own_vocab: int,
-    train: TrainConfig, lora: LoraSpec | None = None,
+    train: TrainConfig, longest: tuple[int, int], lora: LoraSpec | None = None,
 ) -> None:  # fmt: skip
     """Fail at start, naming both sides: tokenizers that differ (fingerprints), vocabulary row counts
-    that cannot work together, a top-k larger than the servers allow."""
+    that cannot work together, sequences longer than a server takes (`longest`: the longest prompt
+    and the most tokens generated after a prompt), a top-k larger than the servers allow."""
     sampler_fp = (sampler.vocab_size, sampler.tokenizer_hash)
     grader_fp = (grader.vocab_size, grader.tokenizer_hash)
     check_same_tokenizer(f"sampler ({sampler.model})", sampler_fp, f"grader ({grader.model})", grader_fp)
     check_same_tokenizer(f"learner student ({student})", own_fingerprint, f"sampler ({sampler.model})", sampler_fp)
     check_vocabularies(own_vocab, sampler, grader)
     check_lora(lora, sampler)
+    check_context(longest, sampler, grader)
     for info in (sampler, grader):
         if train.loss == "topk" and train.top_k > info.max_logprobs:
             raise ConfigError(f"train.top_k {train.top_k} is over {info.model}'s --max-logprobs {info.max_logprobs}: "
                               "start the servers with a larger --max-logprobs or lower train.top_k")  # fmt: skip
+
+
+def check_context(longest: tuple[int, int], sampler: InfoResponse, grader: InfoResponse) -> None:
+    """The longest prompt plus the most tokens sampled after it must fit both servers: the sampler
+    refuses a longer request, and the grader could not score the sample (a vLLM grader scores one
+    token less than its context)."""
+    prompt, generated = longest
+    for role, info in (("sampler", sampler), ("grader", grader)):
+        if prompt + generated > info.max_model_len:
+            raise ConfigError(f"the longest prompt ({prompt} tokens) plus up to {generated} sampled tokens passes the "
+                              f"{role}'s ({info.model}, {info.engine}) context of {info.max_model_len} tokens: lower "
+                              "sampling.max_tokens / eval.max_tokens or start the servers with a larger "
+                              "--max-model-len")  # fmt: skip
 
 
 def check_lora(lora: LoraSpec | None, sampler: InfoResponse) -> None:

@@ -24,7 +24,14 @@ import torch
 from tqdm import tqdm
 
 from learner.api import Dataset, EvalItem, build_config, load_dataset
-from learner.checkpoint import TrainerState, load_checkpoint, restore_rng, rng_state, save_checkpoint
+from learner.checkpoint import (
+    TrainerState,
+    list_checkpoints,
+    load_checkpoint,
+    restore_rng,
+    rng_state,
+    save_checkpoint,
+)
 from learner.clients import GraderPool, RetryPolicy, SamplerPool
 from learner.config import OpdConfig, dump_config
 from learner.data import PromptStream
@@ -73,6 +80,8 @@ class OnPolicyDistillationTrainer:
                               "of the main process's shards only. Its weights are whole: start a new run from them "
                               "(student.path: the checkpoint directory)")  # fmt: skip
         self.processes = Processes(cfg.train.use_accelerate, cfg.train.device, cfg.train.fsdp)
+        if resume_from is None:
+            self._start_fresh()
         keep_freed_host_memory(self.processes.device)  # on a CPU: no page faults for every step's tensors
         torch.manual_seed(cfg.train.seed)
         self.tokenizer = load_tokenizer(cfg.student.path)
@@ -115,10 +124,15 @@ class OnPolicyDistillationTrainer:
         """Run `train.steps` steps (starting local servers if the config names none). Under
         `use_accelerate`, a run that finishes also ends the process group, and `policy` is then
         the plain model (its DDP wrapper dropped): one `train()` per launch."""
-        if self.processes.is_main:
-            dump_config(self.config, self.run_dir / "config.yml")
-        with service_urls(self.config, self.run_dir / "logs", self.processes.world_size) as (sampler_urls, grader_urls):
-            history = asyncio.run(self._train(sampler_urls, grader_urls))
+        history: list[dict[str, float]] = []
+        if self.step_count >= self.config.train.steps:  # a finished run resumed: no servers to start
+            logger.warning("nothing to train: the run is at step %d and train.steps is %d (raise it to go on)",
+                           self.step_count, self.config.train.steps)  # fmt: skip
+        else:
+            if self.processes.is_main:
+                dump_config(self.config, self.run_dir / "config.yml")
+            with service_urls(self.config, self.run_dir / "logs", self.processes.world_size) as (samplers, graders):
+                history = asyncio.run(self._train(samplers, graders))
         self.policy = self.processes.release(self.policy)
         self.processes.finish()
         return history
@@ -241,9 +255,18 @@ class OnPolicyDistillationTrainer:
         check_services(sampler_info, grader_info, student=self.config.student.path,
                        own_fingerprint=tokenizer_fingerprint(self.tokenizer),
                        own_vocab=self.processes.unwrap(self.policy).lm.config.vocab_size,
-                       train=self.config.train, lora=self.config.student.lora)  # fmt: skip
+                       train=self.config.train, longest=self._longest_sequence(),
+                       lora=self.config.student.lora)  # fmt: skip
         self.sampler_dtype, self.sampler_engine = sampler_info.dtype, sampler_info.engine
         return sampler_info.engine
+
+    def _longest_sequence(self) -> tuple[int, int]:
+        """(longest prompt, most tokens sampled after it) of this run: training and eval prompts."""
+        train = (max(len(item.prompt_ids) for item in self.train_items), self.config.sampling.max_tokens)
+        if not self.eval_items:
+            return train
+        evals = (max(len(item.prompt_ids) for item in self.eval_items), self.config.eval.max_tokens)
+        return max(train, evals, key=sum)
 
     def _eval_due(self) -> bool:
         every, steps = self.config.eval.eval_steps, self.config.train.steps
@@ -287,6 +310,17 @@ class OnPolicyDistillationTrainer:
                                        weights=weights)  # fmt: skip
                 logger.info("saved checkpoint %s", path)
             self.processes.wait()
+
+    def _start_fresh(self) -> None:
+        """A run dir holds one run. Refuse one holding an earlier run's checkpoints (a fresh run
+        would mix with them, and a later `--resume` pick theirs); drop the metrics of an earlier
+        start that died before its first checkpoint, which this start redoes."""
+        earlier = list_checkpoints(self.run_dir / "checkpoints")
+        if earlier:
+            raise ConfigError(f"run_dir {self.run_dir} holds an earlier run (checkpoint {earlier[-1].name}): continue "
+                              "it with --resume (resume_from=...), or give this run another run_dir")  # fmt: skip
+        if self.processes.is_main:
+            truncate_metrics(self.run_dir / "metrics.jsonl", -1)
 
     def _resume(self, path: Path) -> None:
         """Continue exactly where the checkpoint left off: weights, optimizer, scheduler, RNG,

@@ -17,6 +17,7 @@ import logging
 import sys
 
 from opd.errors import OpdError
+from opd.limits import MAX_REQUEST_SEQUENCES
 
 
 def setup_logging(level: str = "INFO") -> None:
@@ -25,8 +26,29 @@ def setup_logging(level: str = "INFO") -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
+def port(text: str) -> int:
+    """A TCP port for argparse: 0 (any free one) to 65535."""
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a port (0-65535)")
+    return value
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return value
+
+
+def png(text: str) -> str:
+    if not text.lower().endswith(".png"):
+        raise argparse.ArgumentTypeError(f"{text}: the plot is written as PNG; name a .png file")
+    return text
+
+
 def _server_parser(sub: argparse._SubParsersAction, name: str, default_port: int) -> argparse.ArgumentParser:
-    parser = sub.add_parser(name, help=f"start the {name} server")
+    parser = sub.add_parser(name, help=f"start the {name} server", allow_abbrev=False)
     parser.add_argument("--model", required=True, help="HF model id, local dir, or tiny:NAME")
     parser.add_argument(
         "--engine",
@@ -35,7 +57,7 @@ def _server_parser(sub: argparse._SubParsersAction, name: str, default_port: int
         help="auto: vllm where it is installed, else torch",
     )
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
-    parser.add_argument("--port", type=int, default=default_port)
+    parser.add_argument("--port", type=port, default=default_port)
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     parser.add_argument("--device", default="cpu", help="torch engine device, e.g. cpu or cuda:0")
     parser.add_argument("--max-model-len", type=int, default=None)
@@ -48,7 +70,7 @@ def _server_parser(sub: argparse._SubParsersAction, name: str, default_port: int
     parser.add_argument(
         "--max-request-sequences",
         type=int,
-        default=4096,
+        default=MAX_REQUEST_SEQUENCES,
         help="most sequences per request (sampler: prompts x n); more is refused with 413",
     )
     vllm = parser.add_argument_group("vllm engine")
@@ -76,7 +98,12 @@ def _server_parser(sub: argparse._SubParsersAction, name: str, default_port: int
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="opd", description="on-policy distillation over HTTP")
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run the learner from a YAML config")
+    run = sub.add_parser(
+        "run", help="run the learner from a YAML config", allow_abbrev=False,
+        epilog="Any config key can be set after the file: --section.key value (or --section.key=value), e.g. "
+        "--train.lr 3e-4 --sampling.n 8. Relative data paths, in the file or set here, are relative to the "
+        "config file's folder; run_dir is relative to the current directory.",
+    )  # fmt: skip
     run.add_argument("config", help="YAML config file")
     run.add_argument(
         "--resume",
@@ -93,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
                       choices=["distill-reasoning", "distill-reasoning-qwen3", "distill-chat", "tiny"])  # fmt: skip
     plot = sub.add_parser("plot", help="plot reverse KL and eval reward from runs' metrics.jsonl")
     plot.add_argument("runs", nargs="+", help="run directories (each with metrics.jsonl) or metrics.jsonl files")
-    plot.add_argument("--out", default=None, help="PNG to write (default: RUN_DIR/plot.png of the first run)")
+    plot.add_argument("--out", default=None, type=png, help="PNG to write (default: RUN_DIR/plot.png of the first run)")
     export = sub.add_parser("export", help="write a LoRA checkpoint as a merged Hugging Face model directory")
     export.add_argument("checkpoint", help="a checkpoint directory of a LoRA run (RUN_DIR/checkpoints/step_N)")
     export.add_argument("--merge", required=True, metavar="OUT", help="directory to write the merged model to")
@@ -104,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     grade.add_argument("--out", required=True, metavar="SCORED", help="JSONL to write, one line per scored row")
     grade.add_argument("--sampler", default=None, metavar="URL", help="also the student's logprobs and the gap")
     grade.add_argument("--html", default=None, metavar="REPORT", help="an HTML page colouring each token")
-    grade.add_argument("--batch-size", type=int, default=16, help="rows per request (default 16)")
+    grade.add_argument("--batch-size", type=positive_int, default=16, help="rows per request (default 16)")
     sampler = _server_parser(sub, "sampler", 8001)
     grader = _server_parser(sub, "grader", 8002)
     grader.add_argument(

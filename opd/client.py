@@ -114,18 +114,20 @@ class SamplerClient(_SyncClient):
         return self._run(self._sampler.generate(request or GenerateRequest(**fields)))
 
     def push_weights(
-        self, tensors: dict[str, torch.Tensor], version: int, *, shared_dir: Path | None = None,
+        self, tensors: dict[str, torch.Tensor], version: int, *, shared_dir: str | Path | None = None,
         in_memory: bool = False, shared: bool = False, metadata: dict[str, str] | None = None,
     ) -> int:  # fmt: skip
         """POST /v1/weights; returns the sampler's new policy_version. The tensors go as a
         safetensors body (streamed from their memory), or written to `shared_dir` and loaded by
-        path, or with `in_memory` (a sampler on this host) copied once into an anonymous in-memory
-        file whose /proc path the sampler opens, or with `shared` (a torch sampler on this host:
-        the fastest, sampler/shared.py) copied into a buffer this client keeps until it closes,
-        which the sampler maps and copies from; over HTTP where the sampler cannot."""
+        path (each file removed at the next push, the last when the client closes), or with
+        `in_memory` (a sampler on this host) copied once into an anonymous in-memory file whose
+        /proc path the sampler opens, or with `shared` (a torch sampler on this host: the fastest,
+        sampler/shared.py) copied into a buffer this client keeps until it closes, which the
+        sampler maps and copies from; over HTTP where the sampler cannot."""
         if (shared_dir is not None) + in_memory + shared > 1:
             raise ValueError("push_weights: one of shared_dir, in_memory and shared")
         transport: Transport = (
             "path" if shared_dir is not None else "memory" if in_memory else "shared" if shared else "http"
         )
-        return self._run(self._pool.push_weights_by(transport, tensors, version, metadata, shared_dir))
+        folder = None if shared_dir is None else Path(shared_dir)
+        return self._run(self._pool.push_weights_by(transport, tensors, version, metadata, folder))

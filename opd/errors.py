@@ -22,12 +22,14 @@ class ServiceError(OpdError, RuntimeError):
 
     service = "service"
 
-    def __init__(self, message: str, status: int | None = None) -> None:
+    def __init__(self, message: str, status: int | None = None, error_type: str | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.error_type = error_type
+        """The `type` of the server's error envelope (e.g. `non_finite_output`), when it sent one."""
 
     def __reduce__(self) -> tuple:
-        return (type(self), (self.args[0], self.status))
+        return (type(self), (self.args[0], self.status, self.error_type))
 
 
 class SamplerError(ServiceError):

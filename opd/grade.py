@@ -26,7 +26,8 @@ from tqdm import tqdm
 
 from grader.schema import ScoredSequence, Sequence
 from opd.client import GraderClient, SamplerClient
-from opd.errors import ServiceError
+from opd.errors import ConfigError, ServiceError
+from opd.tokenizer import check_same_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +90,13 @@ def grade(
     grader_url: str, source: Path, out: Path, *, sampler_url: str | None = None, html_out: Path | None = None,
     batch_size: int = 16,
 ) -> tuple[int, list[str]]:  # fmt: skip
-    """Write one scored line per good input line; returns (lines written, problems)."""
+    """Write one scored line per good input line; returns (lines written, problems). Outputs that
+    cannot be written and a student whose tokenizer is not the teacher's fail before any scoring."""
+    for path in (out, html_out):
+        if path is not None and path.is_dir():
+            raise ConfigError(f"{path} is a directory: name the file to write")
+    if sampler_url is not None:
+        check_same_tokenizers(grader_url, sampler_url)
     rows, problems = read_rows(source)
     results: list[dict] = []
     with GraderClient(grader_url) as grader, tqdm(total=len(rows), desc="opd grade", unit="row") as bar:
@@ -104,6 +111,15 @@ def grade(
     if html_out is not None:
         html_out.write_text(report_html(results, source))
     return len(results), problems
+
+
+def check_same_tokenizers(grader_url: str, sampler_url: str) -> None:
+    """The student scores the ids the teacher's tokenizer gave: the same ids must mean the same
+    tokens to both, as `opd run` checks at start."""
+    with GraderClient(grader_url) as grader, SamplerClient(sampler_url) as sampler:
+        teacher, student = grader.info(), sampler.info()
+    check_same_tokenizer(f"sampler ({student.model})", (student.vocab_size, student.tokenizer_hash),
+                         f"grader ({teacher.model})", (teacher.vocab_size, teacher.tokenizer_hash))  # fmt: skip
 
 
 def with_student(url: str, results: list[dict], batch_size: int, problems: list[str]) -> list[dict]:

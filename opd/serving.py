@@ -227,7 +227,8 @@ async def parse_json(request: Request, model: type[ModelT]) -> ModelT:
     tokens took 68 ms that way against 45, and one of 16 x 4k tokens with 16 candidate ids each
     390 ms against 110 (`python -m bench.http_overhead`). Bad bodies get what FastAPI gave them:
     422 naming the field, or naming `body` (not JSON, or not sent as JSON); 400 for a body that is
-    not UTF-8 or never arrived whole."""
+    not UTF-8 or never arrived whole. Validation is strict: `"top_k": "3"` or `true` is a 422, not a 3
+    or a 1, so a client's type error surfaces instead of being guessed at."""
     if not _is_json(request.headers.get("content-type", "")):
         # (as FastAPI refuses: a form or text/plain is what a web page may post cross-site unasked)
         raise RequestError("send the body as JSON, with content-type application/json", param="body", status=422)
@@ -236,7 +237,7 @@ async def parse_json(request: Request, model: type[ModelT]) -> ModelT:
     except ClientDisconnect:
         raise RequestError("the body ended before it was complete", param="body", status=400) from None
     try:
-        return model.model_validate_json(raw)
+        return model.model_validate_json(raw, strict=True)
     except ValidationError as exc:
         if exc.errors()[0]["type"] != "json_invalid":
             raise
@@ -246,7 +247,7 @@ async def parse_json(request: Request, model: type[ModelT]) -> ModelT:
             raise RequestError("the body is not UTF-8 text", param="body", status=400) from None
         except (ValueError, RecursionError):  # (arrays or objects nested past Python's recursion limit)
             raise exc from None
-        return model.model_validate(decoded)
+        return model.model_validate(decoded, strict=True)
 
 
 def _is_json(content_type: str) -> bool:

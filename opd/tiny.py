@@ -20,6 +20,7 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
+from opd.errors import ConfigError
 from opd.files import directory_written_aside
 
 # Bump when the recipe below changes so cached directories are rebuilt, not silently reused.
@@ -191,12 +192,14 @@ def ensure_tiny_model(name: str, root: Path | None = None) -> Path:
     a half-written directory that a later run would load.
     """
     if name not in TINY_SPECS:
-        raise ValueError(f"unknown tiny model {name!r}; choose one of {sorted(TINY_SPECS)}")
+        raise ConfigError(f"unknown tiny model {name!r}; choose one of {sorted(TINY_SPECS)}")
     root = Path(root) if root is not None else default_root()
     target = root / f"{name}-{RECIPE_VERSION}"
     if (target / "config.json").exists():
         return target
-    with directory_written_aside(target, keep_existing=True) as aside:
+    # (its own seed, the caller's random state untouched: a run that builds the model on first use
+    # must draw what a run that finds it cached draws, e.g. a LoRA adapter's initial weights)
+    with directory_written_aside(target, keep_existing=True) as aside, torch.random.fork_rng():
         tokenizer = build_tokenizer()
         build_model(name, tokenizer).save_pretrained(aside)
         tokenizer.save_pretrained(aside)

@@ -92,13 +92,17 @@ def build_async_llm(model: str, options: VllmOptions) -> Any:
     return AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kwargs(model, options, on_gpu)))
 
 
-def vllm_model_card(model_path: str, engine: Any, dtype: str, max_lora_rank: int | None = None) -> tuple[Any, Any]:
-    """(tokenizer, InfoResponse) of a model served by `engine`, with vLLM's own vocabulary rows and context."""
+def vllm_model_card(
+    model_path: str, engine: Any, dtype: str, max_lora_rank: int | None = None, *, scores: bool = False
+) -> tuple[Any, Any]:
+    """(tokenizer, InfoResponse) of a model served by `engine`, with vLLM's own vocabulary rows and
+    context. A grader (`scores`) advertises one token less: vLLM scores a sequence as a prompt and
+    generates a token after it, so it refuses a sequence as long as its context."""
     from opd.modeling import model_card
 
     config = engine.model_config
     return model_card(model_path, engine="vllm", dtype=dtype, model_vocab_size=config.get_vocab_size(),
-                      max_model_len=config.max_model_len, max_logprobs=config.max_logprobs,
+                      max_model_len=config.max_model_len - scores, max_logprobs=config.max_logprobs,
                       max_lora_rank=max_lora_rank)  # fmt: skip
 
 

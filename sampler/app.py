@@ -19,6 +19,7 @@ from grader.schema import LogprobsResponse
 from opd import torch_thread
 from opd.auth import check_bearer
 from opd.errors import NonFiniteOutputError, RequestError
+from opd.limits import MAX_REQUEST_SEQUENCES
 from opd.serving import (
     ERROR_RESPONSES,
     MAX_JSON_BYTES,
@@ -54,9 +55,9 @@ logger = logging.getLogger(__name__)
 class SamplerSettings:
     max_weights_bytes: int = 64 * 2**30
     """Largest accepted weight push body; 64 GiB fits a 14B model in fp32."""
-    max_prompts: int = 4096
+    max_prompts: int = MAX_REQUEST_SEQUENCES
     """Largest prompts x n per generate call."""
-    max_sequences: int = 4096
+    max_sequences: int = MAX_REQUEST_SEQUENCES
     """Largest number of sequences per /v1/logprobs call."""
     api_key: str | None = None
     """Bearer token required by POST /v1/weights; None: no check (loopback only)."""

@@ -11,6 +11,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from opd.limits import MAX_N, MAX_TEMPERATURE
 from opd.serving import MAX_LOGPROBS_CAP, ChatMessage, ErrorResponse, InfoResponse
 
 __all__ = [
@@ -44,16 +45,16 @@ class GenerateRequest(BaseModel):
 
     prompt_ids: Annotated[list[TokenIds], Field(min_length=1)] | None = None
     messages: Annotated[list[Annotated[list[ChatMessage], Field(min_length=1)]], Field(min_length=1)] | None = None
-    n: int = Field(default=1, ge=1, le=64)
+    n: int = Field(default=1, ge=1, le=MAX_N)
     """Completions per prompt."""
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0, allow_inf_nan=False)
+    temperature: float = Field(default=1.0, ge=0.0, le=MAX_TEMPERATURE, allow_inf_nan=False)
     """0 means greedy; so does anything below GREEDY_BELOW. At most 2, vLLM's own limit, so both
     engines take the same requests."""
     top_p: float = Field(default=1.0, gt=0.0, le=1.0, allow_inf_nan=False)
     max_tokens: int = Field(default=64, ge=1)
     seed: int | None = Field(default=None, ge=0)
-    """Sample j of prompt i is drawn with seed + i * n + j, so the same seed and request give the
-    same completions, whatever else the engine is doing. Random when omitted."""
+    """Sample j of prompt i is drawn with seed + i * n + j (mod 2^31 - 1), so the same seed and
+    request give the same completions, whatever else the engine is doing. Random when omitted."""
     top_logprobs: int = Field(default=0, ge=0, le=MAX_LOGPROBS_CAP)
     """Also return the k most likely ids at each generated position and their logprobs, under the
     distribution sampled from (the student's head for the learner's top-k loss). At most the

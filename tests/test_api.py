@@ -40,6 +40,15 @@ def test_kwargs_build_the_config_and_name_bad_keys(tmp_path):
                                     train_dataset=[{"prompt": "ok"}, {"text": "no prompt key"}])  # fmt: skip
 
 
+def test_a_fresh_start_drops_the_metrics_of_a_start_that_died_before_its_first_checkpoint(tmp_path):
+    """`--resume auto` with no checkpoint starts afresh and redoes those steps; their old lines
+    would otherwise stay in metrics.jsonl beside the new ones (steps 1 2 3 1 2 ...)."""
+    (tmp_path / "metrics.jsonl").write_text('{"step": 0, "eval/reward": 0.1}\n{"step": 1, "ppo/loss": 1.0}\n')
+    OnPolicyDistillationTrainer(student="tiny:student", teacher="tiny:teacher", train_dataset=[{"prompt": "hi"}],
+                                run_dir=str(tmp_path))  # fmt: skip
+    assert read_metrics(tmp_path / "metrics.jsonl") == []
+
+
 @pytest.mark.slow
 def test_rewards_only_where_items_have_answers(tmp_path):
     common = dict(student="tiny:student", teacher="tiny:teacher", train_dataset="examples/tiny/train.jsonl",

@@ -71,11 +71,25 @@ def test_run_on_the_embedded_default(tmp_path):
     ckpt = run_dir / "checkpoints" / "step_000004"
     AutoModelForCausalLM.from_pretrained(ckpt)
     AutoTokenizer.from_pretrained(ckpt)
+    merged = opd("export", str(ckpt), "--merge", str(tmp_path / "merged"), timeout=120)  # a full student's
+    assert merged.returncode == 1 and "holds no LoRA adapter" in merged.stderr and "Traceback" not in merged.stderr
     assert "opd: 100%" in result.stderr  # the progress bar ran to the end
     for log in ("sampler.log", "grader.log"):
         assert "Application shutdown complete" in (run_dir / "logs" / log).read_text()
     # weight_transport auto: the torch samplers the learner starts copy the weights out of its buffer
     assert _push_origins(run_dir) == ["the learner's memfd buffer"] * 5
+
+    # a run dir holds one run: a fresh run there is refused before it starts, the earlier run untouched
+    metrics = (run_dir / "metrics.jsonl").read_text()
+    again = opd_run("--run_dir", str(run_dir), "--train.steps", "2")
+    assert again.returncode != 0 and "Traceback" not in again.stderr
+    assert f"run_dir {run_dir} holds an earlier run (checkpoint step_000004)" in again.stderr
+    assert (run_dir / "metrics.jsonl").read_text() == metrics
+    # resumed at its last step, a finished run has nothing to train: no servers start
+    done = opd_run("--run_dir", str(run_dir), "--train.steps", "4", "--resume")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "nothing to train: the run is at step 4 and train.steps is 4" in done.stderr
+    assert "started sampler" not in done.stderr and (run_dir / "metrics.jsonl").read_text() == metrics
 
 
 def _push_origins(run_dir: Path) -> list[str]:
@@ -177,9 +191,11 @@ def test_weights_through_a_shared_directory(tmp_path):
     result = opd_run("--run_dir", str(tmp_path / "run"), "--train.steps", "3", "--eval.eval_steps", "0",
                      "--services.weight_transport", "path", "--services.shared_dir", str(shared))  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    # renamed into place when complete; only the version the sampler serves is kept
-    assert [p.name for p in shared.iterdir()] == ["weights-v000003.safetensors"]
-    assert "weights" in (tmp_path / "run" / "logs" / "sampler.log").read_text()
+    # each version renamed into place when complete, the older ones removed as the sampler loads
+    # the next, and the last one when the run ends: a shared_dir in /dev/shm is RAM
+    assert list(shared.iterdir()) == []
+    log = (tmp_path / "run" / "logs" / "sampler.log").read_text()
+    assert all(f"weights-v00000{v}.safetensors" in log for v in range(4)), log[-2000:]
 
 
 @pytest.mark.parametrize("template", ["distill-reasoning", "distill-reasoning-qwen3", "distill-chat", "tiny"])

@@ -13,7 +13,9 @@ from safetensors.torch import save
 
 from grader.schema import Sequence
 from learner.clients import GraderClient, RetryPolicy, SamplerClient, busy_seconds
-from opd.errors import GraderError, SamplerError
+from learner.services import check_context
+from opd.errors import ConfigError, GraderError, SamplerError
+from opd.serving import InfoResponse
 
 FAST = RetryPolicy(deadline_s=1.0, first_backoff_s=0.05, max_backoff_s=0.2)
 INFO = {"model": "m", "engine": "torch", "dtype": "float32", "vocab_size": 3, "tokenizer_hash": "h",
@@ -64,6 +66,21 @@ def test_4xx_is_never_retried_and_carries_the_server_message():
     assert len(calls) == 1
 
 
+def test_a_5xx_no_retry_can_fix_and_a_url_without_a_scheme_fail_at_once():
+    calls: list = []
+    error = {"error": {"message": "the model produced non-finite logprobs; its weights overflow",
+                       "type": "non_finite_output", "param": None, "code": 500}}  # fmt: skip
+    sampler = client(SamplerClient, lambda r, n: httpx.Response(500, json=error), calls)
+    with pytest.raises(SamplerError, match="non-finite logprobs") as info:
+        run(sampler.info())
+    assert (info.value.status, info.value.error_type, len(calls)) == (500, "non_finite_output", 1)
+    started = time.monotonic()
+    no_scheme = GraderClient("localhost:8002", retry=RetryPolicy(deadline_s=30))
+    with pytest.raises(GraderError, match="unreachable"):
+        run(no_scheme.info())
+    assert time.monotonic() - started < 5
+
+
 def test_persistent_5xx_fails_with_the_status_after_the_deadline():
     calls: list = []
     sampler = client(SamplerClient, lambda r, n: httpx.Response(500, json={"error": {"message": "boom"}}), calls)
@@ -98,3 +115,13 @@ def test_busy_seconds_is_the_length_of_the_spans_union_inside_the_window(spans, 
     reference is exact)."""
     covered = sum(1 for t in range(window[0], window[1]) if any(a <= t < b for a, b in spans))
     assert busy_seconds([(float(a), float(b)) for a, b in spans], (float(window[0]), float(window[1]))) == covered
+
+
+def test_a_run_whose_longest_prompt_and_samples_pass_a_servers_context_fails_at_start():
+    sampler = InfoResponse.model_validate(INFO | {"max_model_len": 1024})
+    grader = InfoResponse.model_validate(INFO | {"engine": "vllm", "max_model_len": 1023})
+    check_context((1000, 23), sampler, grader)  # 1023 tokens: both take it
+    with pytest.raises(ConfigError, match=r"1000 tokens\) plus up to 24 .* grader's \(m, vllm\) context of 1023"):
+        check_context((1000, 24), sampler, grader)
+    with pytest.raises(ConfigError, match="sampler's"):
+        check_context((1000, 25), sampler, grader)

@@ -3,8 +3,11 @@
 from pathlib import Path
 
 import pytest
+import torch
+from transformers import AutoTokenizer
 
-from learner.config import MEMORY_PUSH_MIN_BYTES, OpdConfig, apply_overrides, load_config
+from learner.config import MEMORY_PUSH_MIN_BYTES, DataConfig, OpdConfig, apply_overrides, load_config
+from learner.data import load_prompts
 from learner.trainer import OnPolicyDistillationTrainer
 from opd.errors import ConfigError
 
@@ -40,6 +43,10 @@ def test_overrides_in_both_spellings_are_typed(tmp_path):
         (MINIMAL + "train: {lrr: 1}\n", [], "train.lrr"),
         (MINIMAL, ["--train.clip_eps", "1.5"], "train.clip_eps"),
         (MINIMAL, ["--sampling.n", "0"], "sampling.n"),
+        (MINIMAL, ["--sampling.n", "65"], "sampling.n"),  # the sampler's limits, known before it starts
+        (MINIMAL, ["--eval.n", "65"], "eval.n"),
+        (MINIMAL, ["--sampling.temperature", "2.5"], "sampling.temperature"),
+        (MINIMAL + "student: {path: tiny:teacher}\n", [], "duplicate key 'student'"),
         ("student: {path: x}\n", [], "teacher"),
         (MINIMAL + "services: {sampler_url: 'http://x'}\n", [], "grader_url"),
         (MINIMAL, ["--train.lr"], "--train.lr needs a value"),
@@ -108,8 +115,45 @@ def test_weight_transport_auto_settles_by_where_the_samplers_are_and_their_engin
     assert load_config(write(tmp_path, MINIMAL), overrides).services.push_transport(nbytes, engine) == transport
 
 
+@pytest.mark.parametrize(("device", "needle"), [("nonsense", "is not a torch device"), ("cuda", "sees no CUDA")])
+def test_a_device_this_torch_cannot_use_is_refused_at_start(tmp_path, device, needle):
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    with pytest.raises(ConfigError, match=needle):
+        OnPolicyDistillationTrainer(student="tiny:student", teacher="tiny:teacher", train_dataset=[{"prompt": "x"}],
+                                    run_dir=str(tmp_path), train={"device": device})  # fmt: skip
+
+
 def test_resume_under_fsdp_is_refused_before_anything_starts(tmp_path):
     # A checkpoint of an FSDP run holds the optimizer moments of the main process's shards only.
     with pytest.raises(ConfigError, match=r"resuming under train\.fsdp"):
         OnPolicyDistillationTrainer(student="tiny:student", teacher="tiny:teacher", run_dir=str(tmp_path),
                                     train={"use_accelerate": True, "fsdp": True}, resume_from=tmp_path)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("line", "needle"),
+    [
+        ('{"messages": "hi"}', "'messages' must be a non-empty list"),
+        ('{"messages": [{"role": "wizard", "content": "hi"}]}', "messages[0]: role: Input should be"),
+        ('{"messages": [{"role": "user"}]}', "messages[0]: content: Field required"),
+        ('{"prompt": 5}', "'prompt' must be text"),
+        ('{"prompt": "\\ud800"}', "'prompt' must be text (valid Unicode)"),
+        ('{"prompt": "hi", "answer": [1]}', "'answer' must be a string or number"),
+    ],
+)
+def test_a_bad_data_line_is_refused_naming_its_line(tmp_path, student_dir, line, needle):
+    path = tmp_path / "train.jsonl"
+    path.write_text('{"prompt": "fine"}\n' + line + "\n")
+    with pytest.raises(ConfigError) as info:
+        load_prompts(str(path), AutoTokenizer.from_pretrained(student_dir), DataConfig())
+    assert f"{path}:2: " in str(info.value) and needle in str(info.value)
+
+
+def test_keys_opd_does_not_read_are_named_once(tmp_path, student_dir, caplog):
+    path = tmp_path / "train.jsonl"
+    path.write_text('{"prompt": "a", "answr": "2", "id": 1}\n{"prompt": "b", "answr": "3"}\n')
+    items = load_prompts(str(path), AutoTokenizer.from_pretrained(student_dir), DataConfig())
+    assert [item.answer for item in items] == [None, None]
+    (warning,) = [r.getMessage() for r in caplog.records if "keys opd does not read" in r.getMessage()]
+    assert f"'answr' (first at {path}:1), 'id' (first at {path}:1)" in warning

@@ -191,7 +191,7 @@ def test_qwen3_override_from_opd_init_renders_and_matches_its_config(tmp_path):
     longest = config.data.max_prompt_tokens + max(config.sampling.max_tokens, config.eval.max_tokens)
     for name in [*samplers, "grader"]:
         assert args[name].model == (config.teacher.path if name == "grader" else config.student.path)
-        assert args[name].max_model_len >= longest
+        assert args[name].max_model_len - (name == "grader") >= longest  # a vLLM grader scores one token less
     for name in samplers:
         assert args[name].max_lora_rank >= config.student.lora.r
     # the config file is the one the learner's command reads, from the folder opd init wrote

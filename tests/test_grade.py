@@ -16,9 +16,12 @@ from pydantic import ValidationError
 from transformers import AutoTokenizer
 
 from opd.client import GraderClient, SamplerClient
-from opd.errors import GraderError
+from opd.errors import ConfigError, GraderError, TokenizerMismatchError
+from opd.grade import grade
+from opd.launch import local_server
 from opd.tokenizer import chat_prompt_ids
 from tests import reference
+from tests.test_cli import _teacher_with_other_tokenizer
 
 CHAT = [{"role": "user", "content": "what is 2 + 3?"}]
 
@@ -154,6 +157,22 @@ def test_opd_grade_scores_good_rows_reports_bad_ones_and_renders_html(servers, t
     pixels = Image.open(shot).convert("RGB").getcolors(maxcolors=1 << 20) or []
     colourful = [count for count, (r, g, b) in pixels if max(r, g, b) - min(r, g, b) > 60]
     assert sum(colourful) > 200, "the tokens should be drawn on coloured backgrounds"
+
+
+@pytest.mark.slow
+def test_opd_grade_refuses_a_student_of_another_tokenizer_and_a_directory_to_write_before_scoring(
+    servers, teacher_dir, tmp_path
+):
+    sampler_url, grader_url = servers
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps(PAIRS[0]) + "\n")
+    with pytest.raises(ConfigError, match="is a directory"):
+        grade(grader_url, pairs, tmp_path, sampler_url=sampler_url)
+    other = _teacher_with_other_tokenizer(teacher_dir, tmp_path)
+    other_grader = local_server("grader", ["--model", str(other), "--engine", "torch"], tmp_path / "logs")
+    with other_grader as other_url, pytest.raises(TokenizerMismatchError, match="use different tokenizers"):
+        grade(other_url, pairs, tmp_path / "scored.jsonl", sampler_url=sampler_url)
+    assert not (tmp_path / "scored.jsonl").exists()
 
 
 def readme_block(language: str, starts_with: str) -> str:

@@ -77,6 +77,22 @@ def test_a_lone_surrogate_is_a_422_naming_the_field(sampler_url):
     assert error["param"] == "messages.0.0.content" and "surrogate" in error["message"]
 
 
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"prompt_ids": [[1, 2]], "n": "2"}, "n"),
+        ({"prompt_ids": [[1, 2]], "max_tokens": True}, "max_tokens"),
+        ({"prompt_ids": [["1", 2]]}, "prompt_ids.0.0"),
+        ({"prompt_ids": [[True, 2]]}, "prompt_ids.0.0"),
+    ],
+)
+def test_a_value_of_the_wrong_json_type_is_a_422_not_a_guess(sampler_url, body, param):
+    """`"n": "2"` or `true` for a number is the client's bug: pydantic's lax mode would have read 2 and 1."""
+    response = httpx.post(f"{sampler_url}/v1/generate", json=body, timeout=30)
+    assert response.status_code == 422, response.text
+    assert envelope(response)["param"] == param
+
+
 def safetensors_with_dtype(dtype: str) -> bytes:
     header = json.dumps({"model.norm.weight": {"dtype": dtype, "shape": [2], "data_offsets": [0, 2]}}).encode()
     return struct.pack("<Q", len(header)) + header + b"\x00\x01"

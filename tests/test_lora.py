@@ -165,6 +165,9 @@ def test_a_resumed_lora_run_ends_with_the_uninterrupted_runs_adapter(tmp_path):
     assert straight.keys() == resumed.keys()
     for name, tensor in straight.items():
         assert torch.equal(tensor, resumed[name]), name
+    full = load_config("examples/tiny/config.yml", ["--run_dir", str(tmp_path / "full")])  # no student.lora
+    with pytest.raises(ConfigError, match="holds a LoRA adapter, but this run's student is full"):
+        OnPolicyDistillationTrainer(full, resume_from=tmp_path / "resumed" / "checkpoints" / "step_000004")
 
 
 def test_tensors_to_push_for_a_full_student_are_its_parameters(student_dir):

@@ -7,6 +7,7 @@ import sys
 import numpy as np
 from matplotlib.image import imread
 
+from learner.metrics import read_metrics, truncate_metrics
 from learner.plot import series
 
 BLUE, ORANGE = (0x1F, 0x77, 0xB4), (0xFF, 0x7F, 0x0E)  # matplotlib's C0 and C1: run 1 and run 2
@@ -63,3 +64,18 @@ def test_nothing_to_plot_is_a_clear_error(tmp_path):
     empty = opd_plot(str(tmp_path / "empty"))
     assert empty.returncode == 1
     assert "no reverse-KL metrics" in empty.stderr
+    garbage = tmp_path / "garbage.jsonl"
+    garbage.write_text("not json\n" + json.dumps({"step": 1, "kl/reverse_per_token": 1.0}) + "\n")
+    bad = opd_plot(str(garbage), "--out", str(tmp_path / "g.png"))
+    assert bad.returncode == 1 and "is not a metrics.jsonl" in bad.stderr and "Traceback" not in bad.stderr
+    wrong = opd_plot(str(tmp_path / "nope"), "--out", str(tmp_path / "plot.txt"))
+    assert wrong.returncode == 2 and "name a .png file" in wrong.stderr
+
+
+def test_a_line_cut_off_by_a_killed_run_is_left_out_when_read_and_on_resume(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(json.dumps({"step": 1, "ppo/loss": 0.5}) + "\n" + json.dumps({"step": 2, "ppo/loss": 0.4}) + "\n"
+                    + '{"step": 3, "ppo/lo')  # fmt: skip
+    assert [row["step"] for row in read_metrics(path)] == [1, 2]
+    truncate_metrics(path, 1)
+    assert read_metrics(path) == [{"step": 1, "ppo/loss": 0.5}] and path.read_text().endswith("\n")

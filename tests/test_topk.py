@@ -197,12 +197,53 @@ def test_a_step_too_large_for_one_grade_request_goes_as_several_with_the_same_sc
         torch.testing.assert_close(getattr(cut, name), getattr(whole, name), rtol=0, atol=1e-5, msg=name)
 
 
+def test_more_samples_than_a_request_may_carry_go_as_several_requests_with_the_same_draws(servers, monkeypatch):
+    """Past MAX_REQUEST_SEQUENCES samples (the servers' default cap), `sample` and `grade` send
+    several requests; each prompt keeps its seeds, so the samples and scores are those of one."""
+    sampler_url, grader_url = servers
+    prompts = [[1, 365, 201, 89], [1, 67, 360], [5, 500, 6, 7, 8]]
+    request = GenerateRequest(prompt_ids=prompts, n=2, temperature=1.0, max_tokens=6, seed=11)
+    sent: dict[str, list[int]] = {"generate": [], "grade": []}
+
+    async def sampled_and_graded(cap: int):
+        monkeypatch.setattr(learner.rollout, "MAX_REQUEST_SEQUENCES", cap)
+        retry = RetryPolicy(deadline_s=30)
+        sampler, grader = SamplerPool([sampler_url], 60, retry), GraderPool([grader_url], 60, retry)
+        generate, score = sampler.generate, grader.logprobs_tensors
+
+        async def counted_generate(body):
+            sent["generate"].append(len(body.prompt_ids) * body.n)
+            return await generate(body)
+
+        async def counted_score(sequences, top_k=0):
+            sent["grade"].append(len(sequences))
+            return await score(sequences, top_k)
+
+        sampler.generate, grader.logprobs_tensors = counted_generate, counted_score  # type: ignore[method-assign]
+        try:
+            rollouts = await sample(sampler, prompts, request, eos_id=2, min_version=0)
+            return rollouts, await grade(grader, rollouts, top_k=4)
+        finally:
+            await sampler.aclose()
+            await grader.aclose()
+
+    whole, whole_scores = asyncio.run(sampled_and_graded(learner.rollout.MAX_REQUEST_SEQUENCES))
+    assert sent == {"generate": [6], "grade": [6]}
+    sent = {"generate": [], "grade": []}
+    cut, cut_scores = asyncio.run(sampled_and_graded(4))  # two prompts x 2 samples a request
+    assert sent == {"generate": [4, 2], "grade": [4, 2]}
+    assert cut.prompt_ids == whole.prompt_ids and cut.completion_ids == whole.completion_ids
+    torch.testing.assert_close(cut_scores.top_logprobs_NK, whole_scores.top_logprobs_NK, rtol=0, atol=1e-5)
+    assert cut_scores.top_ids_NK.tolist() == whole_scores.top_ids_NK.tolist()
+
+
 def test_request_chunks_keep_the_order_and_bound_each_chunks_json():
     sequences = [Sequence(prompt_ids=[151_000] * 10, completion_ids=[9] * n, candidate_ids=[[151_000] * 16] * n)
                  for n in (1, 50, 3, 200, 7)]  # fmt: skip
-    chunks = learner.rollout.request_chunks(sequences, 4000)
+    chunks = learner.rollout.request_chunks(sequences, 4000, 3)
     assert [s for chunk in chunks for s in chunk] == sequences
     for chunk in chunks:
         body = LogprobsRequest(sequences=chunk, top_k=4, format="safetensors").model_dump_json(exclude_none=True)
         assert len(chunk) == 1 or len(body) <= 4000
+        assert len(chunk) <= 3
     assert len(chunks) > 1

@@ -219,6 +219,23 @@ class TestOneVllmGrader:
         assert too_many.status_code == 422
         assert too_many.json()["error"]["param"] == "top_k"
 
+    def test_vllm_grader_scores_a_sequence_as_long_as_it_advertises(self, vllm_teacher):
+        """vLLM generates a token after a scored sequence, so it refuses one as long as its context:
+        the grader advertises one less, scores a sequence that long, and refuses a longer one itself."""
+        url = vllm_teacher
+        context = httpx.get(f"{url}/v1/info", timeout=30).json()["max_model_len"]
+        assert context == 1023  # the tiny teacher's 1024 positions, less the generated one
+
+        def score(length: int) -> httpx.Response:
+            sequence = {"prompt_ids": [5 + i % 400 for i in range(length - 4)], "completion_ids": [7, 8, 9, 10]}
+            return httpx.post(f"{url}/v1/logprobs", json={"sequences": [sequence]}, timeout=120)
+
+        fits, over = score(context), score(context + 1)
+        assert fits.status_code == 200, fits.text
+        assert len(fits.json()["results"][0]["logprobs"]) == 4
+        assert over.status_code == 400 and over.json()["error"]["param"] == "sequences.0"
+        assert f"more than the model's context of {context}" in over.json()["error"]["message"]
+
     @pytest.mark.slow
     def test_distillation_with_both_vllm_servers_lowers_reverse_kl(self, tmp_path, student_dir, vllm_teacher):
         config = load_config("examples/tiny/config.yml", [

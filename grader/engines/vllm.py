@@ -198,7 +198,7 @@ class VllmGraderEngine:
         self.model_path = model_path
         self.options = options
         self.engine = build_async_llm(resolve_model_path(model_path), grader_engine_options(options, max_batch_tokens))
-        self.tokenizer, self.card = vllm_model_card(model_path, self.engine, options.dtype)
+        self.tokenizer, self.card = vllm_model_card(model_path, self.engine, options.dtype, scores=True)
         self.scorer = PromptScorer(self.engine)
 
     def info(self) -> InfoResponse:
