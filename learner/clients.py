@@ -63,6 +63,12 @@ def _is_retryable(exc: Exception) -> bool:
             and exc.error_type not in UNRETRYABLE_ERROR_TYPES)  # fmt: skip
 
 
+def _reason(exc: Exception) -> str:
+    """What went wrong, for a log line: some transport errors carry no message (a connection the
+    server closed mid-request), and their class is all there is to say."""
+    return str(exc) or type(exc).__name__
+
+
 def _server_error(response: httpx.Response) -> tuple[str, str | None]:
     """(message, type) of the server's error envelope; the body's start when it is not one."""
     try:
@@ -125,7 +131,8 @@ class _Client:
             except (httpx.TransportError, ServiceError) as exc:
                 if not _is_retryable(exc) or time.monotonic() + backoff > deadline:
                     raise self._give_up(path, exc) from exc
-                logger.warning("%s %s failed (%s); retrying in %.1f s", self.error_cls.service, path, exc, backoff)
+                logger.warning("%s %s failed (%s); retrying in %.1f s", self.error_cls.service, path, _reason(exc),
+                               backoff)  # fmt: skip
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, self.retry.max_backoff_s)
 
@@ -299,7 +306,7 @@ class ReplicaPool(Generic[ClientT]):
                     if not _is_retryable(exc):
                         raise
                     error = exc
-                    logger.warning("replica %s failed (%s); trying another", self.clients[index].base_url, exc)
+                    logger.warning("replica %s failed (%s); trying another", self.clients[index].base_url, _reason(exc))
                 finally:
                     self.outstanding[index] -= work
             if error is not None and (len(self.clients) == 1 or time.monotonic() > deadline):

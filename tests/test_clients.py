@@ -55,6 +55,18 @@ def test_dropped_connections_are_retried_then_fail_naming_the_service():
     assert time.monotonic() - start < FAST.deadline_s + 0.5  # the deadline holds
 
 
+def test_a_retry_after_an_error_without_a_message_logs_its_kind(caplog):
+    calls: list = []
+
+    def dropped_once(request: httpx.Request, n: int) -> httpx.Response:
+        if n == 1:
+            raise httpx.RemoteProtocolError("", request=request)  # as httpx raises for a dropped connection
+        return httpx.Response(200, json=INFO)
+
+    assert run(client(SamplerClient, dropped_once, calls).info()).model == "m"
+    assert "sampler /v1/info failed (RemoteProtocolError); retrying" in caplog.text
+
+
 def test_4xx_is_never_retried_and_carries_the_server_message():
     calls: list = []
     error = {"error": {"message": "token id 9 is out of the vocabulary", "type": "invalid_request",
