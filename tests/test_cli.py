@@ -10,7 +10,11 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from learner.config import load_config
+from learner.lora import merge_checkpoint
 from learner.metrics import read_metrics
+from learner.trainer import OnPolicyDistillationTrainer
+from opd.errors import ConfigError
 
 STEP_METRICS = {
     "kl/reverse_per_token",
@@ -43,7 +47,7 @@ def opd_run(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_run_on_the_embedded_default(tmp_path):
+def test_run_on_the_embedded_default(tmp_path, caplog):
     run_dir = tmp_path / "run"
     result = opd_run(
         "--run_dir",
@@ -71,8 +75,8 @@ def test_run_on_the_embedded_default(tmp_path):
     ckpt = run_dir / "checkpoints" / "step_000004"
     AutoModelForCausalLM.from_pretrained(ckpt)
     AutoTokenizer.from_pretrained(ckpt)
-    merged = opd("export", str(ckpt), "--merge", str(tmp_path / "merged"), timeout=120)  # a full student's
-    assert merged.returncode == 1 and "holds no LoRA adapter" in merged.stderr and "Traceback" not in merged.stderr
+    with pytest.raises(ConfigError, match="holds no LoRA adapter"):  # `opd export --merge` of a full student's
+        merge_checkpoint(ckpt, tmp_path / "merged")
     assert "opd: 100%" in result.stderr  # the progress bar ran to the end
     for log in ("sampler.log", "grader.log"):
         assert "Application shutdown complete" in (run_dir / "logs" / log).read_text()
@@ -80,16 +84,19 @@ def test_run_on_the_embedded_default(tmp_path):
     assert _push_origins(run_dir) == ["the learner's memfd buffer"] * 5
 
     # a run dir holds one run: a fresh run there is refused before it starts, the earlier run untouched
+    # (in this process: `opd run` builds the same trainer, and prints an OpdError as one line)
     metrics = (run_dir / "metrics.jsonl").read_text()
-    again = opd_run("--run_dir", str(run_dir), "--train.steps", "2")
-    assert again.returncode != 0 and "Traceback" not in again.stderr
-    assert f"run_dir {run_dir} holds an earlier run (checkpoint step_000004)" in again.stderr
+    config = load_config("examples/tiny/config.yml", ["--run_dir", str(run_dir), "--train.steps", "4"])
+    refused = re.escape(f"run_dir {run_dir} holds an earlier run (checkpoint step_000004)")
+    with pytest.raises(ConfigError, match=refused):
+        OnPolicyDistillationTrainer(config)
     assert (run_dir / "metrics.jsonl").read_text() == metrics
     # resumed at its last step, a finished run has nothing to train: no servers start
-    done = opd_run("--run_dir", str(run_dir), "--train.steps", "4", "--resume")
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "nothing to train: the run is at step 4 and train.steps is 4" in done.stderr
-    assert "started sampler" not in done.stderr and (run_dir / "metrics.jsonl").read_text() == metrics
+    written = (run_dir / "config.yml").read_text()  # (what a run writes as it starts its servers)
+    with caplog.at_level("WARNING"):
+        assert OnPolicyDistillationTrainer(config, resume_from=ckpt).train() == []
+    assert "nothing to train: the run is at step 4 and train.steps is 4" in caplog.text
+    assert (run_dir / "config.yml").read_text() == written and (run_dir / "metrics.jsonl").read_text() == metrics
 
 
 def _push_origins(run_dir: Path) -> list[str]:

@@ -5,10 +5,12 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from matplotlib.image import imread
 
 from learner.metrics import read_metrics, truncate_metrics
 from learner.plot import series
+from opd.cli import main
 
 BLUE, ORANGE = (0x1F, 0x77, 0xB4), (0xFF, 0x7F, 0x0E)  # matplotlib's C0 and C1: run 1 and run 2
 
@@ -55,7 +57,7 @@ def test_two_runs_on_the_same_axes(tmp_path):
     assert has_colour(image, BLUE) and has_colour(image, ORANGE)
 
 
-def test_nothing_to_plot_is_a_clear_error(tmp_path):
+def test_nothing_to_plot_is_a_clear_error(tmp_path, capsys):
     missing = opd_plot(str(tmp_path / "nope"))
     assert missing.returncode == 1
     assert "no metrics at" in missing.stderr and "Traceback" not in missing.stderr
@@ -64,12 +66,14 @@ def test_nothing_to_plot_is_a_clear_error(tmp_path):
     empty = opd_plot(str(tmp_path / "empty"))
     assert empty.returncode == 1
     assert "no reverse-KL metrics" in empty.stderr
-    garbage = tmp_path / "garbage.jsonl"
+    garbage = tmp_path / "garbage.jsonl"  # (in this process: main() is what `opd plot` runs)
     garbage.write_text("not json\n" + json.dumps({"step": 1, "kl/reverse_per_token": 1.0}) + "\n")
-    bad = opd_plot(str(garbage), "--out", str(tmp_path / "g.png"))
-    assert bad.returncode == 1 and "is not a metrics.jsonl" in bad.stderr and "Traceback" not in bad.stderr
-    wrong = opd_plot(str(tmp_path / "nope"), "--out", str(tmp_path / "plot.txt"))
-    assert wrong.returncode == 2 and "name a .png file" in wrong.stderr
+    with pytest.raises(SystemExit) as bad:
+        main(["plot", str(garbage), "--out", str(tmp_path / "g.png")])
+    assert bad.value.code == 1 and "is not a metrics.jsonl" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as wrong:
+        main(["plot", str(tmp_path / "nope"), "--out", str(tmp_path / "plot.txt")])
+    assert wrong.value.code == 2 and "name a .png file" in capsys.readouterr().err
 
 
 def test_a_line_cut_off_by_a_killed_run_is_left_out_when_read_and_on_resume(tmp_path):
