@@ -19,26 +19,28 @@ def test_reverse_kl_on_held_out_prompts_falls_by_30_percent(tmp_path, student_di
             "--run_dir",
             str(tmp_path / "run"),
             "--train.steps",
-            "15",  # the demo's curve is at its ~1-nat floor by then (from ~11): CI time
+            "30",
             "--eval.eval_steps",
-            "15",
+            "30",
             "--eval.max_items",
             "32",
             "--logging.progress",
             "false",
+            "--services.engine",
+            "torch",  # (the vLLM engines learn end to end in tests/test_vllm.py)
         ],
     )
     trainer = OnPolicyDistillationTrainer(config)
     history = trainer.train()
 
-    assert len(history) == 15
+    assert len(history) == 30
     evals = [m for m in read_metrics(tmp_path / "run" / "metrics.jsonl") if "eval/reverse_kl_per_token" in m]
-    assert [m["step"] for m in evals] == [0, 15]
+    assert [m["step"] for m in evals] == [0, 30]
     before, after = evals[0]["eval/reverse_kl_per_token"], evals[-1]["eval/reverse_kl_per_token"]
     assert after <= 0.7 * before, (before, after)
     # the student really moved, and what was saved is what was trained
     initial = reference.load(student_dir)
-    saved = reference.load(tmp_path / "run" / "checkpoints" / "step_000015")
+    saved = reference.load(tmp_path / "run" / "checkpoints" / "step_000030")
     for (name, p1), p2 in zip(saved.named_parameters(), trainer.policy.lm.parameters(), strict=True):
         assert torch.equal(p1, p2), name
     assert any(not torch.equal(p0, p1) for p0, p1 in zip(initial.parameters(), saved.parameters(), strict=True))
