@@ -128,6 +128,16 @@ def test_head_tensors_place_each_rows_values_from_the_flat_reply():
     assert head.mask_BTK.tolist() == [[[1, 1], [1, 1], [0, 0]], [[1, 1], [0, 0], [0, 0]], [[1, 1]] * 3]
 
 
+async def sampled_and_graded(sampler: SamplerPool, grader: GraderPool, prompts, request):
+    """The servers' samples of `prompts` and the teacher's top-4 of them; the pools closed after."""
+    try:
+        rollouts = await sample(sampler, prompts, request, eos_id=2, min_version=0)
+        return rollouts, await grade(grader, rollouts, top_k=4)
+    finally:
+        await sampler.aclose()
+        await grader.aclose()
+
+
 def test_a_both_head_is_the_teachers_top_k_then_the_students_top_ids_scored_by_the_teacher(servers):
     # Real servers on loopback: the sampler reports its top 4 with each sample, the grader scores
     # them as candidate_ids, and each micro-batch's head holds the teacher's top 4, then those.
@@ -136,16 +146,8 @@ def test_a_both_head_is_the_teachers_top_k_then_the_students_top_ids_scored_by_t
     prompts = [[1, 365, 201, 89], [1, 67, 360], [5, 500, 6, 7, 8]]
     request = GenerateRequest(prompt_ids=prompts, n=2, temperature=1.0, max_tokens=6, seed=3, top_logprobs=4)
 
-    async def rollouts_and_scores():
-        sampler, grader = SamplerPool([sampler_url], 60, retry), GraderPool([grader_url], 60, retry)
-        try:
-            rollouts = await sample(sampler, prompts, request, eos_id=2, min_version=0)
-            return rollouts, await grade(grader, rollouts, top_k=4)
-        finally:
-            await sampler.aclose()
-            await grader.aclose()
-
-    rollouts, scores = asyncio.run(rollouts_and_scores())
+    pools = SamplerPool([sampler_url], 60, retry), GraderPool([grader_url], 60, retry)
+    rollouts, scores = asyncio.run(sampled_and_graded(*pools, prompts, request))
     assert rollouts.student_top_ids is not None and scores.candidate_logprobs_NC is not None
     batches = micro_batches(rollouts, scores, pad_id=0, max_tokens=16, device="cpu")  # several micro-batches
     assert len(batches) > 1
@@ -205,7 +207,7 @@ def test_more_samples_than_a_request_may_carry_go_as_several_requests_with_the_s
     request = GenerateRequest(prompt_ids=prompts, n=2, temperature=1.0, max_tokens=6, seed=11)
     sent: dict[str, list[int]] = {"generate": [], "grade": []}
 
-    async def sampled_and_graded(cap: int):
+    async def split_at(cap: int):
         monkeypatch.setattr(learner.rollout, "MAX_REQUEST_SEQUENCES", cap)
         retry = RetryPolicy(deadline_s=30)
         sampler, grader = SamplerPool([sampler_url], 60, retry), GraderPool([grader_url], 60, retry)
@@ -220,17 +222,12 @@ def test_more_samples_than_a_request_may_carry_go_as_several_requests_with_the_s
             return await score(sequences, top_k)
 
         sampler.generate, grader.logprobs_tensors = counted_generate, counted_score  # type: ignore[method-assign]
-        try:
-            rollouts = await sample(sampler, prompts, request, eos_id=2, min_version=0)
-            return rollouts, await grade(grader, rollouts, top_k=4)
-        finally:
-            await sampler.aclose()
-            await grader.aclose()
+        return await sampled_and_graded(sampler, grader, prompts, request)
 
-    whole, whole_scores = asyncio.run(sampled_and_graded(learner.rollout.MAX_REQUEST_SEQUENCES))
+    whole, whole_scores = asyncio.run(split_at(learner.rollout.MAX_REQUEST_SEQUENCES))
     assert sent == {"generate": [6], "grade": [6]}
     sent = {"generate": [], "grade": []}
-    cut, cut_scores = asyncio.run(sampled_and_graded(4))  # two prompts x 2 samples a request
+    cut, cut_scores = asyncio.run(split_at(4))  # two prompts x 2 samples a request
     assert sent == {"generate": [4, 2], "grade": [4, 2]}
     assert cut.prompt_ids == whole.prompt_ids and cut.completion_ids == whole.completion_ids
     torch.testing.assert_close(cut_scores.top_logprobs_NK, whole_scores.top_logprobs_NK, rtol=0, atol=1e-5)
