@@ -109,7 +109,7 @@ def load_checkpoint(model: PreTrainedModel, path: Path) -> TrainerState:
         wanted = "LoRA (student.lora is set)" if lora else "full (student.lora is not set)"
         raise ConfigError(f"{path} holds {held}, but this run's student is {wanted}: resume with the student "
                           "config the checkpoint was trained with")  # fmt: skip
-    if is_lora(model):
+    if lora:
         from learner.lora import load_adapter
 
         load_adapter(model, path)

@@ -11,13 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 from transformers import PreTrainedTokenizerBase
 
 from learner.config import DataConfig
 from learner.rewards import Reward, exact
 from opd.errors import ConfigError
-from opd.serving import ChatMessage
+from opd.serving import ChatMessage, Text
 from opd.tokenizer import chat_prompt_ids, text_ids
 
 logger = logging.getLogger(__name__)
@@ -51,6 +51,9 @@ def encode_prompt(
     return chat_prompt_ids(tokenizer, messages, **(template_kwargs or {}))
 
 
+_TEXT = TypeAdapter(Text)
+"""A prompt is text as the servers take it: a str, no lone surrogate ("\ud800" in JSON)."""
+
 ROW_KEYS = ("prompt", "messages", "answer")
 """What a row may say; other keys (an id, a source) are left alone, and named once in a warning."""
 
@@ -58,8 +61,11 @@ ROW_KEYS = ("prompt", "messages", "answer")
 def _check_row(row: object, where: str) -> dict:
     if not isinstance(row, dict) or ("prompt" in row) == ("messages" in row):
         raise ConfigError(f"{where}: each line needs exactly one of 'prompt' or 'messages'")
-    if "prompt" in row and not (isinstance(row["prompt"], str) and _is_unicode(row["prompt"])):
-        raise ConfigError(f"{where}: 'prompt' must be text (valid Unicode)")
+    if "prompt" in row:
+        try:
+            _TEXT.validate_python(row["prompt"], strict=True)
+        except ValidationError as exc:
+            raise ConfigError(f"{where}: 'prompt' must be text (valid Unicode): {exc.errors()[0]['msg']}") from None
     if "messages" in row:
         _check_messages(row["messages"], where)
     if "answer" in row and not isinstance(row["answer"], str | int | float):
@@ -77,14 +83,6 @@ def _check_messages(messages: object, where: str) -> None:
         except ValidationError as exc:
             problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'message'}: {e['msg']}" for e in exc.errors())
             raise ConfigError(f"{where}: messages[{i}]: {problems}") from None
-
-
-def _is_unicode(text: str) -> bool:
-    try:
-        text.encode()
-    except UnicodeEncodeError:  # a lone surrogate ("\ud800" in JSON)
-        return False
-    return True
 
 
 def warn_of_unread_keys(rows: list[tuple[str, object]], source: str) -> None:

@@ -36,10 +36,10 @@ class Processes:
             self.accelerator = Accelerator(cpu=device == "cpu", fsdp_plugin=plugin)
             if fsdp and self.accelerator.distributed_type.name != "FSDP":
                 # accelerate drops the FSDP plugin off GPUs instead of failing; say so.
-                kind = self.accelerator.distributed_type.name  # NO: one process, not distributed
+                runs = self.accelerator.distributed_type.name  # NO: one process, not distributed
                 raise ConfigError(
                     "train.fsdp needs CUDA devices; accelerate found none and runs "
-                    f"{'one plain process' if kind == 'NO' else kind}"
+                    f"{'one plain process' if runs == 'NO' else runs}"
                 )
         self._device = device
 

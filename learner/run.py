@@ -16,8 +16,8 @@ def run(config: OpdConfig, resume: str | None = None) -> None:
     trainer = OnPolicyDistillationTrainer(config, resume_from=resume_from)
     history = trainer.train()
     if not trainer.processes.is_main or not history:
-        return  # every process holds the same averaged metrics; one summary line
-    last = history[-1] if history else {}
+        return  # one summary line, of the main process's averaged metrics; train() said why nothing ran
+    last = history[-1]
     logger.info(
         "done: %d steps, final reverse KL per token %.4f, run dir %s",
         len(history),
