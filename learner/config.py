@@ -116,7 +116,8 @@ class TrainConfig(Section):
     max_staleness: int = Field(default=0, ge=0)
     """0: the strictly on-policy loop (sample, grade, learn, push, in series). k >= 1: the next
     batches are generated and graded while the learner learns, from weights at most k versions
-    old; older samples are dropped and generated again (`pipeline/dropped_stale`)."""
+    old; older samples are dropped and generated again (`pipeline/dropped_stale`). With the learner
+    and its local servers on one CPU, k >= 1 splits the cores between them (README)."""
     is_cap: float = Field(default=2.0, gt=0.0)
     """With max_staleness >= 1, each token is weighted by min(p_proximal / p_behaviour, is_cap)."""
     kl_coef: float = Field(default=1.0, gt=0.0)

@@ -9,6 +9,9 @@ when the run ends, also on error or Ctrl-C. Their logs go to `<run_dir>/logs/`.
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
+
+import torch
 
 from learner.config import LoraSpec, ModelSpec, OpdConfig, TrainConfig
 from opd.errors import ConfigError
@@ -35,10 +38,42 @@ def server_args(spec: ModelSpec, config: OpdConfig) -> list[str]:
     return args
 
 
+class CpuShares(NamedTuple):
+    """torch threads of the learner and of each local server when they share the CPU's cores."""
+
+    learner: int
+    server: int
+
+
+def cpu_shares(config: OpdConfig, cores: int) -> CpuShares | None:
+    """How the pipelined loop splits `cores` (the learner's torch threads) between its learner and
+    the local servers it starts, when all compute on the CPU; None where each keeps every core.
+
+    In the serial loop (max_staleness 0) one process computes at a time, so each takes every core.
+    In the pipelined loop the learner learns while a server samples or grades the next batch (the
+    sampler and the grader take turns on it), so two processes compute at once. Each running an
+    OpenMP team as large as the machine oversubscribes the cores, and a team's barriers then wait
+    on threads the OS has descheduled: on 2 cores the toy step took 0.46-0.62 s against 0.23 s
+    serial, and 0.17-0.21 s with one thread each (BENCHMARKS.md). So the learner takes half the
+    cores, the larger half when they are odd, and each server the rest. (At max_staleness 1 the
+    sampler and the grader take turns; a deeper lookahead, or replicas, let them overlap too, and
+    they then share their half.)"""
+    services, train = config.services, config.train
+    local = services.sampler_list is None
+    on_cpu = torch.device(train.device).type == "cpu" and torch.device(services.device).type == "cpu"
+    if not (train.max_staleness and local and on_cpu):
+        return None
+    server = max(1, cores // 2)
+    return CpuShares(learner=max(1, cores - server), server=server)
+
+
 @contextmanager
-def service_urls(config: OpdConfig, log_dir: Path, world_size: int = 1) -> Iterator[tuple[list[str], list[str]]]:
+def service_urls(
+    config: OpdConfig, log_dir: Path, world_size: int = 1, server_threads: int | None = None
+) -> Iterator[tuple[list[str], list[str]]]:
     """Yield (sampler URLs, grader URLs): the configured ones, or those of local servers
-    (`services.samplers` and `services.graders` of each, logs in log_dir/sampler.log or sampler-N.log)."""
+    (`services.samplers` and `services.graders` of each, logs in log_dir/sampler.log or sampler-N.log),
+    each with `server_threads` OpenMP threads when set."""
     services = config.services
     if services.sampler_list is not None and services.grader_list is not None:
         yield services.sampler_list, services.grader_list
@@ -46,15 +81,23 @@ def service_urls(config: OpdConfig, log_dir: Path, world_size: int = 1) -> Itera
     if world_size > 1:
         raise ConfigError("several learner processes need services.sampler_url(s) and grader_url(s): the embedded "
                           "default starts servers for one process only")  # fmt: skip
-    key_file = ["--api-key-file", services.api_key_file] if services.api_key_file else []
-    sampler_args, grader_args = server_args(config.student, config) + key_file, server_args(config.teacher, config)
-    servers = [LocalServer("sampler", sampler_args, log_dir, name=_log_name("sampler", i, services.samplers))
-               for i in range(services.samplers)]  # fmt: skip
-    servers += [LocalServer("grader", grader_args, log_dir, name=_log_name("grader", i, services.graders))
-                for i in range(services.graders)]  # fmt: skip
     one_at_a_time = services.gpu_memory_utilization is not None  # sharing a GPU: never profile at once
+    servers = embedded_servers(config, log_dir, server_threads)
     with local_servers(servers, services.startup_timeout_s, one_at_a_time) as urls:
         yield urls[: services.samplers], urls[services.samplers :]
+
+
+def embedded_servers(config: OpdConfig, log_dir: Path, threads: int | None = None) -> list[LocalServer]:
+    """The embedded default's samplers, then graders, not yet started; each with `threads` OpenMP
+    threads when set."""
+    services = config.services
+    key_file = ["--api-key-file", services.api_key_file] if services.api_key_file else []
+    sampler_args, grader_args = server_args(config.student, config) + key_file, server_args(config.teacher, config)
+    env = None if threads is None else {"OMP_NUM_THREADS": str(threads)}
+    servers = [LocalServer("sampler", sampler_args, log_dir, env, name=_log_name("sampler", i, services.samplers))
+               for i in range(services.samplers)]  # fmt: skip
+    return servers + [LocalServer("grader", grader_args, log_dir, env, name=_log_name("grader", i, services.graders))
+                      for i in range(services.graders)]  # fmt: skip
 
 
 def _log_name(role: str, index: int, count: int) -> str:

@@ -38,6 +38,11 @@ log q_y - log p_old(y), whose gradient at ratio 1 is the term above. As for the 
 estimate is unbiased when the sampler draws from the distribution the learner scores
 (sampling.temperature equal to train.logprob_temperature, top_p 1).
 
+Samples from older weights (max_staleness >= 1) come from a behaviour policy mu, not p. Only (2)
+is an expectation over y, so only the tail term takes the importance weight p_y / mu_y (truncated
+at is_cap, through its advantage). (1) is exact whatever was sampled: weighting it by y's ratio
+would only add noise, and with the truncation shrink it.
+
 Shape suffixes as in `learner/loss.py`; K = head entries per position (the teacher's k, plus the
 student's k with a "both" head).
 """
@@ -114,7 +119,8 @@ def topk_policy_loss(
     num_tokens: torch.Tensor,
 ) -> PolicyLoss:
     """kl_coef x the exact head reverse KL, plus the clipped surrogate of sampled tokens outside the
-    head (`advantages_BT` = kl_coef (teacher - old), as for the sampled loss); both / num_tokens.
+    head (`advantages_BT` = kl_coef (teacher - old), as for the sampled loss, times the importance
+    weights of off-policy samples); both / num_tokens.
     Ratio diagnostics (clip_frac, approx_kl) cover every sampled token."""
     head_kl = head_reverse_kl(new_head_logprobs_BTK, head.teacher_logprobs_BTK, head.mask_BTK, mask_BT, num_tokens)
     tail = clipped_policy_loss(new_logprobs_BT, old_logprobs_BT, advantages_BT * (1.0 - in_head_BT), mask_BT,

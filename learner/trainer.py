@@ -41,7 +41,7 @@ from learner.metrics import FanOut, JsonlLogger, MetricsLogger, NullLogger, Tens
 from learner.policy import is_lora, push_bytes, student_policy, tensors_to_push
 from learner.producer import Producer, step_plan
 from learner.rewards import load_reward
-from learner.services import check_services, service_urls
+from learner.services import check_services, cpu_shares, service_urls
 from learner.step_metrics import batch_metrics, mean_over_processes
 from learner.update import MicroBatch, Scored, adamw, micro_batches, ppo_update
 from opd import torch_thread
@@ -131,7 +131,14 @@ class OnPolicyDistillationTrainer:
         else:
             if self.processes.is_main:
                 dump_config(self.config, self.run_dir / "config.yml")
-            with service_urls(self.config, self.run_dir / "logs", self.processes.world_size) as (samplers, graders):
+            shares = cpu_shares(self.config, torch.get_num_threads())
+            if shares is not None:
+                logger.info("the pipelined loop shares the CPU: %d torch threads for the learner, %d for each local "
+                            "server", shares.learner, shares.server)  # fmt: skip
+            learner_threads, server_threads = shares or (None, None)
+            with (service_urls(self.config, self.run_dir / "logs", self.processes.world_size,
+                               server_threads) as (samplers, graders),
+                  torch_thread.torch_threads(learner_threads)):  # fmt: skip
                 history = asyncio.run(self._train(samplers, graders))
         self.policy = self.processes.release(self.policy)
         self.processes.finish()

@@ -115,17 +115,17 @@ def _policy_loss(
     head_ids = None if batch.head is None else batch.head.ids_BTK
     new_BT, head_logprobs_BTK, aux_BT = policy(*policy_inputs(batch.packed), train.logprob_temperature, head_ids, aux)
     this = scored or _score(batch, new_BT.detach(), aux_BT, train)
+    # w * min(r A, clip(r) A) = min(r wA, clip(r) wA) for w >= 0: the weight goes into the advantage
+    weighted_BT = this.advantages_BT if this.is_weights_BT is None else this.advantages_BT * this.is_weights_BT
     if batch.head is None or head_logprobs_BTK is None:
-        # w * min(r A, clip(r) A) = min(r wA, clip(r) wA) for w >= 0: the weight goes into the advantage
-        weighted_BT = this.advantages_BT if this.is_weights_BT is None else this.advantages_BT * this.is_weights_BT
         return this, clipped_policy_loss(new_BT, this.old_logprobs_BT, weighted_BT, batch.mask_BT,
                                          train.clip_eps, num_tokens)  # fmt: skip
     targets_BT = right_padded(completion_targets(batch.packed), batch.packed.completion_lengths_B)
     in_head_BT = sampled_in_head(targets_BT, batch.head)
-    # the top-k loss weights each position (its head term and its tail term) through the mask
-    mask_BT = batch.mask_BT if this.is_weights_BT is None else batch.mask_BT * this.is_weights_BT
-    return this, topk_policy_loss(new_BT, head_logprobs_BTK, this.old_logprobs_BT, this.advantages_BT, in_head_BT,
-                                  batch.head, mask_BT, clip_eps=train.clip_eps, kl_coef=train.kl_coef,
+    # only the tail term stands on the sampled token, so only it takes the token's importance weight;
+    # the head term sums over the position's tokens exactly (learner/topk.py)
+    return this, topk_policy_loss(new_BT, head_logprobs_BTK, this.old_logprobs_BT, weighted_BT, in_head_BT,
+                                  batch.head, batch.mask_BT, clip_eps=train.clip_eps, kl_coef=train.kl_coef,
                                   num_tokens=num_tokens)  # fmt: skip
 
 

@@ -88,3 +88,21 @@ def alone_if_small(tensors: Iterable[torch.Tensor]) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Run the enclosed work with `threads` CPU threads per torch call, on the calling thread and on
+    the torch thread alike (torch reads the setting per OS thread once that thread has computed),
+    and give each back its own setting after; None leaves both as they are."""
+    if threads is None:
+        yield
+        return
+    here, there = torch.get_num_threads(), call(torch.get_num_threads)
+    torch.set_num_threads(threads)
+    call(torch.set_num_threads, threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(here)
+        call(torch.set_num_threads, there)

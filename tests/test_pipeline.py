@@ -7,6 +7,7 @@ same version, and a run survives one of them being killed.
 """
 
 import asyncio
+import logging
 from functools import partial
 from types import SimpleNamespace
 
@@ -21,6 +22,7 @@ from learner.data import PromptStream
 from learner.loss import clipped_policy_loss, truncated_importance_weights
 from learner.metrics import read_metrics
 from learner.producer import Producer, step_plan
+from learner.services import cpu_shares, embedded_servers
 from learner.trainer import OnPolicyDistillationTrainer
 from opd.launch import LocalServer, local_servers
 from tests.faults import KillSamplerAfterPush
@@ -70,20 +72,42 @@ def test_replica_config_errors():
     assert (both.services.sampler_list, both.services.grader_list) == (["http://a", "http://b"], ["http://c"])
 
 
+def test_the_pipelined_loop_splits_the_cpu_between_the_learner_and_its_local_servers(tmp_path):
+    base = {"student": {"path": "tiny:student"}, "teacher": {"path": "tiny:teacher"}}
+    pipelined = OpdConfig.model_validate(base | {"train": {"max_staleness": 1}})
+    # (learner threads, each server's) for 1, 2, 3 and 16 cores: the learner the larger half
+    assert [tuple(cpu_shares(pipelined, cores) or ()) for cores in (1, 2, 3, 16)] == [(1, 1), (1, 1), (2, 1), (8, 8)]
+    urls = {"sampler_url": "http://127.0.0.1:1", "grader_url": "http://127.0.0.1:2"}
+    each_its_own = [  # the serial loop takes turns; servers elsewhere; a learner or servers on a GPU
+        base,
+        base | {"train": {"max_staleness": 1}, "services": urls},
+        base | {"train": {"max_staleness": 1, "device": "cuda:0"}},
+        base | {"train": {"max_staleness": 1}, "services": {"device": "cuda"}},
+    ]
+    assert [cpu_shares(OpdConfig.model_validate(c), 16) for c in each_its_own] == [None] * 4
+    config = OpdConfig.model_validate(base | {"train": {"max_staleness": 1}, "services": {"samplers": 2}})
+    servers = embedded_servers(config, tmp_path, threads=3)
+    assert [(s.role, s.env["OMP_NUM_THREADS"]) for s in servers] == [("sampler", "3")] * 2 + [("grader", "3")]
+
+
 def evals(run_dir) -> dict[int, float]:
     return {m["step"]: m["eval/reverse_kl_per_token"] for m in read_metrics(run_dir / "metrics.jsonl")
             if "eval/reverse_kl_per_token" in m}  # fmt: skip
 
 
 @pytest.mark.slow
-def test_staleness_1_overlaps_and_learns_as_far_as_the_serial_loop(tmp_path):
+def test_staleness_1_overlaps_and_learns_as_far_as_the_serial_loop(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="learner.trainer")
+
     def run(name: str, steps: int, staleness: int) -> list[dict]:
         args = ["--run_dir", str(tmp_path / name), "--train.steps", str(steps), "--train.max_staleness", str(staleness),
                 "--eval.eval_steps", "6", "--eval.max_items", "32", *QUIET]  # fmt: skip
         return OnPolicyDistillationTrainer(load_config(EXAMPLE, args)).train()
 
     serial = run("serial", 30, 0)
+    assert "shares the CPU" not in caplog.text
     pipelined = run("pipelined", 36, 1)  # 1.2x the steps
+    assert "the pipelined loop shares the CPU" in caplog.text  # learner and servers on this machine's CPU
     assert all(m["policy/lag_max"] == 0 and m["time/wait"] > 0 for m in serial)
     assert all(m["policy/lag_max"] <= 1 for m in pipelined)
     lags = [m["policy/lag"] for m in pipelined]

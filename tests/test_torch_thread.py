@@ -33,6 +33,22 @@ def test_small_work_runs_on_one_thread_and_the_thread_count_comes_back():
     assert (inside, after_error, large) == (1, 2, 2)
 
 
+def test_torch_threads_set_both_threads_and_give_each_its_own_back():
+    original = torch.get_num_threads(), torch_thread.call(torch.get_num_threads)
+    torch.set_num_threads(3)
+    torch_thread.call(torch.set_num_threads, 2)
+    try:
+        with torch_thread.torch_threads(1):
+            inside = torch.get_num_threads(), torch_thread.call(torch.get_num_threads)
+        with torch_thread.torch_threads(None):
+            untouched = torch.get_num_threads(), torch_thread.call(torch.get_num_threads)
+        after = torch.get_num_threads(), torch_thread.call(torch.get_num_threads)
+    finally:
+        torch.set_num_threads(original[0])
+        torch_thread.call(torch.set_num_threads, original[1])
+    assert (inside, untouched, after) == ((1, 1), (3, 2), (3, 2))
+
+
 def _bytes(n: int) -> torch.Tensor:
     return torch.empty(n, dtype=torch.uint8)
 

@@ -217,7 +217,10 @@ def full_teacher(vocab: int) -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize("budget", [12, 10_000])
-def test_topk_loss_with_the_whole_vocabulary_as_head_is_the_exact_reverse_kl_gradient(policy, budget):
+# behaviour 1.0: off-policy samples (max_staleness >= 1) whose sampler logprobs, -1 a token, put every
+# token's importance weight far from 1; a head that sums over every token exactly must not take it
+@pytest.mark.parametrize("behaviour", [None, 1.0])
+def test_topk_loss_with_the_whole_vocabulary_as_head_is_the_exact_reverse_kl_gradient(policy, budget, behaviour):
     vocab = policy.lm.config.vocab_size
     teacher = full_teacher(vocab)
     every_id = list(range(vocab))
@@ -226,11 +229,15 @@ def test_topk_loss_with_the_whole_vocabulary_as_head_is_the_exact_reverse_kl_gra
                       top_logprobs=q.tolist())
         for q, c in zip(teacher, COMPLETIONS, strict=True)
     ])  # fmt: skip
-    batches = micro_batches(rollouts(), whole_head, pad_id=PAD_ID, max_tokens=budget, device="cpu")
+    batches = micro_batches(rollouts(), whole_head, pad_id=PAD_ID, max_tokens=budget, device="cpu",
+                            behaviour_temperature=behaviour)  # fmt: skip
     processes, train = Processes(False, "cpu"), TrainConfig(loss="topk")
     policy.zero_grad(set_to_none=True)
-    accumulate_gradients(policy, batches, None, train=train, num_tokens=global_token_count(batches, processes),
-                         processes=processes)  # fmt: skip
+    num_tokens = global_token_count(batches, processes)
+    scored, _ = accumulate_gradients(policy, batches, None, train=train, num_tokens=num_tokens, processes=processes)
+    if behaviour is not None:  # the weights the tail term takes are far from 1 at every token
+        weights = torch.cat([s.is_weights_BT[b.mask_BT.bool()] for s, b in zip(scored, batches, strict=True)])
+        assert (weights - 1).abs().min() > 0.5, weights
     ours = {name.removeprefix("lm."): p.grad.clone() for name, p in policy.named_parameters()}
 
     policy.lm.zero_grad(set_to_none=True)
