@@ -268,11 +268,13 @@ class OnPolicyDistillationTrainer:
         return sampler_info.engine
 
     def _longest_sequence(self) -> tuple[int, int]:
-        """(longest prompt, most tokens sampled after it) of this run: training and eval prompts."""
+        """(longest prompt, most tokens sampled after it) of this run: its training prompts and the
+        eval prompts an eval uses (the first eval.max_items)."""
         train = (max(len(item.prompt_ids) for item in self.train_items), self.config.sampling.max_tokens)
-        if not self.eval_items:
+        evaluated = self.eval_items[: self.config.eval.max_items]
+        if not evaluated:
             return train
-        evals = (max(len(item.prompt_ids) for item in self.eval_items), self.config.eval.max_tokens)
+        evals = (max(len(item.prompt_ids) for item in evaluated), self.config.eval.max_tokens)
         return max(train, evals, key=sum)
 
     def _eval_due(self) -> bool:

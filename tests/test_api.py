@@ -49,6 +49,18 @@ def test_a_fresh_start_drops_the_metrics_of_a_start_that_died_before_its_first_c
     assert read_metrics(tmp_path / "metrics.jsonl") == []
 
 
+def test_the_start_check_counts_the_eval_prompts_an_eval_uses(tmp_path):
+    long_eval = "".join(chr(ord("a") + i % 26) for i in range(300))
+    trainer = OnPolicyDistillationTrainer(
+        student="tiny:student", teacher="tiny:teacher", train_dataset=[{"prompt": "hi"}], run_dir=str(tmp_path),
+        eval_dataset=[{"prompt": "hello"}, {"prompt": long_eval}], sampling={"max_tokens": 8}, eval={"max_tokens": 4},
+    )  # fmt: skip
+    short, long = (len(item.prompt_ids) for item in trainer.eval_items)
+    assert trainer._longest_sequence() == (long, 4)
+    trainer.config.eval.max_items = 1  # only "hello" is ever evaluated: the long prompt must not fail the run
+    assert trainer._longest_sequence() == max((len(trainer.train_items[0].prompt_ids), 8), (short, 4), key=sum)
+
+
 @pytest.mark.slow
 def test_rewards_only_where_items_have_answers(tmp_path):
     common = dict(student="tiny:student", teacher="tiny:teacher", train_dataset="examples/tiny/train.jsonl",
