@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
+from learner.lora import holds_adapter
 from learner.policy import is_lora
 from opd.errors import ConfigError
 from opd.files import directory_written_aside
@@ -103,9 +104,9 @@ def resolve_resume(root: Path, resume: str) -> Path | None:
 def load_checkpoint(model: PreTrainedModel, path: Path) -> TrainerState:
     """Load the checkpoint's weights (or a LoRA student's adapter) into `model` in place and return
     the trainer state."""
-    holds_adapter, lora = (path / "adapter_config.json").is_file(), is_lora(model)
-    if holds_adapter != lora:
-        held = "a LoRA adapter" if holds_adapter else "a full student"
+    adapter, lora = holds_adapter(path), is_lora(model)
+    if adapter != lora:
+        held = "a LoRA adapter" if adapter else "a full student"
         wanted = "LoRA (student.lora is set)" if lora else "full (student.lora is not set)"
         raise ConfigError(f"{path} holds {held}, but this run's student is {wanted}: resume with the student "
                           "config the checkpoint was trained with")  # fmt: skip

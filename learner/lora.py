@@ -21,6 +21,14 @@ from learner.config import LoraSpec
 from opd.errors import ConfigError
 from sampler.schema import ADAPTER_CONFIG_KEY
 
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+"""What peft's save_pretrained writes beside a LoRA adapter: a checkpoint holding it is a LoRA
+student's (`learner/checkpoint.py`)."""
+
+
+def holds_adapter(directory: Path) -> bool:
+    return (directory / ADAPTER_CONFIG_FILE).is_file()
+
 
 def _peft() -> Any:
     try:
@@ -64,10 +72,10 @@ def merge_checkpoint(checkpoint: Path, out: Path, base: str | None = None) -> Pa
 
     from opd.modeling import load_causal_lm
 
-    if not (checkpoint / "adapter_config.json").is_file():
-        raise ConfigError(f"{checkpoint} holds no LoRA adapter (adapter_config.json): only a LoRA student's "
+    if not holds_adapter(checkpoint):
+        raise ConfigError(f"{checkpoint} holds no LoRA adapter ({ADAPTER_CONFIG_FILE}): only a LoRA student's "
                           "checkpoint needs merging; a full student's is a Hugging Face model as it is")  # fmt: skip
-    config = json.loads((checkpoint / "adapter_config.json").read_text())
+    config = json.loads((checkpoint / ADAPTER_CONFIG_FILE).read_text())
     base_path = base or config.get("base_model_name_or_path")
     if not base_path:
         raise ConfigError(f"{checkpoint} does not name its base model; pass --base")
