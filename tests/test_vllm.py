@@ -64,6 +64,15 @@ def vllm_teacher(teacher_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     assert shared_memory_names() - shared_before == set()
 
 
+@pytest.fixture(scope="class")
+def vllm_lora_student(student_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """One vLLM sampler of the student that serves LoRA adapters of rank up to 8, for a class's tests."""
+    from tests.test_lora import LORA
+
+    with local_server("sampler", ["--model", str(student_dir), *VLLM, *LORA], tmp_path_factory.mktemp("logs")) as url:
+        yield url
+
+
 def _perturbed(model_dir: Path, seed: int) -> dict[str, torch.Tensor]:
     """The model's own parameters (HF names, tied weights once) plus seeded noise."""
     model = reference.load(model_dir)
@@ -261,31 +270,34 @@ class TestOneVllmGrader:
         # at temperature 1 the vLLM sampler's logprobs and the learner's agree closely
         assert max(m["mismatch/sampler_vs_old"] for m in history) < 1e-3
 
+    # The LoRA tests share one vLLM sampler that serves adapters (vllm_lora_student), and the
+    # distillation uses this class's grader: each vLLM start costs CI ~20 s.
+    def test_vllm_sampler_serves_a_pushed_adapter_as_the_merged_model(self, student_dir, vllm_lora_student):
+        from learner.lora import adapter_push
+        from tests.test_lora import check_serves, merged_reference, push, trained_adapter
 
-def test_vllm_sampler_serves_a_pushed_adapter_as_the_merged_model(student_dir, tmp_path):
-    from learner.lora import adapter_push
-    from tests.test_lora import LORA, check_serves, merged_reference, push, trained_adapter
-
-    first, second = trained_adapter(student_dir, seed=0), trained_adapter(student_dir, seed=1)
-    with local_server("sampler", ["--model", str(student_dir), *VLLM, *LORA], tmp_path) as url:
+        first, second = trained_adapter(student_dir, seed=0), trained_adapter(student_dir, seed=1)
+        url = vllm_lora_student
         assert httpx.get(f"{url}/v1/info").json()["max_lora_rank"] == 8
         for version, lm in ((1, first), (2, second)):  # each push a new adapter; the old one is dropped
             tensors, metadata = adapter_push(lm)
             assert asyncio.run(push(url, tensors, version, metadata)) == version
             check_serves(url, merged_reference(lm))
 
-
-@pytest.mark.slow
-def test_lora_distillation_with_both_vllm_servers_lowers_reverse_kl(tmp_path):
-    config = load_config("examples/tiny/config.yml", [
-        "--run_dir", str(tmp_path / "run"), "--train.steps", "30", "--train.lr", "1e-2", "--student.lora", "{r: 8}",
-        "--eval.eval_steps", "30", "--eval.max_items", "32", "--services.engine", "vllm", "--logging.progress", "false",
-    ])  # fmt: skip
-    history = OnPolicyDistillationTrainer(config).train()
-    evals = [m for m in read_metrics(tmp_path / "run" / "metrics.jsonl") if "eval/reverse_kl_per_token" in m]
-    before, after = evals[0]["eval/reverse_kl_per_token"], evals[-1]["eval/reverse_kl_per_token"]
-    assert after <= 0.7 * before, (before, after)
-    assert max(m["mismatch/sampler_vs_old"] for m in history) < 1e-3  # the served adapter is the learner's
+    @pytest.mark.slow
+    def test_lora_distillation_with_both_vllm_servers_lowers_reverse_kl(self, tmp_path, vllm_lora_student,
+                                                                        vllm_teacher):  # fmt: skip
+        config = load_config("examples/tiny/config.yml", [
+            "--run_dir", str(tmp_path / "run"), "--train.steps", "30", "--train.lr", "1e-2",
+            "--student.lora", "{r: 8}", "--eval.eval_steps", "30", "--eval.max_items", "32",
+            "--services.sampler_url", vllm_lora_student, "--services.grader_url", vllm_teacher,
+            "--logging.progress", "false",
+        ])  # fmt: skip
+        history = OnPolicyDistillationTrainer(config).train()
+        evals = [m for m in read_metrics(tmp_path / "run" / "metrics.jsonl") if "eval/reverse_kl_per_token" in m]
+        before, after = evals[0]["eval/reverse_kl_per_token"], evals[-1]["eval/reverse_kl_per_token"]
+        assert after <= 0.7 * before, (before, after)
+        assert max(m["mismatch/sampler_vs_old"] for m in history) < 1e-3  # the served adapter is the learner's
 
 
 def test_a_request_vllm_refuses_is_a_400_naming_the_parameter():
