@@ -14,6 +14,7 @@ errors answer at once.
 
 import argparse
 import logging
+import math
 import sys
 
 from opd.errors import OpdError
@@ -38,6 +39,20 @@ def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not 0 < value < math.inf:  # (NaN fails too)
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number of seconds")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"{text} is not a number of seconds >= 0")
     return value
 
 
@@ -132,6 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     grade.add_argument("--sampler", default=None, metavar="URL", help="also the student's logprobs and the gap")
     grade.add_argument("--html", default=None, metavar="REPORT", help="an HTML page colouring each token")
     grade.add_argument("--batch-size", type=positive_int, default=16, help="rows per request (default 16)")
+    grade.add_argument("--request-timeout-s", type=positive_float, default=300.0, metavar="S",
+                       help="per request (default 300)")  # fmt: skip
+    grade.add_argument("--retry-deadline-s", type=non_negative_float, default=120.0, metavar="S",
+                       help="retry an unreachable server or a 5xx this long (default 120; 0: never)")  # fmt: skip
     sampler = _server_parser(sub, "sampler", 8001)
     grader = _server_parser(sub, "grader", 8002)
     grader.add_argument(
@@ -308,9 +327,11 @@ def main(argv: list[str] | None = None) -> None:
         elif args.command == "export":
             run_export(args.checkpoint, args.merge, args.base)
         elif args.command == "grade":
+            from opd.grade import Patience
             from opd.grade import main as grade_main
 
-            grade_main(args.grader, args.source, args.out, args.sampler, args.html, args.batch_size)
+            grade_main(args.grader, args.source, args.out, args.sampler, args.html, args.batch_size,
+                       Patience(args.request_timeout_s, args.retry_deadline_s))  # fmt: skip
         elif args.command == "sampler":
             run_sampler(args)
         else:

@@ -1,6 +1,7 @@
 """`opd grade`: score prompt/completion pairs with the teacher (and the student), from a JSONL file.
 
     opd grade --grader URL --in pairs.jsonl --out scored.jsonl [--sampler URL] [--html report.html]
+              [--batch-size 16] [--request-timeout-s 300] [--retry-deadline-s 120]
 
 Each input line is `{"prompt": text}` or `{"messages": [{role, content}, ...]}` plus
 `{"completion": text}` (ids work too: `prompt_ids`, `completion_ids`). Each output line, in input
@@ -30,6 +31,21 @@ from opd.errors import ConfigError, ServiceError
 from opd.tokenizer import check_same_tokenizer
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Patience:
+    """How long to wait for the servers: per request, and retrying an unreachable server or a 5xx
+    (the defaults of `opd run`'s `services.request_timeout_s` and `services.retry_deadline_s`)."""
+
+    request_timeout_s: float = 300.0
+    retry_deadline_s: float = 120.0
+
+    def grader(self, url: str) -> GraderClient:
+        return GraderClient(url, timeout_s=self.request_timeout_s, retry_deadline_s=self.retry_deadline_s)
+
+    def sampler(self, url: str) -> SamplerClient:
+        return SamplerClient(url, timeout_s=self.request_timeout_s, retry_deadline_s=self.retry_deadline_s)
 
 
 @dataclass(frozen=True)
@@ -88,7 +104,7 @@ def scored_row(row: Row, teacher: ScoredSequence, student: ScoredSequence | None
 
 def grade(
     grader_url: str, source: Path, out: Path, *, sampler_url: str | None = None, html_out: Path | None = None,
-    batch_size: int = 16,
+    batch_size: int = 16, patience: Patience = Patience(),
 ) -> tuple[int, list[str]]:  # fmt: skip
     """Write one scored line per good input line; returns (lines written, problems). Outputs that
     cannot be written and a student whose tokenizer is not the teacher's fail before any scoring."""
@@ -96,15 +112,15 @@ def grade(
         if path is not None and path.is_dir():
             raise ConfigError(f"{path} is a directory: name the file to write")
     if sampler_url is not None:
-        check_same_tokenizers(grader_url, sampler_url)
+        check_same_tokenizers(grader_url, sampler_url, patience)
     rows, problems = read_rows(source)
     results: list[dict] = []
-    with GraderClient(grader_url) as grader, tqdm(total=len(rows), desc="opd grade", unit="row") as bar:
+    with patience.grader(grader_url) as grader, tqdm(total=len(rows), desc="opd grade", unit="row") as bar:
         for row, teacher in score(grader, rows, batch_size, problems, "grader"):
             results.append(scored_row(row, teacher, None))
             bar.update(1)
     if sampler_url is not None:
-        results = with_student(sampler_url, results, batch_size, problems)
+        results = with_student(patience.sampler(sampler_url), results, batch_size, problems)
     out.parent.mkdir(parents=True, exist_ok=True)
     results = sorted(results, key=lambda r: r["line"])
     out.write_text("".join(json.dumps(r) + "\n" for r in results))
@@ -113,21 +129,21 @@ def grade(
     return len(results), problems
 
 
-def check_same_tokenizers(grader_url: str, sampler_url: str) -> None:
+def check_same_tokenizers(grader_url: str, sampler_url: str, patience: Patience) -> None:
     """The student scores the ids the teacher's tokenizer gave: the same ids must mean the same
     tokens to both, as `opd run` checks at start."""
-    with GraderClient(grader_url) as grader, SamplerClient(sampler_url) as sampler:
+    with patience.grader(grader_url) as grader, patience.sampler(sampler_url) as sampler:
         teacher, student = grader.info(), sampler.info()
     check_same_tokenizer(f"sampler ({student.model})", (student.vocab_size, student.tokenizer_hash),
                          f"grader ({teacher.model})", (teacher.vocab_size, teacher.tokenizer_hash))  # fmt: skip
 
 
-def with_student(url: str, results: list[dict], batch_size: int, problems: list[str]) -> list[dict]:
+def with_student(sampler: SamplerClient, results: list[dict], batch_size: int, problems: list[str]) -> list[dict]:
     """The student's logprobs of exactly the tokens the teacher scored (ids, not text)."""
     by_line = {r["line"]: r for r in results}
     rows = [Row(r["line"], Sequence(prompt_ids=r["prompt_ids"], completion_ids=r["completion_ids"])) for r in results]
     out = []
-    with SamplerClient(url) as sampler:
+    with sampler:
         for row, student in score(sampler, rows, batch_size, problems, "sampler"):
             teacher = by_line[row.line]
             out.append(teacher | scored_row(row, _teacher_view(teacher), student))
@@ -176,9 +192,12 @@ def report_html(results: list[dict], source: Path) -> str:
 """
 
 
-def main(grader: str, source: str, out: str, sampler: str | None, html_out: str | None, batch_size: int) -> None:
+def main(
+    grader: str, source: str, out: str, sampler: str | None, html_out: str | None, batch_size: int, patience: Patience
+) -> None:
     written, problems = grade(grader, Path(source), Path(out), sampler_url=sampler,
-                              html_out=Path(html_out) if html_out else None, batch_size=batch_size)  # fmt: skip
+                              html_out=Path(html_out) if html_out else None, batch_size=batch_size,
+                              patience=patience)  # fmt: skip
     for problem in problems:
         print(f"opd grade: skipped {problem}", file=sys.stderr)
     print(f"wrote {written} scored rows to {out}" + (f" and {html_out}" if html_out else ""))

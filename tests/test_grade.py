@@ -6,8 +6,10 @@ against ids on the vLLM grader too. The HTML report is rendered by a real headle
 
 import json
 import shutil
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -199,3 +201,25 @@ def test_the_readmes_query_examples_run_as_written(servers):
     exec(compile(code, "README.md", "exec"), namespace)
     assert "".join(namespace["reply"].results[0].tokens) == " it is five"
     assert len(namespace["samples"].results[0].completions) == 2
+
+
+def test_opd_grade_waits_as_long_as_it_is_told_for_a_silent_grader(tmp_path, capsys):
+    """A grader that accepts connections and never answers (the kernel's backlog accepts them; the
+    socket is never read): with --request-timeout-s 1 and --retry-deadline-s 0, `opd grade` stops
+    after one second with one line naming the grader. At its defaults it would wait 300 s a try."""
+    from opd.cli import main
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps(PAIRS[0]) + "\n")
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        started = time.monotonic()
+        with pytest.raises(SystemExit) as stopped:
+            main(["grade", "--grader", url, "--in", str(pairs), "--out", str(tmp_path / "scored.jsonl"),
+                  "--request-timeout-s", "1", "--retry-deadline-s", "0"])  # fmt: skip
+        waited = time.monotonic() - started
+    assert stopped.value.code == 1
+    assert 1 <= waited < 30, waited
+    err = capsys.readouterr().err
+    assert f"grader at {url}/v1/logprobs" in err and "Traceback" not in err, err
+    assert not (tmp_path / "scored.jsonl").exists()
