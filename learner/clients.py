@@ -6,8 +6,9 @@ never retried (the request itself is wrong). A failure raises SamplerError / Gra
 status and the server's own message.
 
 `SamplerPool` / `GraderPool` spread requests over several servers of one kind: each request goes
-to the replica with the least outstanding work, and one that fails (a dead replica) hands the
-request to the next, so the run goes on while the watchdog restarts it. A weight push goes to
+to the replica with the least outstanding work, and one that fails (a dead or silent replica)
+hands the request to the next and is asked last for a while, so the run goes on while the watchdog
+restarts it (or without it, for a replica no watchdog of ours restarts). A weight push goes to
 every sampler at once. With one URL a pool behaves exactly like its single client.
 """
 
@@ -30,7 +31,7 @@ from grader import tensors
 from grader.schema import InfoResponse, LogprobsRequest, LogprobsResponse, Sequence
 from grader.tensors import ScoredBatch
 from learner.config import Transport
-from opd.errors import GraderError, SamplerError, ServiceError
+from opd.errors import GraderError, SamplerError, ServiceError, StaleSamplerError
 from opd.serving import engine_seconds
 from sampler import samples as samples_wire
 from sampler.schema import GenerateRequest, GenerateResponse, WeightsFromPath, WeightsResponse, WeightsShared
@@ -59,8 +60,10 @@ def _is_retryable(exc: Exception) -> bool:
         return False
     if isinstance(exc, httpx.TransportError):
         return True
-    return (isinstance(exc, ServiceError) and exc.status is not None and exc.status >= 500
-            and exc.error_type not in UNRETRYABLE_ERROR_TYPES)  # fmt: skip
+    if not isinstance(exc, ServiceError):
+        return False
+    return exc.unreachable or (exc.status is not None and exc.status >= 500
+                               and exc.error_type not in UNRETRYABLE_ERROR_TYPES)  # fmt: skip
 
 
 def _reason(exc: Exception) -> str:
@@ -131,8 +134,8 @@ class _Client:
             except (httpx.TransportError, ServiceError) as exc:
                 if not _is_retryable(exc) or time.monotonic() + backoff > deadline:
                     raise self._give_up(path, exc) from exc
-                logger.warning("%s %s failed (%s); retrying in %.1f s", self.error_cls.service, path, _reason(exc),
-                               backoff)  # fmt: skip
+                logger.warning("%s %s%s failed (%s); retrying in %.1f s", self.error_cls.service, self.base_url, path,
+                               _reason(exc), backoff)  # fmt: skip
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, self.retry.max_backoff_s)
 
@@ -140,8 +143,9 @@ class _Client:
         response = await self._http.request(method, path, **kwargs)
         if response.status_code >= 400:
             message, error_type = _server_error(response)
-            raise self.error_cls(f"{self.error_cls.service} {path} answered {response.status_code}: {message}",
-                                 status=response.status_code, error_type=error_type)  # fmt: skip
+            where = f"{self.error_cls.service} {self.base_url}{path}"
+            raise self.error_cls(f"{where} answered {response.status_code}: {message}", status=response.status_code,
+                                 error_type=error_type)  # fmt: skip
         seconds = engine_seconds(response.headers)
         if seconds is not None:
             arrived = time.perf_counter()
@@ -151,7 +155,8 @@ class _Client:
     def _give_up(self, path: str, exc: Exception) -> ServiceError:
         if isinstance(exc, ServiceError):
             return exc
-        return self.error_cls(f"{self.error_cls.service} at {self.base_url}{path} unreachable: {exc!r}")
+        return self.error_cls(f"{self.error_cls.service} at {self.base_url}{path} unreachable: {exc!r}",
+                              unreachable=_is_retryable(exc))  # fmt: skip
 
     async def _post(self, path: str, body: BaseModel) -> httpx.Response:
         # pydantic's Rust serialiser: json= would encode the token ids with Python's json module
@@ -275,6 +280,9 @@ ReplyT = TypeVar("ReplyT")
 FAILOVER_DEADLINE_S = 5.0
 """With several replicas, a replica's own retries stop after this long and the request moves on
 to the next replica (the dead one is being restarted by the watchdog meanwhile)."""
+SET_ASIDE_S = 30.0
+"""A replica that failed is asked last for this long, so that a replica that stays down (one this
+learner did not start: no watchdog brings it back) does not cost every request its retries."""
 
 
 class ReplicaPool(Generic[ClientT]):
@@ -284,6 +292,8 @@ class ReplicaPool(Generic[ClientT]):
         self.outstanding = [0] * len(clients)
         self.served = [0] * len(clients)
         """Requests each replica has answered (how the load spread)."""
+        self.failed_at = [-SET_ASIDE_S] * len(clients)
+        """When each replica last failed a request (time.monotonic)."""
 
     def engine_busy(self, path: str, window: tuple[float, float]) -> float:
         """Seconds of `window` (start, end on the perf_counter clock) in which some replica's engine
@@ -296,7 +306,7 @@ class ReplicaPool(Generic[ClientT]):
         deadline = time.monotonic() + self.deadline_s
         while True:
             error: ServiceError | None = None
-            for index in sorted(range(len(self.clients)), key=lambda i: self.outstanding[i]):
+            for index in self._in_order():
                 self.outstanding[index] += work
                 try:
                     reply = await request(self.clients[index])
@@ -306,6 +316,7 @@ class ReplicaPool(Generic[ClientT]):
                     if not _is_retryable(exc):
                         raise
                     error = exc
+                    self.failed_at[index] = time.monotonic()
                     logger.warning("replica %s failed (%s); trying another", self.clients[index].base_url, _reason(exc))
                 finally:
                     self.outstanding[index] -= work
@@ -313,9 +324,20 @@ class ReplicaPool(Generic[ClientT]):
                 raise error
             await asyncio.sleep(1.0)
 
+    def _in_order(self) -> list[int]:
+        """Replicas to ask, the least loaded first; those that failed lately after the others."""
+        now = time.monotonic()
+        return sorted(range(len(self.clients)),
+                      key=lambda i: (now - self.failed_at[i] < SET_ASIDE_S, self.outstanding[i]))  # fmt: skip
+
     async def info(self) -> InfoResponse:
-        """Every replica's /v1/info; they must serve the same model and tokenizer."""
-        infos = await asyncio.gather(*(client.info() for client in self.clients))
+        """The first replica's /v1/info, once every replica's agrees on the model (see `infos`)."""
+        return (await self.infos())[0]
+
+    async def infos(self) -> list[InfoResponse]:
+        """Every replica's /v1/info; they must serve the same model and tokenizer. Each replica gets
+        the pool's whole deadline to answer (a replica may still be loading its model)."""
+        infos = await asyncio.gather(*(self._info_of(client) for client in self.clients))
         first = infos[0]
         for client, info in zip(self.clients[1:], infos[1:], strict=True):
             if (info.model, info.tokenizer_hash, info.model_vocab_size) != (
@@ -323,7 +345,16 @@ class ReplicaPool(Generic[ClientT]):
             ):  # fmt: skip
                 raise ServiceError(f"replica {client.base_url} serves {info.model}, the first one {first.model}: "
                                    "replicas of one service must serve the same model")  # fmt: skip
-        return first
+        return infos
+
+    async def _info_of(self, client: ClientT) -> InfoResponse:
+        deadline = time.monotonic() + self.deadline_s
+        while True:
+            try:
+                return await client.info()
+            except ServiceError as exc:
+                if not _is_retryable(exc) or time.monotonic() > deadline:
+                    raise
 
     async def aclose(self) -> None:
         for client in self.clients:
@@ -343,10 +374,24 @@ class SamplerPool(ReplicaPool[SamplerClient]):
         self._bufferless = False  # the buffer could not be made: shared pushes go over HTTP
         self._unshared: set[str] = set()  # samplers that refused a shared push: they get the body
         self._shared_file: Path | None = None  # the last push by path: removed at close (/dev/shm is RAM)
+        self.latest_push: int | None = None
+        """The version of the latest push begun (None before the first): no sampler of this learner
+        can serve a newer one."""
 
     async def generate(self, request: GenerateRequest) -> GenerateResponse:
+        """The reply of one replica; StaleSamplerError when it serves a version this learner never
+        pushed (another learner's weights: it refused this one's pushes, or missed them)."""
         work = len(request.prompt_ids or request.messages or []) * request.n * request.max_tokens
-        return await self.call(work, lambda client: client.generate(request))
+
+        async def generate_on(client: SamplerClient) -> GenerateResponse:
+            reply = await client.generate(request)
+            if self.latest_push is not None and reply.policy_version > self.latest_push:
+                raise StaleSamplerError(f"sampler {client.base_url} serves policy_version {reply.policy_version}, "
+                                        f"newer than this learner's latest push ({self.latest_push}): another "
+                                        "run's weights")  # fmt: skip
+            return reply
+
+        return await self.call(work, generate_on)
 
     async def push_weights(
         self, tensors: dict[str, torch.Tensor], version: int, metadata: dict[str, str] | None = None
@@ -460,12 +505,17 @@ class SamplerPool(ReplicaPool[SamplerClient]):
         return await self.push_weights(tensors, version, metadata)
 
     async def _push_all(self, push: Callable[[SamplerClient], Awaitable[int]], version: int) -> int:
-        """Push to every replica in parallel. A replica that fails is left behind (it is down; when the
-        watchdog brings it back it serves version 0, and its first reply sends the learner to push
-        again); the push fails only if no replica took it."""
+        """Push to every replica in parallel. A replica that cannot be reached is left behind (it is
+        down; when the watchdog brings it back it serves version 0, and its first reply sends the
+        learner to push again). A replica that refuses the weights (4xx: they do not fit what it
+        serves) fails the push: it would go on sampling with other weights. So does a push no
+        replica took."""
+        self.latest_push = version
         results = await asyncio.gather(*(push(client) for client in self.clients), return_exceptions=True)
         failed = [(c, r) for c, r in zip(self.clients, results, strict=True) if isinstance(r, BaseException)]
         for client, error in failed:
+            if isinstance(error, ServiceError) and not _is_retryable(error):
+                raise error
             logger.warning("weight push to %s failed: %s", client.base_url, error)
         if len(failed) == len(self.clients):
             raise failed[0][1]

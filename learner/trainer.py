@@ -256,16 +256,25 @@ class OnPolicyDistillationTrainer:
     # ---- start, eval, checkpoints -----------------------------------------------------------
 
     async def check_services(self) -> str:
-        """Fail at start if student, sampler and grader cannot work together (see
-        `learner.services.check_services`); returns the samplers' engine."""
-        sampler_info, grader_info = await asyncio.gather(self.sampler.info(), self.grader.info())
-        check_services(sampler_info, grader_info, student=self.config.student.path,
-                       own_fingerprint=tokenizer_fingerprint(self.tokenizer),
-                       own_vocab=self.processes.unwrap(self.policy).lm.config.vocab_size,
-                       train=self.config.train, longest=self._longest_sequence(),
-                       lora=self.config.student.lora)  # fmt: skip
-        self.sampler_dtype, self.sampler_engine = sampler_info.dtype, sampler_info.engine
-        return sampler_info.engine
+        """Fail at start if student, samplers and graders cannot work together (see
+        `learner.services.check_services`; every replica, each with the other service's first);
+        returns the samplers' engine."""
+        samplers, graders = await asyncio.gather(self.sampler.infos(), self.grader.infos())
+        pairs = [(s, 0) for s in range(len(samplers))] + [(0, g) for g in range(1, len(graders))]
+        for s, g in pairs:
+            try:
+                check_services(samplers[s], graders[g], student=self.config.student.path,
+                               own_fingerprint=tokenizer_fingerprint(self.tokenizer),
+                               own_vocab=self.processes.unwrap(self.policy).lm.config.vocab_size,
+                               train=self.config.train, longest=self._longest_sequence(),
+                               lora=self.config.student.lora)  # fmt: skip
+            except ConfigError as exc:
+                if len(pairs) == 1:
+                    raise
+                urls = f"sampler {self.sampler.clients[s].base_url}, grader {self.grader.clients[g].base_url}"
+                raise ConfigError(f"{urls}: {exc}") from exc
+        self.sampler_dtype, self.sampler_engine = samplers[0].dtype, samplers[0].engine
+        return samplers[0].engine
 
     def _longest_sequence(self) -> tuple[int, int]:
         """(longest prompt, most tokens sampled after it) of this run: its training prompts and the

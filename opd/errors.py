@@ -22,14 +22,19 @@ class ServiceError(OpdError, RuntimeError):
 
     service = "service"
 
-    def __init__(self, message: str, status: int | None = None, error_type: str | None = None) -> None:
+    def __init__(
+        self, message: str, status: int | None = None, error_type: str | None = None, unreachable: bool = False
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.error_type = error_type
         """The `type` of the server's error envelope (e.g. `non_finite_output`), when it sent one."""
+        self.unreachable = unreachable
+        """No answer came (refused, cut off, timed out) after the client's own retries: another
+        replica may still answer."""
 
     def __reduce__(self) -> tuple:
-        return (type(self), (self.args[0], self.status, self.error_type))
+        return (type(self), (self.args[0], self.status, self.error_type, self.unreachable))
 
 
 class SamplerError(ServiceError):

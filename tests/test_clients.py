@@ -64,7 +64,7 @@ def test_a_retry_after_an_error_without_a_message_logs_its_kind(caplog):
         return httpx.Response(200, json=INFO)
 
     assert run(client(SamplerClient, dropped_once, calls).info()).model == "m"
-    assert "sampler /v1/info failed (RemoteProtocolError); retrying" in caplog.text
+    assert "sampler http://fault.test/v1/info failed (RemoteProtocolError); retrying" in caplog.text
 
 
 def test_4xx_is_never_retried_and_carries_the_server_message():

@@ -8,6 +8,8 @@ same version, and a run survives one of them being killed.
 
 import asyncio
 import logging
+import socket
+import time
 from functools import partial
 from types import SimpleNamespace
 
@@ -16,6 +18,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from learner import clients
 from learner.clients import GraderPool, RetryPolicy, SamplerPool
 from learner.config import OpdConfig, load_config
 from learner.data import PromptStream
@@ -24,7 +27,10 @@ from learner.metrics import read_metrics
 from learner.producer import Producer, step_plan
 from learner.services import cpu_shares, embedded_servers
 from learner.trainer import OnPolicyDistillationTrainer
+from opd.errors import ConfigError, SamplerError, StaleSamplerError
 from opd.launch import LocalServer, local_servers
+from opd.modeling import load_causal_lm
+from sampler.schema import GenerateRequest
 from tests.faults import KillSamplerAfterPush
 
 EXAMPLE = "examples/tiny/config.yml"
@@ -134,6 +140,70 @@ def test_two_sampler_replicas_share_the_work_and_a_run_survives_losing_one(tmp_p
     assert versions == [steps, steps]  # the restarted replica got the later pushes
     assert all(served > 0 for served in trainer.sampler.served), trainer.sampler.served
     assert all(m["policy/lag_max"] == 0 for m in history)  # replies of the restarted replica's old weights refused
+
+
+def free_port() -> int:
+    with socket.create_server(("127.0.0.1", 0)) as probe:
+        return probe.getsockname()[1]
+
+
+def test_a_replica_that_is_down_or_silent_is_passed_over_then_asked_last(servers, monkeypatch, caplog):
+    """Injected faults: a port nobody listens on, and a socket that takes connections and never
+    answers (the kernel's backlog accepts them). Each costs the first request its own retries; the
+    request then goes to the live replica, and the next request goes there first."""
+    monkeypatch.setattr(clients, "FAILOVER_DEADLINE_S", 1.0)
+    request = GenerateRequest(prompt_ids=[[5, 6, 7]], n=2, max_tokens=3, seed=0)
+
+    async def twice(urls: list[str]) -> tuple[list, list[float], list[int]]:
+        pool = SamplerPool(urls, 1.0, RetryPolicy(deadline_s=60, first_backoff_s=0.1, max_backoff_s=0.2))
+        replies, seconds = [], []
+        try:
+            for _ in range(2):
+                started = time.monotonic()
+                replies.append(await pool.generate(request))
+                seconds.append(time.monotonic() - started)
+        finally:
+            await pool.aclose()
+        return replies, seconds, pool.served
+
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        down, mute = f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{silent.getsockname()[1]}"
+        replies, seconds, served = asyncio.run(twice([down, mute, servers[0]]))
+    assert served == [0, 0, 2]
+    assert replies[0].results == replies[1].results  # the live replica's samples, same seed
+    assert seconds[0] > 1.0 and seconds[1] < 1.0, seconds  # the second went straight to the live one
+    assert f"replica {down} failed" in caplog.text and f"replica {mute} failed" in caplog.text
+
+
+@pytest.mark.slow
+def test_a_replica_serving_other_weights_is_refused(servers, student_dir, tmp_path):
+    """A LoRA sampler listed beside a full student's: refused at start, naming it. Its pushes are
+    refused (422) and fail the push, instead of leaving it to sample with its own weights. And a
+    sampler at a version newer than the learner's latest push serves another run's weights."""
+    lora = LocalServer("sampler", ["--model", str(student_dir), "--engine", "torch", "--max-lora-rank", "8"],
+                       tmp_path, name="lora-sampler")  # fmt: skip
+    weights = load_causal_lm(str(student_dir)).state_dict()
+    weights.pop("lm_head.weight", None)  # tied to the embedding: pushed once
+
+    async def push_then_generate(urls: list[str]) -> None:
+        pool = SamplerPool(urls, 60, RetryPolicy(deadline_s=5))
+        try:
+            with pytest.raises(SamplerError, match=f"sampler {urls[1]}/v1/weights answered 422"):
+                await pool.push_weights(weights, 0)
+            pool.latest_push = -1  # as if this learner had pushed nothing the servers serve
+            with pytest.raises(StaleSamplerError, match="newer than this learner's latest push"):
+                await pool.generate(GenerateRequest(prompt_ids=[[5, 6, 7]], max_tokens=2))
+        finally:
+            await pool.aclose()
+
+    with local_servers([lora]) as (lora_url,):
+        config = load_config(EXAMPLE, ["--run_dir", str(tmp_path / "run"), "--train.steps", "1", "--eval.eval_steps",
+                                       "0", "--services.sampler_urls", f"[{servers[0]}, {lora_url}]",
+                                       "--services.grader_url", servers[1], *QUIET])  # fmt: skip
+        trainer = OnPolicyDistillationTrainer(config)
+        with pytest.raises(ConfigError, match=f"sampler {lora_url}, grader {servers[1]}: .*serves LoRA adapters"):
+            trainer.train()
+        asyncio.run(push_then_generate([servers[0], lora_url]))
 
 
 def test_a_step_taken_again_comes_from_the_same_prompts(servers, student_dir):
