@@ -103,8 +103,11 @@ class Producer:
         eos_id: int,
         top_k: int,
         split_per_prompt: bool,
+        steps: int | None = None,
     ) -> None:
+        """`steps`: the run's number of steps; no batch is made for a step past it."""
         self.samplers, self.graders = samplers, graders
+        self.steps = steps
         self.plan, self.lookahead, self.pushed_version = plan, lookahead, pushed_version
         self.eos_id, self.top_k = eos_id, top_k
         self.requests_per_step = 0 if split_per_prompt else len(samplers.clients)
@@ -117,7 +120,8 @@ class Producer:
         start = time.perf_counter()
         for done in [s for s in self._plans if s < step]:  # a step is taken for good once a later one is asked
             del self._plans[done]
-        self._schedule(range(step, step + self.lookahead + 1))
+        ahead = step + self.lookahead + 1
+        self._schedule(range(step, ahead if self.steps is None else max(step + 1, min(ahead, self.steps))))
         try:
             parts = await self._tasks[step]
         finally:

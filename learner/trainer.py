@@ -157,7 +157,7 @@ class OnPolicyDistillationTrainer:
             self.producer = Producer(self.sampler, self.grader, plan=plan, lookahead=t.max_staleness,
                                      pushed_version=lambda: self.policy_version, eos_id=self.tokenizer.eos_token_id,
                                      top_k=t.top_k if t.loss == "topk" else 0,
-                                     split_per_prompt=engine == "vllm")  # fmt: skip
+                                     split_per_prompt=engine == "vllm", steps=t.steps)  # fmt: skip
             await self.push_weights()
             return await self._run_steps()
         finally:
@@ -242,6 +242,7 @@ class OnPolicyDistillationTrainer:
         """Main process: send the student (or its LoRA adapter) as version `step_count` to every
         sampler replica; its `push/bytes` and `push/seconds` go into the metrics of the step that pushed."""
         start = time.perf_counter()
+        self.sampler.latest_push = self.step_count  # every process's pool: replies of newer versions are refused
         tensors, metadata = tensors_to_push(self.processes, self.policy, self.sampler_dtype)  # collective under FSDP
         pushed = push_bytes(tensors, metadata, self.sampler_dtype)
         if self.processes.is_main:

@@ -230,3 +230,30 @@ def test_a_step_taken_again_comes_from_the_same_prompts(servers, student_dir):
     assert first.rollouts.prompt_ids == again.rollouts.prompt_ids == [[5, 6, 7], [6, 7, 7]]
     assert again.rollouts.completion_ids == first.rollouts.completion_ids  # the same seeds and weights
     assert second.rollouts.prompt_ids == [[7, 8, 7], [8, 9, 7]]
+
+
+def test_no_batch_is_made_past_the_last_step(servers, student_dir):
+    """At lookahead 5 a 2-step run plans (and generates and grades) steps 0 and 1 only."""
+    config = OpdConfig.model_validate({"student": {"path": "tiny:student"}, "teacher": {"path": "tiny:teacher"},
+                                       "train": {"batch_size": 1}, "sampling": {"n": 1, "max_tokens": 2}})  # fmt: skip
+    stream = PromptStream([SimpleNamespace(prompt_ids=[5 + i, 6, 7]) for i in range(8)], 1, seed=0, shuffle=False)
+    planned: list[int] = []
+
+    def plan(step: int):
+        planned.append(step)
+        return step_plan(stream, config, 0, step)
+
+    async def run_two_steps() -> list[int]:
+        sampler = SamplerPool([servers[0]], 60, RetryPolicy(deadline_s=5))
+        grader = GraderPool([servers[1]], 60, RetryPolicy(deadline_s=5))
+        producer = Producer(sampler, grader, plan=plan, lookahead=5, pushed_version=lambda: 0, eos_id=0, top_k=0,
+                            split_per_prompt=False, steps=2)  # fmt: skip
+        try:
+            return [len((await producer.take(step, 0)).rollouts.prompt_ids) for step in (0, 1)]
+        finally:
+            producer.close()
+            await sampler.aclose()
+            await grader.aclose()
+
+    assert asyncio.run(run_two_steps()) == [1, 1]
+    assert planned == [0, 1]
