@@ -72,14 +72,23 @@ def merge_checkpoint(checkpoint: Path, out: Path, base: str | None = None) -> Pa
 
     from opd.modeling import load_causal_lm
 
+    if not checkpoint.is_dir():
+        raise ConfigError(f"no checkpoint directory {checkpoint}")
     if not holds_adapter(checkpoint):
         raise ConfigError(f"{checkpoint} holds no LoRA adapter ({ADAPTER_CONFIG_FILE}): only a LoRA student's "
                           "checkpoint needs merging; a full student's is a Hugging Face model as it is")  # fmt: skip
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
+        raise ConfigError(f"--merge {out} exists and is not an empty directory: name a new one (opd export "
+                          "overwrites nothing)")  # fmt: skip
     config = json.loads((checkpoint / ADAPTER_CONFIG_FILE).read_text())
     base_path = base or config.get("base_model_name_or_path")
     if not base_path:
         raise ConfigError(f"{checkpoint} does not name its base model; pass --base")
-    model = _peft().PeftModel.from_pretrained(load_causal_lm(base_path), checkpoint)
+    try:
+        model = _peft().PeftModel.from_pretrained(load_causal_lm(base_path), checkpoint)
+    except (RuntimeError, ValueError, KeyError) as exc:  # torch's size mismatch, peft's missing modules
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"the adapter in {checkpoint} does not fit the base model {base_path}: {reason}") from exc
     merged = model.merge_and_unload()
     merged.save_pretrained(out)
     AutoTokenizer.from_pretrained(checkpoint).save_pretrained(out)

@@ -17,7 +17,7 @@ from safetensors.torch import save
 from learner.clients import SamplerClient
 from learner.config import LoraSpec, ModelSpec, TrainConfig, load_config
 from learner.distributed import Processes
-from learner.lora import adapter_push
+from learner.lora import adapter_push, merge_checkpoint
 from learner.metrics import read_metrics
 from learner.policy import student_policy, tensors_to_push
 from learner.services import served_lora_rank
@@ -145,6 +145,16 @@ def test_a_lora_run_learns_pushes_little_and_saves_a_peft_adapter_that_exports(t
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, rtol=0, atol=1e-4)
         assert not torch.allclose(merged(ids).logits, reference.load(student_dir)(ids).logits, atol=1e-3)
+
+    (tmp_path / "a-file").write_text("kept")
+    taken = "exists and is not an empty directory"
+    for out, base, refusal in [(tmp_path / "m", None, taken), (tmp_path / "a-file", None, taken),
+                               (tmp_path / "m2", "tiny:teacher", "does not fit the base model")]:  # fmt: skip
+        with pytest.raises(ConfigError, match=refusal):
+            merge_checkpoint(checkpoint, out, base)
+    with pytest.raises(ConfigError, match="no checkpoint directory"):
+        merge_checkpoint(tmp_path / "run" / "checkpoints" / "step_999999", tmp_path / "m3")
+    assert (tmp_path / "a-file").read_text() == "kept" and not (tmp_path / "m2").exists()
 
 
 @pytest.mark.slow
