@@ -85,17 +85,17 @@ def _check_messages(messages: object, where: str) -> None:
             raise ConfigError(f"{where}: messages[{i}]: {problems}") from None
 
 
-def warn_of_unread_keys(rows: list[tuple[str, object]], source: str) -> None:
+def warn_of_unread_keys(rows: list[tuple[str, object]], source: str, read: tuple[str, ...] = ROW_KEYS) -> None:
     """Name, once per file or dataset, the keys its rows carry that opd does not read: a typo such
     as `answr` would otherwise silently leave an item without its reward."""
     unread: dict[str, str] = {}
     for where, row in rows:
         for key in row if isinstance(row, dict) else ():
-            if key not in ROW_KEYS:
+            if key not in read:
                 unread.setdefault(key, where)
     if unread:
         named = ", ".join(f"{key!r} (first at {where})" for key, where in unread.items())
-        logger.warning("%s: rows carry keys opd does not read: %s; it reads %s", source, named, ", ".join(ROW_KEYS))
+        logger.warning("%s: rows carry keys opd does not read: %s; it reads %s", source, named, ", ".join(read))
 
 
 def encode_row(

@@ -17,15 +17,18 @@ the teacher's logprob, or with `--sampler` by the student-teacher gap.
 import html
 import json
 import logging
+import os
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pydantic import ValidationError
 from tqdm import tqdm
 
 from grader.schema import ScoredSequence, Sequence
+from learner.data import warn_of_unread_keys
 from opd.client import GraderClient, SamplerClient
 from opd.errors import ConfigError, ServiceError
 from opd.tokenizer import check_same_tokenizer
@@ -54,9 +57,14 @@ class Row:
     sequence: Sequence
 
 
+READ_KEYS = ("prompt", "prompt_ids", "messages", "completion", "completion_ids")
+"""What an input line may say; other keys (an id, a source) are left alone, and named in a warning."""
+
+
 def read_rows(path: Path) -> tuple[list[Row], list[str]]:
-    """The good rows and, for every bad one, a message naming its line."""
+    """The good rows and, for every bad one, a message naming its line (and the field at fault)."""
     rows, problems = [], []
+    seen: list[tuple[str, object]] = []
     for number, text in enumerate(path.read_text().splitlines(), start=1):
         if not text.strip():
             continue
@@ -64,12 +72,35 @@ def read_rows(path: Path) -> tuple[list[Row], list[str]]:
             data = json.loads(text)
             if not isinstance(data, dict):
                 raise ValueError("a line must be a JSON object")
-            rows.append(Row(number, Sequence.model_validate(data)))
+            seen.append((f"line {number}", data))
+            rows.append(Row(number, Sequence.model_validate({k: v for k, v in data.items() if k in READ_KEYS})))
         except ValidationError as exc:
-            problems.append(f"{path}:{number}: {'; '.join(error['msg'] for error in exc.errors())}")
+            problems.append(f"{path}:{number}: {'; '.join(_field_error(error) for error in exc.errors())}")
         except ValueError as exc:
             problems.append(f"{path}:{number}: {exc}")
+    warn_of_unread_keys(seen, str(path), READ_KEYS)
     return rows, problems
+
+
+def _field_error(error: Any) -> str:
+    where = ".".join(str(part) for part in error["loc"])
+    return f"{where}: {error['msg']}" if where else error["msg"]
+
+
+def check_writable(*paths: Path | None) -> None:
+    """Each output's folder made and writable, and the output not a directory: a run that scored
+    for an hour must not fail at the end for want of a place to write."""
+    for path in paths:
+        if path is None:
+            continue
+        if path.is_dir():
+            raise ConfigError(f"{path} is a directory: name the file to write")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"cannot make the folder of {path}: {exc}") from exc
+        if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+            raise ConfigError(f"cannot write {path}: permission denied")
 
 
 def score(
@@ -108,9 +139,7 @@ def grade(
 ) -> tuple[int, list[str]]:  # fmt: skip
     """Write one scored line per good input line; returns (lines written, problems). Outputs that
     cannot be written and a student whose tokenizer is not the teacher's fail before any scoring."""
-    for path in (out, html_out):
-        if path is not None and path.is_dir():
-            raise ConfigError(f"{path} is a directory: name the file to write")
+    check_writable(out, html_out)
     if sampler_url is not None:
         check_same_tokenizers(grader_url, sampler_url, patience)
     rows, problems = read_rows(source)
@@ -121,7 +150,6 @@ def grade(
             bar.update(1)
     if sampler_url is not None:
         results = with_student(patience.sampler(sampler_url), results, batch_size, problems)
-    out.parent.mkdir(parents=True, exist_ok=True)
     results = sorted(results, key=lambda r: r["line"])
     out.write_text("".join(json.dumps(r) + "\n" for r in results))
     if html_out is not None:

@@ -109,10 +109,10 @@ def test_python_clients_generate_and_score(servers, student_dir, teacher_dir):
 
 
 PAIRS = [
-    {"prompt": "what is 2 + 3?", "completion": "5"},
+    {"id": 7, "prompt": "what is 2 + 3?", "completion": "5"},  # a key opd grade does not read: named, left alone
     "not json at all",
     {"messages": CHAT, "completion": " it is five"},
-    {"prompt": "no completion here"},
+    {"prompt": "no completion here", "completon": " misspelt"},
     {"prompt": "what is 1 + 1?", "completion": "2" * 5000},  # longer than the tiny models' context
     {"prompt": "sort 3 1 2", "completion": " 1 2 3"},
 ]
@@ -132,7 +132,7 @@ def test_opd_grade_scores_good_rows_reports_bad_ones_and_renders_html(servers, t
     sampler_url, grader_url = servers
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join((row if isinstance(row, str) else json.dumps(row)) + "\n" for row in PAIRS))
-    out, page = tmp_path / "scored.jsonl", tmp_path / "report.html"
+    out, page = tmp_path / "scored.jsonl", tmp_path / "pages" / "report.html"  # its folder is made
     result = subprocess.run([sys.executable, "-m", "opd.cli", "grade", "--grader", grader_url, "--sampler", sampler_url,
                              "--in", str(pairs), "--out", str(out), "--html", str(page), "--batch-size", "3"],
                             capture_output=True, text=True, timeout=300)  # fmt: skip
@@ -141,6 +141,7 @@ def test_opd_grade_scores_good_rows_reports_bad_ones_and_renders_html(servers, t
     assert [r["line"] for r in rows] == [1, 3, 6]
     for line in (2, 4, 5):
         assert f":{line}:" in result.stderr or f"line {line}:" in result.stderr, result.stderr
+    assert "keys opd does not read: 'id' (first at line 1), 'completon' (first at line 4)" in result.stderr
     for r in rows:
         assert len(r["tokens"]) == len(r["teacher_logprobs"]) == len(r["student_logprobs"]) == len(r["reverse_kl"])
         assert r["reverse_kl"] == pytest.approx([s - t for s, t in zip(r["student_logprobs"], r["teacher_logprobs"],
@@ -170,6 +171,9 @@ def test_opd_grade_refuses_a_student_of_another_tokenizer_and_a_directory_to_wri
     pairs.write_text(json.dumps(PAIRS[0]) + "\n")
     with pytest.raises(ConfigError, match="is a directory"):
         grade(grader_url, pairs, tmp_path, sampler_url=sampler_url)
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(ConfigError, match="cannot make the folder of"):
+        grade(grader_url, pairs, tmp_path / "scored.jsonl", html_out=tmp_path / "a-file" / "report.html")
     other = _teacher_with_other_tokenizer(teacher_dir, tmp_path)
     other_grader = local_server("grader", ["--model", str(other), "--engine", "torch"], tmp_path / "logs")
     with other_grader as other_url, pytest.raises(TokenizerMismatchError, match="use different tokenizers"):
