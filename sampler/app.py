@@ -113,10 +113,24 @@ async def generate(request: Request) -> Response:
         return with_engine_time(Response(content=encoded, media_type=samples_wire.MEDIA_TYPE), engine_s)
     # the engine's own lists, not validated again (see the grader's `_result`)
     results = [
-        PromptResult(prompt_ids=prompt, completions=[Completion.model_construct(**vars(s)) for s in per_prompt])
+        PromptResult(prompt_ids=prompt, completions=[_json_completion(s) for s in per_prompt])
         for prompt, per_prompt in zip(prompts, samples, strict=True)
     ]
     return with_engine_time(json_reply(GenerateResponse(policy_version=version, results=results)), engine_s)
+
+
+JSON_LOGPROB_FLOOR = -9999.0
+"""What a top logprob of -inf (a token that top_p leaves out of the distribution sampled) reads in
+a JSON reply: JSON has no infinity, and pydantic would write null. vLLM's OpenAI server writes the
+same floor. Safetensors replies keep -inf."""
+
+
+def _json_completion(sample: Sample) -> Completion:
+    fields = vars(sample)
+    if sample.top_logprobs is not None:
+        floor = JSON_LOGPROB_FLOOR
+        fields = fields | {"top_logprobs": [[v if v > floor else floor for v in row] for row in sample.top_logprobs]}
+    return Completion.model_construct(**fields)
 
 
 def _check_finite(samples: list[list[Sample]], version: int) -> None:

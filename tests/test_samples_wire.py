@@ -31,6 +31,20 @@ def test_the_safetensors_reply_holds_the_json_replys_samples(servers, top_logpro
     assert ("top_ids" in wire) == bool(top_logprobs)
 
 
+def test_a_json_reply_writes_the_logprobs_top_p_excludes_as_a_floor_the_tensors_as_inf(servers):
+    """JSON has no -inf: pydantic wrote null, which the reply's own schema (and opd.client) refused."""
+    sampler_url, _ = servers
+    body = {"prompt_ids": [[1, 365, 201, 89]], "max_tokens": 3, "top_p": 0.1, "top_logprobs": 3, "seed": 1}
+    as_json = httpx.post(f"{sampler_url}/v1/generate", json=body, timeout=60)
+    as_tensors = httpx.post(f"{sampler_url}/v1/generate", json=body | {"format": "safetensors"}, timeout=60)
+    assert as_json.status_code == as_tensors.status_code == 200, as_json.text
+    by_json = GenerateResponse.model_validate_json(as_json.content).results[0].completions[0].top_logprobs
+    by_tensors = samples.decode(as_tensors.content).results[0].completions[0].top_logprobs
+    assert by_json is not None and by_tensors is not None
+    assert any(v == float("-inf") for row in by_tensors for v in row)  # top_p 0.1 leaves tokens out
+    assert by_json == [[-9999.0 if v == float("-inf") else v for v in row] for row in by_tensors]
+
+
 def test_samples_of_no_tokens_and_both_finish_reasons_survive_the_round_trip():
     per_prompt = [
         [Sample([], [], "stop", [], []), Sample([4, 5], [-0.5, -1.25], "length", [[4, 1], [5, 2]], [[-0.5, -2.0]] * 2)],
