@@ -16,6 +16,7 @@ from learner.clients import GraderPool, SamplerPool
 from learner.config import EvalConfig
 from learner.rollout import generate, grade, sample
 from learner.update import distillation_metrics, micro_batches, old_logprobs
+from opd.errors import ConfigError
 from sampler.schema import GenerateRequest
 
 EVAL_SEED_OFFSET = 7_777_777
@@ -69,5 +70,16 @@ async def mean_reward(
     )
     reply = await generate(sampler, request, version)
     texts = [str(tokenizer.decode(r.completions[0].completion_ids, skip_special_tokens=True)) for r in reply.results]
-    rewards = [item.get_reward(text) for item, text in zip(items, texts, strict=True)]
+    rewards = [reward_of(item, text) for item, text in zip(items, texts, strict=True)]
     return sum(rewards) / len(rewards)
+
+
+def reward_of(item: EvalItem, completion: str) -> float:
+    """`item.get_reward(completion)` as a float; a reward function that fails, or gives no number,
+    is an error that says so (the user's code, not opd's)."""
+    try:
+        reward = item.get_reward(completion)
+        return float(reward)
+    except Exception as exc:
+        raise ConfigError(f"the eval reward failed on a completion ({type(exc).__name__}: {exc}): a reward takes "
+                          "(completion, answer) and returns a number") from exc  # fmt: skip

@@ -11,6 +11,7 @@ From the Python API, items of your own with a `get_reward(completion) -> float` 
 """
 
 import importlib
+import inspect
 import re
 import threading
 from collections.abc import Callable
@@ -64,4 +65,10 @@ def load_reward(name: str) -> Reward:
         raise ConfigError(f"eval.reward {name}: cannot import {function_name} from {module_name} ({exc})") from exc
     if not callable(function):
         raise ConfigError(f"eval.reward {name} is not a function")
+    try:
+        inspect.signature(function).bind("completion", "answer")
+    except TypeError as exc:
+        raise ConfigError(f"eval.reward {name} cannot be called as fn(completion, answer): {exc}") from exc
+    except ValueError:  # no signature to read (some builtins): the first eval finds out
+        pass
     return function

@@ -178,7 +178,12 @@ class OnPolicyDistillationTrainer:
         while self.step_count < cfg.train.steps:
             metrics = await self.step()
             if self._eval_due():
-                metrics |= await self.evaluate()
+                try:
+                    metrics |= await self.evaluate()
+                except Exception:
+                    if self.processes.world_size == 1:  # (several: the others may be in a collective)
+                        self._maybe_save()  # the step's training is kept, and a resume goes on from it
+                    raise
             self._maybe_save()
             self.metrics.log(metrics, step=self.step_count)
             history.append(metrics)

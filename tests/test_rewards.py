@@ -82,6 +82,33 @@ def test_reward_names_are_checked_at_start():
         load_reward("no_such_module:score")
     with pytest.raises(ConfigError, match="is not a function"):
         load_reward("tests.test_rewards:REASONING")
+    with pytest.raises(ConfigError, match=r"json:dumps cannot be called as fn\(completion, answer\)"):
+        load_reward("json:dumps")  # (obj, *, ...): one positional argument
+
+
+REWARDS_GIVEN: list[float] = []
+
+
+def wrong_reward(completion: str, answer: str) -> float:
+    """Right at the start's eval (step 0, two items with answers), wrong from the next one on."""
+    if len(REWARDS_GIVEN) >= 2:
+        raise KeyError("the user's bug")
+    REWARDS_GIVEN.append(0.0)
+    return 0.0
+
+
+@pytest.mark.slow
+def test_a_reward_that_fails_is_named_and_the_steps_checkpoint_is_kept(tmp_path):
+    from learner.trainer import OnPolicyDistillationTrainer
+
+    config = load_config("examples/tiny/config.yml", [
+        "--run_dir", str(tmp_path / "run"), "--train.steps", "2", "--eval.eval_steps", "2", "--eval.max_items", "4",
+        "--eval.reward", "tests.test_rewards:wrong_reward", "--checkpoint.save_steps", "0",
+        "--services.engine", "torch", "--logging.progress", "false"])  # fmt: skip
+    with pytest.raises(ConfigError, match=r"the eval reward failed on a completion \(KeyError: \"the user's bug\"\)"):
+        OnPolicyDistillationTrainer(config).train()
+    assert len(REWARDS_GIVEN) == 2  # the eval at step 0 went through
+    assert (tmp_path / "run" / "checkpoints" / "step_000002").is_dir()  # the last step's, saved after the eval
 
 
 THINKING_TEMPLATE = (
