@@ -18,7 +18,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from opd.serving import MAX_LOGPROBS_CAP, ChatMessage, ErrorResponse, InfoResponse, Text
+from opd.limits import MAX_LOGPROBS_CAP
+from opd.serving import ChatMessage, ErrorResponse, InfoResponse, Text
 
 __all__ = ["ErrorResponse", "InfoResponse", "LogprobsRequest", "LogprobsResponse", "ScoredSequence", "Sequence"]
 

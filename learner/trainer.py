@@ -74,6 +74,8 @@ class OnPolicyDistillationTrainer:
             sections["train"] = {**sections.get("train", {}), "use_accelerate": use_accelerate}
         self.config = cfg = build_config(config, student, teacher, sections)
         self.run_dir = Path(cfg.run_dir)
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise ConfigError(f"run_dir {self.run_dir} is a file, not a directory: name a directory for the run")
         if resume_from is not None and cfg.train.use_accelerate and cfg.train.fsdp:
             # each process's optimizer holds the moments of its own shards; a checkpoint has the main one's
             raise ConfigError("resuming under train.fsdp is not supported yet: a checkpoint keeps the optimizer state "

@@ -18,7 +18,7 @@ import math
 import sys
 
 from opd.errors import OpdError
-from opd.limits import MAX_REQUEST_SEQUENCES
+from opd.limits import MAX_LOGPROBS_CAP, MAX_REQUEST_SEQUENCES
 
 
 def setup_logging(level: str = "INFO") -> None:
@@ -39,6 +39,20 @@ def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return value
+
+
+def logprob_count(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= MAX_LOGPROBS_CAP:
+        raise argparse.ArgumentTypeError(f"{value} is not within 0..{MAX_LOGPROBS_CAP}")
+    return value
+
+
+def share(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a share within (0, 1]")
     return value
 
 
@@ -75,29 +89,32 @@ def _server_parser(sub: argparse._SubParsersAction, name: str, default_port: int
     parser.add_argument("--port", type=port, default=default_port)
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     parser.add_argument("--device", default="cpu", help="torch engine device, e.g. cpu or cuda:0")
-    parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--max-model-len", type=positive_int, default=None)
     parser.add_argument(
         "--max-logprobs",
-        type=int,
+        type=logprob_count,
         default=20,
         help="largest top-k of logprobs a request may ask for (vLLM's max_logprobs; default 20, as vLLM's)",
     )
     parser.add_argument(
         "--max-request-sequences",
-        type=int,
+        type=positive_int,
         default=MAX_REQUEST_SEQUENCES,
         help="most sequences per request (sampler: prompts x n); more is refused with 413",
     )
     vllm = parser.add_argument_group("vllm engine")
     vllm.add_argument(
         "--gpu-memory-utilization",
-        type=float,
+        type=share,
         default=None,
         help="share of GPU memory for weights + KV cache (split it between servers on one GPU)",
     )
-    vllm.add_argument("--tensor-parallel-size", type=int, default=1)
+    vllm.add_argument("--tensor-parallel-size", type=positive_int, default=1)
     vllm.add_argument(
-        "--kv-cache-memory-bytes", type=int, default=None, help="explicit KV cache size; on CPU the default is 256 MiB"
+        "--kv-cache-memory-bytes",
+        type=positive_int,
+        default=None,
+        help="explicit KV cache size; on CPU the default is 256 MiB",
     )
     vllm.add_argument(
         "--enforce-eager",
@@ -154,17 +171,20 @@ def build_parser() -> argparse.ArgumentParser:
     sampler = _server_parser(sub, "sampler", 8001)
     grader = _server_parser(sub, "grader", 8002)
     grader.add_argument(
-        "--max-batch-tokens", type=int, default=16384, help="padded tokens per teacher forward; bounds logits memory"
+        "--max-batch-tokens",
+        type=positive_int,
+        default=16384,
+        help="padded tokens per teacher forward; bounds logits memory",
     )
     sampler.add_argument(
         "--max-weights-bytes",
-        type=int,
+        type=positive_int,
         default=64 * 2**30,
         help="largest weight push body (default 64 GiB); more is refused with 413",
     )
     sampler.add_argument(
         "--max-lora-rank",
-        type=int,
+        type=positive_int,
         default=None,
         help="serve LoRA adapters of rank up to this, one of vLLM's 1, 8, 16, 32, 64, 128, 256, 320, 512 (a LoRA "
         "student pushes only its adapter); default: full weights",
@@ -316,6 +336,10 @@ def main(argv: list[str] | None = None) -> None:
     args, rest = parser.parse_known_args(argv)
     if rest and args.command != "run":
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command == "run" and not args.config.endswith((".yml", ".yaml")):
+        configs = [a for a in rest if a.endswith((".yml", ".yaml")) and not a.startswith("-")]
+        if configs:  # `opd run --train.steps 5 c.yml` takes 5 for the config
+            parser.error(f"the config file comes first: opd run {configs[0]} [--section.key value ...]")
     setup_logging()
     try:
         if args.command == "run":

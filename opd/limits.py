@@ -5,6 +5,10 @@ MAX_REQUEST_SEQUENCES = 4096
 sampler counts prompts x n). The learner splits larger generate and grade calls into requests of
 at most this many (`learner/rollout.py`), so a server started with a lower cap refuses them (413)."""
 
+MAX_LOGPROBS_CAP = 1024
+"""Largest top-k either schema admits; each server's --max-logprobs (default 20, vLLM's own
+default) is the limit it enforces below that."""
+
 MAX_N = 64
 """Most completions per prompt in one generate request; the learner's `sampling.n` and `eval.n`
 are held to it at config time."""

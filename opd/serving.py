@@ -123,10 +123,6 @@ def add_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Exception, _on_unexpected)
 
 
-MAX_LOGPROBS_CAP = 1024
-"""Largest top-k either schema admits; each server's --max-logprobs (default 20, vLLM's own
-default) is the limit it enforces below that."""
-
 MAX_JSON_BYTES = 64 * 2**20
 """Largest JSON request body: 64 MiB holds ~4M token ids, far above any sane batch."""
 

@@ -11,8 +11,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from opd.limits import MAX_N, MAX_TEMPERATURE
-from opd.serving import MAX_LOGPROBS_CAP, ChatMessage, ErrorResponse, InfoResponse
+from opd.limits import MAX_LOGPROBS_CAP, MAX_N, MAX_TEMPERATURE
+from opd.serving import ChatMessage, ErrorResponse, InfoResponse
 
 __all__ = [
     "ADAPTER_CONFIG_KEY",

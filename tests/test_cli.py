@@ -178,6 +178,28 @@ def test_bad_config_fails_before_anything_starts(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize(("argv", "message"), [
+    (["sampler", "--model", "m", "--max-logprobs", "-1"], "--max-logprobs: -1 is not within 0..1024"),
+    (["grader", "--model", "m", "--max-model-len", "0"], "--max-model-len: 0 is not a positive integer"),
+    (["sampler", "--model", "m", "--gpu-memory-utilization", "1.5"], "1.5 is not a share within (0, 1]"),
+    (["grader", "--model", "m", "--max-batch-tokens", "-4"], "--max-batch-tokens: -4 is not a positive integer"),
+    (["run", "--train.steps", "5", "c.yml"], "the config file comes first: opd run c.yml"),
+])  # fmt: skip
+def test_values_that_cannot_work_are_refused_by_the_command_line(argv, message, capsys):
+    from opd.cli import main
+
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    assert stopped.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_run_dir_that_is_a_file_is_refused_naming_it(tmp_path):
+    (tmp_path / "taken").write_text("")
+    config = load_config("examples/tiny/config.yml", ["--run_dir", str(tmp_path / "taken")])
+    with pytest.raises(ConfigError, match=r"run_dir .*taken is a file, not a directory"):
+        OnPolicyDistillationTrainer(config)
+
+
 def test_missing_model_path_fails_naming_it():
     result = opd("sampler", "--model", "/no/such/model", timeout=60)
     assert result.returncode != 0
