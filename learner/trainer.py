@@ -70,7 +70,7 @@ class OnPolicyDistillationTrainer:
         resume_from: Path | None = None,
         **sections: dict[str, Any],
     ) -> None:
-        if use_accelerate is not None:
+        if use_accelerate is not None and isinstance(sections.get("train", {}), dict):  # (else build_config names it)
             sections["train"] = {**sections.get("train", {}), "use_accelerate": use_accelerate}
         self.config = cfg = build_config(config, student, teacher, sections)
         self.run_dir = Path(cfg.run_dir)

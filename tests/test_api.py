@@ -35,6 +35,9 @@ def test_kwargs_build_the_config_and_name_bad_keys(tmp_path):
                                     train={"lrr": 1})  # fmt: skip
     with pytest.raises(ConfigError, match="no training prompts"):
         OnPolicyDistillationTrainer(student="tiny:student", teacher="tiny:teacher")
+    with pytest.raises(ConfigError, match=r"train: Input should be a valid dictionary"):
+        OnPolicyDistillationTrainer(student="tiny:student", teacher="tiny:teacher", train_dataset=[{"prompt": "x"}],
+                                    train=5, use_accelerate=False)  # fmt: skip
     with pytest.raises(ConfigError, match=r"dataset\[1\]"):
         OnPolicyDistillationTrainer(student="tiny:student", teacher="tiny:teacher",
                                     train_dataset=[{"prompt": "ok"}, {"text": "no prompt key"}])  # fmt: skip
