@@ -58,7 +58,12 @@ def check_weights(tensors: dict[str, torch.Tensor], specs: dict[str, WeightSpec]
     finite values."""
     unknown = sorted(set(tensors) - set(specs))
     if unknown:
-        raise RequestError(f"unknown weight names: {unknown[:5]}", param=f"weights.{unknown[0]}", status=422)
+        tied = [name for name in unknown if name.endswith("lm_head.weight")]
+        hint = ""
+        if tied:
+            hint = (f"; this model has no {tied[0]} of its own (its output layer is tied to the input embedding): "
+                    "push each weight once, as named_parameters() names them, not state_dict()")  # fmt: skip
+        raise RequestError(f"unknown weight names: {unknown[:5]}{hint}", param=f"weights.{unknown[0]}", status=422)
     missing = sorted(set(specs) - set(tensors))
     if missing:
         raise RequestError(f"missing weights: {missing[:5]}", param=f"weights.{missing[0]}", status=422)

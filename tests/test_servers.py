@@ -683,6 +683,24 @@ def test_weight_push_stream_then_path_then_refusal(student_dir, tmp_path):
         assert _greedy_all(url) == serving
 
 
+def test_a_push_of_a_state_dict_with_a_tied_output_layer_is_told_why_it_is_refused():
+    from opd.errors import RequestError
+    from sampler.engine import WeightSpec
+    from sampler.weights import check_weights
+
+    specs = {"model.embed_tokens.weight": WeightSpec((4, 2), torch.float32)}  # tied: no lm_head.weight of its own
+    state_dict = {"model.embed_tokens.weight": torch.zeros(4, 2), "lm_head.weight": torch.zeros(4, 2)}
+    with pytest.raises(RequestError, match=r"no lm_head.weight of its own \(its output layer is tied") as refused:
+        check_weights(state_dict, specs)
+    assert refused.value.status == 422 and refused.value.param == "weights.lm_head.weight"
+    with pytest.raises(RequestError, match=r"unknown weight names: \['extra'\]$"):  # no hint for other names
+        check_weights({**specs_tensors(specs), "extra": torch.zeros(1)}, specs)
+
+
+def specs_tensors(specs: dict) -> dict[str, torch.Tensor]:
+    return {name: torch.zeros(spec.shape, dtype=spec.dtype) for name, spec in specs.items()}
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
 def test_all_finite_finds_one_bad_value_anywhere_and_accepts_the_largest_finite_ones(dtype):
     from sampler.weights import all_finite
