@@ -286,9 +286,9 @@ class OnPolicyDistillationTrainer:
 
     def _longest_sequence(self) -> tuple[int, int]:
         """(longest prompt, most tokens sampled after it) of this run: its training prompts and the
-        eval prompts an eval uses (the first eval.max_items)."""
+        eval prompts an eval uses (the first eval.max_items; none when eval.eval_steps is 0)."""
         train = (max(len(item.prompt_ids) for item in self.train_items), self.config.sampling.max_tokens)
-        evaluated = self.eval_items[: self.config.eval.max_items]
+        evaluated = self.eval_items[: self.config.eval.max_items] if self.config.eval.eval_steps else []
         if not evaluated:
             return train
         evals = (max(len(item.prompt_ids) for item in evaluated), self.config.eval.max_tokens)

@@ -56,12 +56,16 @@ def test_the_start_check_counts_the_eval_prompts_an_eval_uses(tmp_path):
     long_eval = "".join(chr(ord("a") + i % 26) for i in range(300))
     trainer = OnPolicyDistillationTrainer(
         student="tiny:student", teacher="tiny:teacher", train_dataset=[{"prompt": "hi"}], run_dir=str(tmp_path),
-        eval_dataset=[{"prompt": "hello"}, {"prompt": long_eval}], sampling={"max_tokens": 8}, eval={"max_tokens": 4},
+        eval_dataset=[{"prompt": "hello"}, {"prompt": long_eval}], sampling={"max_tokens": 8},
+        eval={"max_tokens": 4, "eval_steps": 10},
     )  # fmt: skip
     short, long = (len(item.prompt_ids) for item in trainer.eval_items)
     assert trainer._longest_sequence() == (long, 4)
     trainer.config.eval.max_items = 1  # only "hello" is ever evaluated: the long prompt must not fail the run
     assert trainer._longest_sequence() == max((len(trainer.train_items[0].prompt_ids), 8), (short, 4), key=sum)
+    trainer.config.eval.max_tokens = 1000
+    trainer.config.eval.eval_steps = 0  # no eval runs: its max_tokens must not fail the run either
+    assert trainer._longest_sequence() == (len(trainer.train_items[0].prompt_ids), 8)
 
 
 @pytest.mark.slow
