@@ -45,6 +45,17 @@ def run_metrics(run_dir: Path) -> list[dict]:
     return rows
 
 
+def run_labels(paths: Sequence[Path]) -> list[str]:
+    """A legend label per run: its folder's name, or as many of its last path parts as tell it
+    from the others (runs/a/opd and runs/b/opd: a/opd and b/opd)."""
+    parts = [(path if path.is_dir() else path.parent).resolve().parts for path in paths]
+    for depth in range(1, max(len(p) for p in parts) + 1):
+        labels = ["/".join(p[-depth:]) for p in parts]
+        if len(set(labels)) == len(labels):
+            return labels
+    return labels  # the same run named twice: the same label
+
+
 def plot_runs(runs: Sequence[tuple[str, Sequence[dict]]], out: Path, title: str | None = None, x: str = "step") -> Path:
     """Two panels, reverse KL per token and eval reward, one colour per (label, rows) run, over steps
     or (x="wall") training seconds; writes a PNG."""

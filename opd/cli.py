@@ -314,10 +314,10 @@ def run_init(folder: str, template: str) -> None:
 def run_plot(runs: list[str], out: str | None) -> None:
     from pathlib import Path
 
-    from learner.plot import plot_runs, run_metrics
+    from learner.plot import plot_runs, run_labels, run_metrics
 
     paths = [Path(run) for run in runs]
-    loaded = [(path.name if path.is_dir() else path.parent.name, run_metrics(path)) for path in paths]
+    loaded = [(label, run_metrics(path)) for label, path in zip(run_labels(paths), paths, strict=True)]
     first = paths[0] if paths[0].is_dir() else paths[0].parent
     print(f"wrote {plot_runs(loaded, Path(out) if out else first / 'plot.png')}")
 

@@ -9,7 +9,7 @@ import pytest
 from matplotlib.image import imread
 
 from learner.metrics import read_metrics, truncate_metrics
-from learner.plot import series
+from learner.plot import run_labels, series
 from opd.cli import main
 
 BLUE, ORANGE = (0x1F, 0x77, 0xB4), (0xFF, 0x7F, 0x0E)  # matplotlib's C0 and C1: run 1 and run 2
@@ -30,6 +30,14 @@ def opd_plot(*args: str) -> subprocess.CompletedProcess:
 def has_colour(image: np.ndarray, rgb: tuple[int, int, int]) -> bool:
     pixels = (image[..., :3] * 255).round().astype(int)
     return bool((np.abs(pixels - np.array(rgb)).sum(-1) <= 6).any())
+
+
+def test_runs_of_the_same_folder_name_get_labels_that_tell_them_apart(tmp_path):
+    for run in ("a/opd", "b/opd", "c/gkd"):
+        (tmp_path / run).mkdir(parents=True)
+    (tmp_path / "c" / "gkd" / "metrics.jsonl").write_text("")
+    assert run_labels([tmp_path / "a/opd", tmp_path / "b/opd"]) == ["a/opd", "b/opd"]
+    assert run_labels([tmp_path / "a/opd", tmp_path / "c/gkd/metrics.jsonl"]) == ["opd", "gkd"]
 
 
 def test_series_takes_rows_with_the_key_in_step_order():
