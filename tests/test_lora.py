@@ -8,13 +8,15 @@ import asyncio
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
 import torch
 from safetensors.torch import save
 
-from learner.clients import SamplerClient
+from learner.clients import RetryPolicy, SamplerClient, SamplerPool
 from learner.config import LoraSpec, ModelSpec, TrainConfig, load_config
 from learner.distributed import Processes
 from learner.lora import adapter_push, merge_checkpoint
@@ -22,9 +24,9 @@ from learner.metrics import read_metrics
 from learner.policy import student_policy, tensors_to_push
 from learner.services import served_lora_rank
 from learner.trainer import OnPolicyDistillationTrainer
-from opd.errors import ConfigError
+from opd.errors import ConfigError, SamplerError, StaleSamplerError
 from opd.launch import local_server
-from sampler.schema import ADAPTER_CONFIG_KEY
+from sampler.schema import ADAPTER_CONFIG_KEY, GenerateRequest
 from tests import reference
 from tests.test_servers import EOS, PROMPTS, generate
 
@@ -82,18 +84,27 @@ def test_an_adapter_push_moves_under_a_tenth_of_a_full_push(student_dir):
     assert all(name.startswith("base_model.model.") and ".lora_" in name for name in adapter)
 
 
-def test_the_torch_sampler_serves_a_pushed_adapter_as_the_merged_model(student_dir, tmp_path):
+@pytest.fixture(scope="module")
+def lora_sampler(student_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A torch sampler of the tiny student that serves LoRA adapters (rank up to 8); each test
+    pushes the adapter it needs first."""
+    logs = tmp_path_factory.mktemp("lora-sampler-logs")
+    with local_server("sampler", ["--model", str(student_dir), "--engine", "torch", *LORA], logs) as url:
+        yield url
+
+
+def test_the_torch_sampler_serves_a_pushed_adapter_as_the_merged_model(student_dir, lora_sampler):
     lm, other = trained_adapter(student_dir, seed=0), trained_adapter(student_dir, seed=1)
-    with local_server("sampler", ["--model", str(student_dir), "--engine", "torch", *LORA], tmp_path) as url:
-        assert httpx.get(f"{url}/v1/info").json()["max_lora_rank"] == 8
-        assert asyncio.run(push(url, adapter_push(lm)[0], 1, adapter_push(lm)[1])) == 1
-        check_serves(url, merged_reference(lm))
-        # a second adapter replaces the first (not added on top of it)
-        assert asyncio.run(push(url, adapter_push(other)[0], 2, adapter_push(other)[1])) == 2
-        check_serves(url, merged_reference(other))
+    url = lora_sampler
+    assert httpx.get(f"{url}/v1/info").json()["max_lora_rank"] == 8
+    assert asyncio.run(push(url, adapter_push(lm)[0], 1, adapter_push(lm)[1])) == 1
+    check_serves(url, merged_reference(lm))
+    # a second adapter replaces the first (not added on top of it)
+    assert asyncio.run(push(url, adapter_push(other)[0], 2, adapter_push(other)[1])) == 2
+    check_serves(url, merged_reference(other))
 
 
-def test_bad_adapters_are_refused_and_the_old_one_keeps_serving(student_dir, tmp_path):
+def test_bad_adapters_are_refused_and_the_old_one_keeps_serving(student_dir, lora_sampler, servers):
     lm = trained_adapter(student_dir)
     tensors, metadata = adapter_push(lm)
     name = next(n for n in tensors if n.endswith("q_proj.lora_A.weight"))
@@ -101,19 +112,45 @@ def test_bad_adapters_are_refused_and_the_old_one_keeps_serving(student_dir, tmp
     not_finite = {**tensors, name: tensors[name].clone().index_fill_(1, torch.tensor([3]), float("nan"))}
     rank_16 = {ADAPTER_CONFIG_KEY: json.dumps({**json.loads(metadata[ADAPTER_CONFIG_KEY]), "r": 16})}
     full = {n: p.detach() for n, p in reference.load(student_dir).named_parameters()}
-    with local_server("sampler", ["--model", str(student_dir), "--engine", "torch", *LORA], tmp_path) as url:
-        assert asyncio.run(push(url, tensors, 1, metadata)) == 1
-        before = generate(url, prompt_ids=PROMPTS, n=1, temperature=0.0, max_tokens=6)
-        for body, param in [(save(wrong_shape, metadata), "weights."), (save(not_finite, metadata), f"weights.{name}"),
-                            (save(tensors, rank_16), "adapter_config.r"), (save(full), "weights")]:  # fmt: skip
-            response = httpx.post(f"{url}/v1/weights", content=body, params={"version": 7})
-            assert response.status_code == 422, response.text
-            assert response.json()["error"]["param"].startswith(param)
-        assert httpx.get(f"{url}/v1/info").json()["policy_version"] == 1
-        assert generate(url, prompt_ids=PROMPTS, n=1, temperature=0.0, max_tokens=6) == before
-    with local_server("sampler", ["--model", str(student_dir), "--engine", "torch"], tmp_path) as url:
-        response = httpx.post(f"{url}/v1/weights", content=save(tensors, metadata), params={"version": 1})
-        assert response.status_code == 422 and "--max-lora-rank" in response.json()["error"]["message"]
+    url = lora_sampler
+    assert asyncio.run(push(url, tensors, 1, metadata)) == 1
+    before = generate(url, prompt_ids=PROMPTS, n=1, temperature=0.0, max_tokens=6)
+    for body, param in [(save(wrong_shape, metadata), "weights."), (save(not_finite, metadata), f"weights.{name}"),
+                        (save(tensors, rank_16), "adapter_config.r"), (save(full), "weights")]:  # fmt: skip
+        response = httpx.post(f"{url}/v1/weights", content=body, params={"version": 7})
+        assert response.status_code == 422, response.text
+        assert response.json()["error"]["param"].startswith(param)
+    assert httpx.get(f"{url}/v1/info").json()["policy_version"] == 1
+    assert generate(url, prompt_ids=PROMPTS, n=1, temperature=0.0, max_tokens=6) == before
+    # and a sampler of full weights refuses an adapter, saying what it serves (the shared one: nothing changes)
+    response = httpx.post(f"{servers[0]}/v1/weights", content=save(tensors, metadata), params={"version": 1})
+    assert response.status_code == 422 and "--max-lora-rank" in response.json()["error"]["message"]
+
+
+def test_a_lora_sampler_among_full_replicas_is_refused(lora_sampler, servers, student_dir, tmp_path):
+    """A LoRA sampler listed beside a full student's: refused at start, naming it. Its pushes are
+    refused (422) and fail the push, instead of leaving it to sample with its own weights. And a
+    sampler at a version newer than the learner's latest push serves another run's weights."""
+    full, graders = servers
+    weights = {name: p.detach() for name, p in reference.load(student_dir).named_parameters()}
+
+    async def push_then_generate(urls: list[str]) -> None:
+        pool = SamplerPool(urls, 60, RetryPolicy(deadline_s=5))
+        try:
+            with pytest.raises(SamplerError, match=f"sampler {lora_sampler}/v1/weights answered 422"):
+                await pool.push_weights(weights, 0)
+            pool.latest_push = -1  # as if this learner had pushed nothing the servers serve
+            with pytest.raises(StaleSamplerError, match="newer than this learner's latest push"):
+                await pool.generate(GenerateRequest(prompt_ids=[[5, 6, 7]], max_tokens=2))
+        finally:
+            await pool.aclose()
+
+    config = load_config("examples/tiny/config.yml", [
+        "--run_dir", str(tmp_path / "run"), "--train.steps", "1", "--eval.eval_steps", "0", "--services.sampler_urls",
+        f"[{full}, {lora_sampler}]", "--services.grader_url", graders, "--logging.progress", "false"])  # fmt: skip
+    with pytest.raises(ConfigError, match=f"sampler {lora_sampler}, grader {graders}: .*serves LoRA adapters"):
+        OnPolicyDistillationTrainer(config).train()
+    asyncio.run(push_then_generate([full, lora_sampler]))
 
 
 def lora_args(run_dir, steps: int, *extra: str) -> list[str]:

@@ -27,9 +27,7 @@ from learner.metrics import read_metrics
 from learner.producer import Producer, step_plan
 from learner.services import cpu_shares, embedded_servers
 from learner.trainer import OnPolicyDistillationTrainer
-from opd.errors import ConfigError, SamplerError, StaleSamplerError
 from opd.launch import LocalServer, local_servers
-from opd.modeling import load_causal_lm
 from sampler.schema import GenerateRequest
 from tests.faults import KillSamplerAfterPush
 
@@ -173,37 +171,6 @@ def test_a_replica_that_is_down_or_silent_is_passed_over_then_asked_last(servers
     assert replies[0].results == replies[1].results  # the live replica's samples, same seed
     assert seconds[0] > 1.0 and seconds[1] < 1.0, seconds  # the second went straight to the live one
     assert f"replica {down} failed" in caplog.text and f"replica {mute} failed" in caplog.text
-
-
-@pytest.mark.slow
-def test_a_replica_serving_other_weights_is_refused(servers, student_dir, tmp_path):
-    """A LoRA sampler listed beside a full student's: refused at start, naming it. Its pushes are
-    refused (422) and fail the push, instead of leaving it to sample with its own weights. And a
-    sampler at a version newer than the learner's latest push serves another run's weights."""
-    lora = LocalServer("sampler", ["--model", str(student_dir), "--engine", "torch", "--max-lora-rank", "8"],
-                       tmp_path, name="lora-sampler")  # fmt: skip
-    weights = load_causal_lm(str(student_dir)).state_dict()
-    weights.pop("lm_head.weight", None)  # tied to the embedding: pushed once
-
-    async def push_then_generate(urls: list[str]) -> None:
-        pool = SamplerPool(urls, 60, RetryPolicy(deadline_s=5))
-        try:
-            with pytest.raises(SamplerError, match=f"sampler {urls[1]}/v1/weights answered 422"):
-                await pool.push_weights(weights, 0)
-            pool.latest_push = -1  # as if this learner had pushed nothing the servers serve
-            with pytest.raises(StaleSamplerError, match="newer than this learner's latest push"):
-                await pool.generate(GenerateRequest(prompt_ids=[[5, 6, 7]], max_tokens=2))
-        finally:
-            await pool.aclose()
-
-    with local_servers([lora]) as (lora_url,):
-        config = load_config(EXAMPLE, ["--run_dir", str(tmp_path / "run"), "--train.steps", "1", "--eval.eval_steps",
-                                       "0", "--services.sampler_urls", f"[{servers[0]}, {lora_url}]",
-                                       "--services.grader_url", servers[1], *QUIET])  # fmt: skip
-        trainer = OnPolicyDistillationTrainer(config)
-        with pytest.raises(ConfigError, match=f"sampler {lora_url}, grader {servers[1]}: .*serves LoRA adapters"):
-            trainer.train()
-        asyncio.run(push_then_generate([servers[0], lora_url]))
 
 
 def test_a_step_taken_again_comes_from_the_same_prompts(servers, student_dir):
