@@ -375,8 +375,9 @@ class SamplerPool(ReplicaPool[SamplerClient]):
         self._unshared: set[str] = set()  # samplers that refused a shared push: they get the body
         self._shared_file: Path | None = None  # the last push by path: removed at close (/dev/shm is RAM)
         self.latest_push: int | None = None
-        """The version of the latest push begun (None before the first): no sampler of this learner
-        can serve a newer one."""
+        """The learner sets it to the version of each push before it begins: no sampler of this
+        learner can serve a newer one. None (the Python client's pools, which other writers may
+        share): no version is refused for being newer."""
 
     async def generate(self, request: GenerateRequest) -> GenerateResponse:
         """The reply of one replica; StaleSamplerError when it serves a version this learner never
@@ -510,7 +511,6 @@ class SamplerPool(ReplicaPool[SamplerClient]):
         learner to push again). A replica that refuses the weights (4xx: they do not fit what it
         serves) fails the push: it would go on sampling with other weights. So does a push no
         replica took."""
-        self.latest_push = version
         results = await asyncio.gather(*(push(client) for client in self.clients), return_exceptions=True)
         failed = [(c, r) for c, r in zip(self.clients, results, strict=True) if isinstance(r, BaseException)]
         for client, error in failed:
