@@ -16,6 +16,7 @@ from transformers import PreTrainedTokenizerBase
 
 from learner.config import DataConfig
 from learner.rewards import Reward, exact
+from opd import jsonl
 from opd.errors import ConfigError
 from opd.serving import ChatMessage, Text
 from opd.tokenizer import chat_prompt_ids, text_ids
@@ -117,7 +118,7 @@ def load_prompts(
     if not Path(path).is_file():
         raise ConfigError(f"data file {path} does not exist")
     rows = []
-    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+    for number, line in enumerate(jsonl.lines(jsonl.read_text(path)), start=1):
         if not line.strip():
             continue
         try:

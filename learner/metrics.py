@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Protocol
 
+from opd import jsonl
 from opd.errors import ConfigError
 
 
@@ -99,7 +100,7 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def _complete_lines(text: str) -> list[str]:
-    lines = [line for line in text.splitlines() if line.strip()]
+    lines = [line for line in jsonl.lines(text) if line.strip()]
     if lines and not text.endswith("\n"):
         try:
             json.loads(lines[-1])

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from grader.schema import ScoredSequence, Sequence
 from learner.data import warn_of_unread_keys
+from opd import jsonl
 from opd.client import GraderClient, SamplerClient
 from opd.errors import ConfigError, ServiceError
 from opd.tokenizer import check_same_tokenizer
@@ -65,7 +66,7 @@ def read_rows(path: Path) -> tuple[list[Row], list[str]]:
     """The good rows and, for every bad one, a message naming its line (and the field at fault)."""
     rows, problems = [], []
     seen: list[tuple[str, object]] = []
-    for number, text in enumerate(path.read_text().splitlines(), start=1):
+    for number, text in enumerate(jsonl.lines(jsonl.read_text(path)), start=1):
         if not text.strip():
             continue
         try:

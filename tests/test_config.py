@@ -1,5 +1,6 @@
 """Config loading: YAML + dotted CLI overrides, errors that name the key."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -148,6 +149,19 @@ def test_a_bad_data_line_is_refused_naming_its_line(tmp_path, student_dir, line,
     with pytest.raises(ConfigError) as info:
         load_prompts(str(path), AutoTokenizer.from_pretrained(student_dir), DataConfig())
     assert f"{path}:2: " in str(info.value) and needle in str(info.value)
+
+
+def test_jsonl_lines_end_at_newlines_only_and_the_text_must_be_utf8(tmp_path, student_dir):
+    # U+2028, U+2029 and U+0085 are legal raw inside a JSON string; str.splitlines cut lines there
+    path = tmp_path / "train.jsonl"
+    prompts = ["a\u2028b", "c\u2029d", "e\x85f"]
+    rows = "".join(json.dumps({"prompt": p}, ensure_ascii=False) + "\r\n" for p in prompts)
+    path.write_bytes(b"\xef\xbb\xbf" + rows.encode())  # a BOM and CRLF, as Windows writes
+    items = load_prompts(str(path), AutoTokenizer.from_pretrained(student_dir), DataConfig())
+    assert len(items) == 3
+    path.write_bytes(b'{"prompt": "fine"}\n{"prompt": "caf\xe9"}\n')  # Latin-1
+    with pytest.raises(ConfigError, match=rf"{path}:2: not UTF-8 text \(byte 0xe9"):
+        load_prompts(str(path), AutoTokenizer.from_pretrained(student_dir), DataConfig())
 
 
 def test_keys_opd_does_not_read_are_named_once(tmp_path, student_dir, caplog):
