@@ -17,17 +17,13 @@ from typing import Any
 import torch
 
 from learner.policy import LM_PREFIX
+from opd import torch_thread
 from opd.errors import ConfigError
 
 
 class Processes:
     def __init__(self, use_accelerate: bool, device: str, fsdp: bool = False) -> None:
-        try:
-            kind = torch.device(device).type
-        except RuntimeError as exc:
-            raise ConfigError(f"train.device {device!r} is not a torch device: {exc}") from None
-        if kind == "cuda" and not torch.cuda.is_available():
-            raise ConfigError(f"train.device is {device}, but this torch ({torch.__version__}) sees no CUDA device")
+        torch_thread.checked_device(device, "train.device")
         self.accelerator: Any = None
         if use_accelerate:
             from accelerate import Accelerator, FullyShardedDataParallelPlugin

@@ -13,7 +13,9 @@ from typing import NamedTuple
 
 import torch
 
-from learner.config import LoraSpec, ModelSpec, OpdConfig, TrainConfig
+from learner.config import LoraSpec, ModelSpec, OpdConfig, ServicesConfig, TrainConfig
+from opd import torch_thread
+from opd.auth import load_api_key
 from opd.errors import ConfigError
 from opd.launch import LocalServer, local_servers
 from opd.serving import InfoResponse
@@ -85,6 +87,18 @@ def service_urls(
     servers = embedded_servers(config, log_dir, server_threads)
     with local_servers(servers, services.startup_timeout_s, one_at_a_time) as urls:
         yield urls[: services.samplers], urls[services.samplers :]
+
+
+def check_service_settings(services: ServicesConfig) -> None:
+    """Before any server starts: the device of the servers the learner would start (on this
+    machine), and the key file the learner pushes with, named by their config keys."""
+    if services.sampler_list is None:
+        torch_thread.checked_device(services.device, "services.device")
+    if services.api_key_file is not None:
+        try:
+            load_api_key(services.api_key_file)
+        except ConfigError as exc:
+            raise ConfigError(f"services.api_key_file: {exc}") from None
 
 
 def embedded_servers(config: OpdConfig, log_dir: Path, threads: int | None = None) -> list[LocalServer]:

@@ -41,7 +41,7 @@ from learner.metrics import FanOut, JsonlLogger, MetricsLogger, NullLogger, Tens
 from learner.policy import is_lora, push_bytes, student_policy, tensors_to_push
 from learner.producer import Producer, step_plan
 from learner.rewards import load_reward
-from learner.services import check_services, cpu_shares, service_urls
+from learner.services import check_service_settings, check_services, cpu_shares, service_urls
 from learner.step_metrics import batch_metrics, mean_over_processes
 from learner.update import MicroBatch, Scored, adamw, micro_batches, ppo_update
 from opd import torch_thread
@@ -82,6 +82,7 @@ class OnPolicyDistillationTrainer:
                               "of the main process's shards only. Its weights are whole: start a new run from them "
                               "(student.path: the checkpoint directory)")  # fmt: skip
         self.processes = Processes(cfg.train.use_accelerate, cfg.train.device, cfg.train.fsdp)
+        check_service_settings(cfg.services)
         if resume_from is None:
             self._start_fresh()
         keep_freed_host_memory(self.processes.device)  # on a CPU: no page faults for every step's tensors

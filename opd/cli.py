@@ -251,8 +251,10 @@ def run_sampler(args: argparse.Namespace) -> None:
 
         engine = VllmSamplerEngine(args.model, _vllm_options(args), args.max_lora_rank)
     else:
+        from opd.torch_thread import checked_device
         from sampler.engines.torch import TorchSamplerEngine
 
+        checked_device(args.device, "--device")
         try:
             engine = TorchSamplerEngine(args.model, dtype=args.dtype, device=args.device,
                                         max_model_len=args.max_model_len, max_logprobs=args.max_logprobs,
@@ -280,7 +282,9 @@ def run_grader(args: argparse.Namespace) -> None:
         engine = VllmGraderEngine(args.model, _vllm_options(args), args.max_batch_tokens)
     else:
         from grader.engines.torch import TorchGraderEngine
+        from opd.torch_thread import checked_device
 
+        checked_device(args.device, "--device")
         engine = TorchGraderEngine(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
                                    max_batch_tokens=args.max_batch_tokens, max_logprobs=args.max_logprobs)  # fmt: skip
     serve(create_app(engine, GraderSettings(args.max_request_sequences)), listener)

@@ -21,6 +21,7 @@ from typing import ParamSpec, TypeVar
 
 import torch
 
+from opd.errors import ConfigError
 from opd.host_memory import keep_freed_host_memory
 
 P = ParamSpec("P")
@@ -44,6 +45,20 @@ def call(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
 async def run(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
     """Run `fn` on the torch thread without blocking the event loop; calls queue in order."""
     return await asyncio.get_running_loop().run_in_executor(_executor, functools.partial(fn, *args, **kwargs))
+
+
+def checked_device(device: str, what: str) -> torch.device:
+    """`device` as a torch device this machine has; else a ConfigError naming `what` (the config
+    key or flag that gave it)."""
+    try:
+        parsed = torch.device(device)
+    except RuntimeError as exc:
+        raise ConfigError(f"{what} {device!r} is not a torch device: {exc}") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"{what} is {device}, but this torch ({torch.__version__}) sees no CUDA device")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise ConfigError(f"{what} is {device}, but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return parsed
 
 
 def use_device(device: torch.device) -> None:

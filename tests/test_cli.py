@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from learner.config import load_config
@@ -198,6 +199,28 @@ def test_a_run_dir_that_is_a_file_is_refused_naming_it(tmp_path):
     config = load_config("examples/tiny/config.yml", ["--run_dir", str(tmp_path / "taken")])
     with pytest.raises(ConfigError, match=r"run_dir .*taken is a file, not a directory"):
         OnPolicyDistillationTrainer(config)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize(("override", "message"), [
+    (["--services.device", "cuda:0"], "services.device is cuda:0, but this torch"),
+    (["--services.device", "gpu"], "services.device 'gpu' is not a torch device"),
+    (["--services.api_key_file", "/no/such/key"], "services.api_key_file: cannot read --api-key-file /no/such/key"),
+])  # fmt: skip
+def test_service_settings_that_cannot_work_are_refused_before_any_server_starts(tmp_path, override, message):
+    config = load_config("examples/tiny/config.yml", ["--run_dir", str(tmp_path / "run"), *override])
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        OnPolicyDistillationTrainer(config)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_server_on_a_device_this_machine_lacks_says_so_in_one_line(capsys):
+    from opd.cli import main
+
+    with pytest.raises(SystemExit) as stopped:
+        main(["grader", "--model", "tiny:teacher", "--engine", "torch", "--port", "0", "--device", "cuda:0"])
+    err = capsys.readouterr().err
+    assert stopped.value.code == 1 and "--device is cuda:0, but this torch" in err and "Traceback" not in err
 
 
 def test_missing_model_path_fails_naming_it():
