@@ -85,6 +85,8 @@ class OnPolicyDistillationTrainer:
         check_service_settings(cfg.services)
         if resume_from is None:
             self._start_fresh()
+        else:
+            self._check_resume_source(Path(resume_from))
         keep_freed_host_memory(self.processes.device)  # on a CPU: no page faults for every step's tensors
         torch.manual_seed(cfg.train.seed)
         self.tokenizer = load_tokenizer(cfg.student.path)
@@ -348,6 +350,16 @@ class OnPolicyDistillationTrainer:
                               "it with --resume (resume_from=...), or give this run another run_dir")  # fmt: skip
         if self.processes.is_main:
             truncate_metrics(self.run_dir / "metrics.jsonl", -1)
+
+    def _check_resume_source(self, path: Path) -> None:
+        """A run dir holds one run: resuming into one that holds checkpoints must resume one of
+        them, not another run's (its metrics and checkpoints would mix with theirs). Into an
+        empty run dir, any checkpoint may be continued."""
+        own = list_checkpoints(self.run_dir / "checkpoints")
+        if own and path.resolve().parent != (self.run_dir / "checkpoints").resolve():
+            raise ConfigError(f"--resume {path} is not one of run_dir {self.run_dir}'s checkpoints, and it holds this "
+                              f"run's ({own[-1].name}): resume one of those, or continue {path} in an empty "
+                              "run_dir")  # fmt: skip
 
     def _resume(self, path: Path) -> None:
         """Continue exactly where the checkpoint left off: weights, optimizer, scheduler, RNG,

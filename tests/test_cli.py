@@ -98,6 +98,11 @@ def test_run_on_the_embedded_default(tmp_path, caplog):
         assert OnPolicyDistillationTrainer(config, resume_from=ckpt).train() == []
     assert "nothing to train: the run is at step 4 and train.steps is 4" in caplog.text
     assert (run_dir / "config.yml").read_text() == written and (run_dir / "metrics.jsonl").read_text() == metrics
+    # nor is another run's checkpoint continued in it (the two runs' metrics and checkpoints would mix)
+    other = shutil.copytree(ckpt, run_dir.parent / "other-run" / "checkpoints" / ckpt.name)
+    with pytest.raises(ConfigError, match=re.escape(f"--resume {other} is not one of run_dir {run_dir}'s")):
+        OnPolicyDistillationTrainer(config, resume_from=other)
+    assert (run_dir / "metrics.jsonl").read_text() == metrics
 
 
 def _push_origins(run_dir: Path) -> list[str]:
