@@ -72,6 +72,24 @@ class DataConfig(Section):
     shuffle: bool = True
     """Reshuffle the training prompts each epoch (seeded by train.seed)."""
 
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _template_switches_only(cls, kwargs: dict[str, Any]) -> dict[str, Any]:
+        taken = sorted(set(kwargs) & TOKENIZER_CALL_KEYS)
+        if taken:
+            raise ValueError(f"{', '.join(taken)} cannot be set here: these are the tokenizer's own arguments, which "
+                             "opd sets (a prompt ends ready for the assistant's turn, as token ids); the template's "
+                             "switches (enable_thinking, ...) can")  # fmt: skip
+        return kwargs
+
+
+TOKENIZER_CALL_KEYS = frozenset({
+    "conversation", "tools", "documents", "chat_template", "add_generation_prompt", "continue_final_message",
+    "tokenize", "padding", "truncation", "max_length", "return_tensors", "return_dict",
+    "return_assistant_tokens_mask", "tokenizer_kwargs",
+})  # fmt: skip
+"""Arguments of transformers' `apply_chat_template` itself, which opd passes (or must not change)."""
+
 
 class SamplingConfig(Section):
     n: int = Field(default=1, ge=1, le=MAX_N)

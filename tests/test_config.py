@@ -54,6 +54,11 @@ def test_overrides_in_both_spellings_are_typed(tmp_path):
         ("[1, 2]", [], "must be a YAML mapping"),
         (MINIMAL, ["--student.path", "/no/such/model"], "student.path"),
         (MINIMAL, ["--services.weight_transport", "path"], "needs shared_dir"),
+        (
+            MINIMAL,
+            ["--data.chat_template_kwargs", "{tokenize: false, enable_thinking: true}"],
+            "data.chat_template_kwargs: Value error, tokenize cannot be set here",
+        ),
     ],
 )
 def test_bad_config_names_the_key(tmp_path, text, overrides, needle):
