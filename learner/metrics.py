@@ -40,7 +40,8 @@ class JsonlLogger:
 class TensorBoardLogger:
     """The same scalars as metrics.jsonl, through TensorBoard's own event writer. A resumed run
     passes `purge_after`, its checkpoint's step: later events of the earlier run are dropped, as
-    `truncate_metrics` drops them from metrics.jsonl."""
+    `truncate_metrics` drops them from metrics.jsonl; a fresh start passes -1, and an earlier
+    start's events all go."""
 
     def __init__(self, log_dir: Path, purge_after: int | None = None) -> None:
         try:

@@ -121,7 +121,8 @@ class OnPolicyDistillationTrainer:
         jsonl = JsonlLogger(self.run_dir / "metrics.jsonl")
         if not self.config.logging.tensorboard:
             return jsonl
-        return FanOut(jsonl, TensorBoardLogger(self.run_dir / "tb", purge_after=self.step_count or None))
+        # resumed: the earlier run's events after the checkpoint go; a fresh start: all an earlier start wrote
+        return FanOut(jsonl, TensorBoardLogger(self.run_dir / "tb", purge_after=self.step_count or -1))
 
     # ---- the loop ---------------------------------------------------------------------------
 

@@ -6,6 +6,7 @@ sampler that is killed and restarted between a weight push and the eval that fol
 
 import asyncio
 import json
+import shutil
 import struct
 import subprocess
 import sys
@@ -237,3 +238,12 @@ def test_tensorboard_gets_the_same_scalars_as_metrics_jsonl(tmp_path):
     for key in ("kl/reverse_per_token", "eval/reverse_kl_per_token", "time/learn"):
         logged = [(row["step"], row[key]) for row in rows if key in row]
         assert [(e.step, e.value) for e in events.Scalars(key)] == [(s, pytest.approx(v)) for s, v in logged]
+
+    # a start that died before its first checkpoint: a fresh start drops its events, as it drops its metrics lines
+    shutil.rmtree(tmp_path / "run" / "checkpoints")
+    again = OnPolicyDistillationTrainer(load_config("examples/tiny/config.yml", args))
+    again.metrics.log({"optim/lr": 0.5}, step=1)
+    again.metrics.close()
+    events = EventAccumulator(str(tmp_path / "run" / "tb"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("optim/lr")] == [(1, 0.5)]
