@@ -171,6 +171,7 @@ def _reasoning_rows(n: int, seed: int, instruction: str = LAST_LINE) -> list[dic
     rows = []
     for _ in range(n):
         a, b, c = rng.randint(2, 40), rng.randint(2, 40), rng.randint(2, 9)
+        b = min(b, a * c - 1)  # a shop sells at most what it has: the answer is a positive count
         question = f"A shop has {a} boxes with {c} apples each and sells {b} apples. How many apples are left? "
         rows.append({"prompt": question + instruction, "answer": str(a * c - b)})
     return rows

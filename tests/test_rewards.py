@@ -143,6 +143,8 @@ def test_reasoning_templates_reward_the_right_final_number(template, student_dir
     tokenizer = AutoTokenizer.from_pretrained(student_dir)  # the Qwen tokenizers are not downloadable here
     items = load_prompts(config.data.eval_path, tokenizer, config.data, load_reward(config.eval.reward))
     assert len(items) == 16
+    train = load_prompts(config.data.train_path, tokenizer, config.data)
+    assert all(int(item.answer) > 0 for item in [*items, *train])  # no shop sells apples it does not have
     for item in items:
         prompt = tokenizer.decode(item.prompt_ids)
         boxed = "\\boxed{}" in prompt
