@@ -145,10 +145,11 @@ def check_context(longest: tuple[int, int], sampler: InfoResponse, grader: InfoR
     prompt, generated = longest
     for role, info in (("sampler", sampler), ("grader", grader)):
         if prompt + generated > info.max_model_len:
+            fix = ("shorten the prompt (data.max_prompt_tokens refuses such lines at load)"
+                   if prompt >= info.max_model_len else "lower sampling.max_tokens / eval.max_tokens")  # fmt: skip
             raise ConfigError(f"the longest prompt ({prompt} tokens) plus up to {generated} sampled tokens passes the "
-                              f"{role}'s ({info.model}, {info.engine}) context of {info.max_model_len} tokens: lower "
-                              "sampling.max_tokens / eval.max_tokens or start the servers with a larger "
-                              "--max-model-len")  # fmt: skip
+                              f"{role}'s ({info.model}, {info.engine}) context of {info.max_model_len} tokens: {fix} "
+                              "or start the servers with a larger --max-model-len")  # fmt: skip
 
 
 def check_lora(lora: LoraSpec | None, sampler: InfoResponse) -> None:

@@ -356,8 +356,8 @@ async def health() -> dict[str, str]:
     return {"status": "ok"}
 
 
-async def info(request: Request) -> InfoResponse:
-    return request.app.state.engine.info()
+async def info(request: Request) -> Response:
+    return json_reply(request.app.state.engine.info())  # (None fields left out, as in every reply)
 
 
 def create_service_app(

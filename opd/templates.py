@@ -214,6 +214,8 @@ def init_project(folder: Path, template: str) -> list[Path]:
     }
     if template in COMPOSE:
         files[COMPOSE[template]] = (resources.files("opd") / "compose" / COMPOSE[template]).read_text()
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"{folder} is a file: name a folder for the project")
     existing = [name for name in files if (folder / name).exists()]
     if existing:
         raise ConfigError(f"{folder} already has {', '.join(existing)}; choose an empty folder")

@@ -16,6 +16,7 @@ from learner.lora import merge_checkpoint
 from learner.metrics import read_metrics
 from learner.trainer import OnPolicyDistillationTrainer
 from opd.errors import ConfigError
+from opd.templates import init_project
 
 STEP_METRICS = {
     "kl/reverse_per_token",
@@ -267,6 +268,8 @@ def test_init_scaffolds_a_valid_project(tmp_path, template):
     assert config.data.eval_path == str(tmp_path / "proj" / "eval.jsonl")
     again = opd("init", str(tmp_path / "proj"), "--template", template, timeout=60)
     assert again.returncode == 1 and "choose an empty folder" in again.stderr
+    with pytest.raises(ConfigError, match=r"proj/train\.jsonl is a file: name a folder"):
+        init_project(tmp_path / "proj" / "train.jsonl", template)
 
 
 @pytest.mark.slow

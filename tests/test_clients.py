@@ -135,5 +135,7 @@ def test_a_run_whose_longest_prompt_and_samples_pass_a_servers_context_fails_at_
     check_context((1000, 23), sampler, grader)  # 1023 tokens: both take it
     with pytest.raises(ConfigError, match=r"1000 tokens\) plus up to 24 .* grader's \(m, vllm\) context of 1023"):
         check_context((1000, 24), sampler, grader)
-    with pytest.raises(ConfigError, match="sampler's"):
+    with pytest.raises(ConfigError, match=r"sampler's .*: lower sampling\.max_tokens"):
         check_context((1000, 25), sampler, grader)
+    with pytest.raises(ConfigError, match=r"context of 1024 tokens: shorten the prompt \(data.max_prompt_tokens"):
+        check_context((1500, 24), sampler, grader)  # the prompt alone is too long: fewer samples cannot help

@@ -446,6 +446,7 @@ def test_info_reports_the_same_tokenizer_for_student_and_teacher(servers, studen
     assert sampler_info["vocab_size"] == grader_info["vocab_size"] == len(AutoTokenizer.from_pretrained(student_dir))
     assert sampler_info["model_vocab_size"] == 512
     assert (sampler_info["engine"], sampler_info["max_model_len"]) == ("torch", 1024)
+    assert "max_lora_rank" not in sampler_info and "max_lora_rank" not in grader_info  # null fields are left out
 
 
 # ---- weight push --------------------------------------------------------------------------------
