@@ -273,13 +273,13 @@ class OnPolicyDistillationTrainer:
         returns the samplers' engine."""
         samplers, graders = await asyncio.gather(self.sampler.infos(), self.grader.infos())
         pairs = [(s, 0) for s in range(len(samplers))] + [(0, g) for g in range(1, len(graders))]
+        check = partial(check_services, student=self.config.student.path,
+                        own_fingerprint=tokenizer_fingerprint(self.tokenizer),
+                        own_vocab=self.processes.unwrap(self.policy).lm.config.vocab_size, train=self.config.train,
+                        longest=self._longest_sequence(), lora=self.config.student.lora)  # fmt: skip
         for s, g in pairs:
             try:
-                check_services(samplers[s], graders[g], student=self.config.student.path,
-                               own_fingerprint=tokenizer_fingerprint(self.tokenizer),
-                               own_vocab=self.processes.unwrap(self.policy).lm.config.vocab_size,
-                               train=self.config.train, longest=self._longest_sequence(),
-                               lora=self.config.student.lora)  # fmt: skip
+                check(samplers[s], graders[g])
             except ConfigError as exc:
                 if len(pairs) == 1:
                     raise
