@@ -225,7 +225,7 @@ async def parse_json(request: Request, model: type[ModelT]) -> ModelT:
     422 naming the field, or naming `body` (not JSON, or not sent as JSON); 400 for a body that is
     not UTF-8 or never arrived whole. Validation is strict: `"top_k": "3"` or `true` is a 422, not a 3
     or a 1, so a client's type error surfaces instead of being guessed at."""
-    if not _is_json(request.headers.get("content-type", "")):
+    if not is_json(request.headers.get("content-type", "")):
         # (as FastAPI refuses: a form or text/plain is what a web page may post cross-site unasked)
         raise RequestError("send the body as JSON, with content-type application/json", param="body", status=422)
     try:
@@ -246,7 +246,7 @@ async def parse_json(request: Request, model: type[ModelT]) -> ModelT:
         return model.model_validate(decoded, strict=True)
 
 
-def _is_json(content_type: str) -> bool:
+def is_json(content_type: str) -> bool:
     """application/json or application/<anything>+json, parameters (charset) aside."""
     kind = content_type.split(";", 1)[0].strip().lower()
     return kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json"))

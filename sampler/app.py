@@ -25,6 +25,7 @@ from opd.serving import (
     MAX_JSON_BYTES,
     check_token_ids,
     create_service_app,
+    is_json,
     json_body_schema,
     json_reply,
     parse_json,
@@ -35,6 +36,7 @@ from sampler.adapters import read_adapter
 from sampler.engine import Sample, SamplerEngine, SamplingParams
 from sampler.schema import (
     ADAPTER_CONFIG_KEY,
+    MAX_VERSION,
     ChatMessage,
     Completion,
     GenerateRequest,
@@ -179,11 +181,17 @@ _WEIGHTS_BODY = json_body_schema(WeightsFromPath, WeightsShared)
 _WEIGHTS_BODY["requestBody"]["content"]["application/octet-stream"] = {"schema": {"type": "string", "format": "binary"}}
 
 
-async def push_weights(request: Request, version: int | None = Query(default=None, ge=0)) -> WeightsResponse:
+async def push_weights(
+    request: Request, version: int | None = Query(default=None, ge=0, le=MAX_VERSION)
+) -> WeightsResponse:
     """Swap in new weights: a safetensors body, JSON naming a file on a shared volume, or JSON
     naming the learner's weight buffer and where each weight sits in it."""
     check_bearer(request.headers.get("authorization"), request.app.state.settings.api_key)
-    if request.headers.get("content-type", "").startswith("application/json"):
+    content_type = request.headers.get("content-type", "")
+    if is_json(content_type):
+        if version is not None:
+            raise RequestError("a JSON push names its version in the body, not as ?version", param="version",
+                               status=422)  # fmt: skip
         raw = await _read_capped(request, MAX_JSON_BYTES)  # (the path is exempt from the app-wide JSON limit)
         if _names_a_buffer(raw):
             return await _swap_in_shared(request, WeightsShared.model_validate_json(raw))
@@ -194,6 +202,12 @@ async def push_weights(request: Request, version: int | None = Query(default=Non
             return await _swap_in(request, decoded, held.path, source.version, source.path)
         finally:
             held.close()
+    if content_type.split(";", 1)[0].strip().lower() != "application/octet-stream":
+        # A web page may post text, a form or a typeless blob to another origin without asking
+        # first; octet-stream it may not. Without this check, any page open in a browser on the
+        # sampler's machine could replace the student.
+        raise RequestError(f"send safetensors bytes as application/octet-stream (or JSON as application/json), not "
+                           f"{content_type or 'a body without content-type'}", param="body", status=415)  # fmt: skip
     payload = await _read_capped(request, request.app.state.settings.max_weights_bytes)
     decoded = await torch_thread.run(decode_safetensors, payload, request.headers.get("x-content-sha256"))
     return await _swap_in(request, decoded, payload, version, "the request body")

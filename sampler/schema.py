@@ -107,13 +107,18 @@ LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 """The ranks vLLM's LoRA kernels are built for (`--max-lora-rank` takes one of them)."""
 
 
+MAX_VERSION = 2**63 - 2
+"""Largest policy_version a push may set: versions are int64 wherever they are kept, and the
+next push without a version adds one."""
+
+
 class WeightsFromPath(BaseModel):
     """Load weights from a safetensors file on a volume the sampler can read."""
 
     model_config = ConfigDict(extra="forbid")
 
     path: str = Field(min_length=1)
-    version: int | None = Field(default=None, ge=0)
+    version: int | None = Field(default=None, ge=0, le=MAX_VERSION)
     """New policy_version; the current one + 1 when omitted."""
 
 
@@ -171,7 +176,7 @@ class WeightsShared(BaseModel):
 
     buffer: SharedBuffer
     tensors: list[SharedTensor] = Field(min_length=1)
-    version: int | None = Field(default=None, ge=0)
+    version: int | None = Field(default=None, ge=0, le=MAX_VERSION)
     """New policy_version; the current one + 1 when omitted."""
 
 

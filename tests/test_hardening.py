@@ -22,7 +22,7 @@ from learner.metrics import read_metrics
 from learner.trainer import OnPolicyDistillationTrainer
 from opd.launch import LocalServer, local_server, local_servers
 from tests.faults import KillSamplerAfterPush
-from tests.test_servers import _new_student_weights
+from tests.test_servers import SAFETENSORS, _new_student_weights
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +101,7 @@ def safetensors_with_dtype(dtype: str) -> bytes:
 
 def test_a_weight_push_with_a_dtype_torch_lacks_is_a_400_and_the_old_weights_serve(sampler_url):
     before = httpx.get(f"{sampler_url}/v1/info").json()["policy_version"]
-    response = httpx.post(f"{sampler_url}/v1/weights", content=safetensors_with_dtype("F8_E8M0"))
+    response = httpx.post(f"{sampler_url}/v1/weights", content=safetensors_with_dtype("F8_E8M0"), headers=SAFETENSORS)
     assert response.status_code == 400, response.text
     assert envelope(response)["param"] == "body"
     assert httpx.get(f"{sampler_url}/v1/info").json()["policy_version"] == before
@@ -163,7 +163,7 @@ def test_absurd_finite_weights_give_a_clear_500_not_nulls(student_dir, tmp_path)
     # 3e38 is finite, so the push is accepted; inside the model it overflows to NaN.
     absurd = {name: t.clone().fill_(3e38) for name, t in _new_student_weights(seed=1).items()}
     with local_server("sampler", ["--model", str(student_dir), "--engine", "torch"], tmp_path) as url:
-        assert httpx.post(f"{url}/v1/weights", content=save(absurd)).status_code == 200
+        assert httpx.post(f"{url}/v1/weights", content=save(absurd), headers=SAFETENSORS).status_code == 200
         for temperature in (1.0, 0.0):
             body = {"prompt_ids": [[1, 2, 3]], "max_tokens": 3, "temperature": temperature, "seed": 1}
             response = httpx.post(f"{url}/v1/generate", json=body, timeout=60)

@@ -28,7 +28,7 @@ from opd.errors import ConfigError, SamplerError, StaleSamplerError
 from opd.launch import local_server
 from sampler.schema import ADAPTER_CONFIG_KEY, GenerateRequest
 from tests import reference
-from tests.test_servers import EOS, PROMPTS, generate
+from tests.test_servers import EOS, PROMPTS, SAFETENSORS, generate
 
 LORA = ["--max-lora-rank", "8"]
 
@@ -117,13 +117,15 @@ def test_bad_adapters_are_refused_and_the_old_one_keeps_serving(student_dir, lor
     before = generate(url, prompt_ids=PROMPTS, n=1, temperature=0.0, max_tokens=6)
     for body, param in [(save(wrong_shape, metadata), "weights."), (save(not_finite, metadata), f"weights.{name}"),
                         (save(tensors, rank_16), "adapter_config.r"), (save(full), "weights")]:  # fmt: skip
-        response = httpx.post(f"{url}/v1/weights", content=body, params={"version": 7})
+        response = httpx.post(f"{url}/v1/weights", content=body, params={"version": 7}, headers=SAFETENSORS)
         assert response.status_code == 422, response.text
         assert response.json()["error"]["param"].startswith(param)
     assert httpx.get(f"{url}/v1/info").json()["policy_version"] == 1
     assert generate(url, prompt_ids=PROMPTS, n=1, temperature=0.0, max_tokens=6) == before
     # and a sampler of full weights refuses an adapter, saying what it serves (the shared one: nothing changes)
-    response = httpx.post(f"{servers[0]}/v1/weights", content=save(tensors, metadata), params={"version": 1})
+    response = httpx.post(
+        f"{servers[0]}/v1/weights", content=save(tensors, metadata), params={"version": 1}, headers=SAFETENSORS
+    )
     assert response.status_code == 422 and "--max-lora-rank" in response.json()["error"]["message"]
 
 

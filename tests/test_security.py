@@ -18,7 +18,7 @@ from learner.clients import SamplerClient
 from opd.errors import SamplerError
 from opd.launch import LocalServer, local_server, local_servers
 from opd.serving import MAX_JSON_BYTES
-from tests.test_servers import _new_student_weights
+from tests.test_servers import SAFETENSORS, _new_student_weights
 
 KEY = "s3cret-token"
 
@@ -27,11 +27,11 @@ def test_weight_push_needs_the_bearer_token_when_a_key_is_set(student_dir, tmp_p
     body = save(_new_student_weights(seed=4))
     args = ["--model", str(student_dir), "--engine", "torch"]
     with local_server("sampler", args, tmp_path, env={"OPD_API_KEY": KEY}) as url:
-        missing = httpx.post(f"{url}/v1/weights", content=body)
-        wrong = httpx.post(f"{url}/v1/weights", content=body, headers={"authorization": "Bearer nope"})
+        missing = httpx.post(f"{url}/v1/weights", content=body, headers=SAFETENSORS)
+        wrong = httpx.post(f"{url}/v1/weights", content=body, headers=SAFETENSORS | {"authorization": "Bearer nope"})
         path_form = httpx.post(f"{url}/v1/weights", json={"path": "/etc/passwd"})
         assert httpx.get(f"{url}/v1/info").json()["policy_version"] == 0
-        right = httpx.post(f"{url}/v1/weights", content=body, headers={"authorization": f"Bearer {KEY}"})
+        right = httpx.post(f"{url}/v1/weights", content=body, headers=SAFETENSORS | {"authorization": f"Bearer {KEY}"})
         # generation stays open: only the weight endpoint is guarded
         assert httpx.post(f"{url}/v1/generate", json={"prompt_ids": [[1, 2]], "max_tokens": 2}).status_code == 200
 
@@ -48,6 +48,31 @@ def test_weight_push_needs_the_bearer_token_when_a_key_is_set(student_dir, tmp_p
     assert (missing.status_code, wrong.status_code, path_form.status_code) == (401, 403, 401)
     assert missing.json()["error"]["param"] == "authorization"
     assert right.status_code == 200
+
+
+def test_weights_come_as_octet_stream_or_json_and_nothing_else(servers):
+    # A web page may post text, a form or a typeless blob to any origin without a CORS preflight:
+    # none of them may replace the student of a sampler without a key (the default on loopback).
+    url = servers[0]
+    before = httpx.get(f"{url}/v1/info").json()["policy_version"]
+    body = save(_new_student_weights(seed=4))
+    for content_type in ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", None]:
+        headers = {"content-type": content_type} if content_type else {}
+        response = httpx.post(f"{url}/v1/weights", content=body, headers=headers)
+        assert response.status_code == 415, (content_type, response.text)
+        assert response.json()["error"]["param"] == "body"
+        assert "application/octet-stream" in response.json()["error"]["message"]
+    # JSON is JSON whatever its case, and names its version in the body
+    mixed_case = httpx.post(
+        f"{url}/v1/weights", content=b'{"path": "/nowhere"}', headers={"content-type": "Application/JSON"}
+    )
+    assert (mixed_case.status_code, mixed_case.json()["error"]["param"]) == (400, "path")
+    query_version = httpx.post(f"{url}/v1/weights", params={"version": 5}, json={"path": "/nowhere"})
+    assert (query_version.status_code, query_version.json()["error"]["param"]) == (422, "version")
+    for too_big in [httpx.post(f"{url}/v1/weights", params={"version": 2**63}, content=body, headers=SAFETENSORS),
+                    httpx.post(f"{url}/v1/weights", json={"path": "/nowhere", "version": 2**63})]:  # fmt: skip
+        assert too_big.status_code == 422, too_big.text
+    assert httpx.get(f"{url}/v1/info").json()["policy_version"] == before
 
 
 def test_sampler_refuses_to_listen_beyond_loopback_without_a_key(student_dir):
@@ -73,7 +98,7 @@ def test_size_limits_answer_413(student_dir, teacher_dir, tmp_path):
     grader = LocalServer("grader", ["--model", str(teacher_dir), *limits], tmp_path)
     with local_servers([sampler, grader]) as (sampler_url, grader_url):
         many = httpx.post(f"{sampler_url}/v1/generate", json={"prompt_ids": [[1], [2], [3]], "n": 2, "max_tokens": 1})
-        weights = httpx.post(f"{sampler_url}/v1/weights", content=b"x" * 5000)
+        weights = httpx.post(f"{sampler_url}/v1/weights", content=b"x" * 5000, headers=SAFETENSORS)
         sequences = [{"prompt_ids": [1], "completion_ids": [2]}] * 5
         graded = httpx.post(f"{grader_url}/v1/logprobs", json={"sequences": sequences})
         ok = httpx.post(f"{grader_url}/v1/logprobs", json={"sequences": sequences[:4]})

@@ -31,6 +31,8 @@ from tests import reference
 # as Qwen2.5 has 151,936 for 151,665; every engine must take them like any other id.
 PROMPTS = [[1, 365, 201, 89, 332], [1, 67, 360, 201, 44, 45, 46, 47, 48], [5, 500, 6]]
 EOS = {0, 2}
+SAFETENSORS = {"content-type": "application/octet-stream"}
+"""The headers of a push of safetensors bytes (the sampler refuses a body of any other type)."""
 
 
 def generate(url: str, **body) -> GenerateResponse:
@@ -662,7 +664,7 @@ def test_weight_push_stream_then_path_then_refusal(student_dir, tmp_path):
 
         name = "model.layers.0.mlp.up_proj.weight"
         bad = dict(other) | {name: torch.zeros(3, 3)}
-        response = httpx.post(f"{url}/v1/weights", content=save(bad), timeout=60)
+        response = httpx.post(f"{url}/v1/weights", content=save(bad), headers=SAFETENSORS, timeout=60)
         assert response.status_code == 422
         assert response.json()["error"]["param"] == f"weights.{name}"
         for body, param in [
@@ -673,7 +675,7 @@ def test_weight_push_stream_then_path_then_refusal(student_dir, tmp_path):
             *((save(dict(other) | {name: _with_value(other[name], value)}), f"weights.{name}")
               for value in (float("nan"), float("inf"), float("-inf"))),
         ]:  # fmt: skip
-            response = httpx.post(f"{url}/v1/weights", content=body, timeout=60)
+            response = httpx.post(f"{url}/v1/weights", content=body, headers=SAFETENSORS, timeout=60)
             assert 400 <= response.status_code < 500, response.text
             assert response.json()["error"]["param"] == param
         for path in [tmp_path / "missing.safetensors", tmp_path / ("\u1e70" * 200)]:  # 600 bytes: a name too long
@@ -736,11 +738,13 @@ def test_checksum_header_is_enforced(student_dir, tmp_path):
     weights = _new_student_weights(seed=8)
     body = save(weights)
     with local_server("sampler", ["--model", str(student_dir), "--engine", "torch"], tmp_path) as url:
-        wrong = httpx.post(f"{url}/v1/weights", content=body, headers={"x-content-sha256": "0" * 64})
+        wrong = httpx.post(f"{url}/v1/weights", content=body, headers=SAFETENSORS | {"x-content-sha256": "0" * 64})
         assert wrong.status_code == 400
         assert json.loads(wrong.text)["error"]["param"] == "body"
         right = httpx.post(
-            f"{url}/v1/weights", content=body, headers={"x-content-sha256": hashlib.sha256(body).hexdigest()}
+            f"{url}/v1/weights",
+            content=body,
+            headers=SAFETENSORS | {"x-content-sha256": hashlib.sha256(body).hexdigest()},
         )
         assert right.status_code == 200
         assert right.json() == {"policy_version": 1}

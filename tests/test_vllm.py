@@ -25,7 +25,7 @@ from opd.vllm_engine import vllm_available
 from sampler.schema import WeightsShared
 from tests import reference
 from tests.test_grade import check_text_equals_ids
-from tests.test_servers import EOS, PROMPTS, SEQUENCES, check_candidates, check_top_logprobs, generate
+from tests.test_servers import EOS, PROMPTS, SAFETENSORS, SEQUENCES, check_candidates, check_top_logprobs, generate
 
 pytestmark = pytest.mark.vllm
 
@@ -146,7 +146,13 @@ class TestOneVllmSampler:
         check_weight_pushes(vllm_student, student_dir, vllm_student_logs / "sampler.log", tmp_path)
         # the student's own weights back, so the class's other tests hold in any order
         original = {name: p.detach() for name, p in reference.load(student_dir).named_parameters()}
-        response = httpx.post(f"{vllm_student}/v1/weights", params={"version": 4}, content=save(original), timeout=120)
+        response = httpx.post(
+            f"{vllm_student}/v1/weights",
+            params={"version": 4},
+            content=save(original),
+            headers=SAFETENSORS,
+            timeout=120,
+        )
         assert response.json() == {"policy_version": 4}, response.text
         model = reference.load(student_dir)
         assert _greedy_all(vllm_student) == [reference.greedy(model, p, 10, EOS) for p in PROMPTS]
@@ -162,7 +168,9 @@ def check_weight_pushes(url: str, model_dir: Path, log: Path, tmp_path: Path) ->
     and from the learner's buffer (refused, then sent as a body); a bad push changes nothing."""
     before = _greedy_all(url)
     weights = _perturbed(model_dir, seed=1)
-    response = httpx.post(f"{url}/v1/weights", params={"version": 1}, content=save(weights), timeout=120)
+    response = httpx.post(
+        f"{url}/v1/weights", params={"version": 1}, content=save(weights), headers=SAFETENSORS, timeout=120
+    )
     assert response.json() == {"policy_version": 1}, response.text
     assert "staged in memory" in log.read_text()  # the worker read it from a file
     want = [reference.greedy(_with_weights(model_dir, weights), p, 10, EOS) for p in PROMPTS]
@@ -178,7 +186,7 @@ def check_weight_pushes(url: str, model_dir: Path, log: Path, tmp_path: Path) ->
 
     name = next(iter(other))
     bad = dict(other) | {name: torch.zeros(2, 2)}
-    response = httpx.post(f"{url}/v1/weights", content=save(bad), timeout=120)
+    response = httpx.post(f"{url}/v1/weights", content=save(bad), headers=SAFETENSORS, timeout=120)
     assert response.status_code == 422
     assert response.json()["error"]["param"] == f"weights.{name}"
     assert httpx.get(f"{url}/v1/info").json()["policy_version"] == 2
