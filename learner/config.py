@@ -6,6 +6,8 @@ Every field has its default here and nowhere else; unknown keys are errors that 
 The resolved config is written to `<run_dir>/config.yml` at start.
 """
 
+import types
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -324,7 +326,7 @@ class OpdConfig(Section):
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """Apply `--a.b value` / `--a.b=value` pairs; values are parsed as YAML scalars."""
+    """Apply `--a.b value` / `--a.b=value` pairs (values: `override_value`)."""
     pairs = list(overrides)
     while pairs:
         flag = pairs.pop(0)
@@ -341,8 +343,41 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"--{key}: {part} is not a section")
-        node[leaf] = yaml.safe_load(value)
+        node[leaf] = override_value(value, _field_type(key.split(".")))
     return raw
+
+
+def override_value(text: str, field_type: Any) -> Any:
+    """A command-line value: YAML (numbers, booleans, null, [lists], {maps}), except for a key that
+    takes text, which gets the text as typed, since YAML would cut `runs/exp #2` at its comment,
+    fold a newline, or read `2024` as a number. Quoted text ('007') is YAML's string either way.
+    Text YAML cannot parse ("[x", "@foo") stays text too; the key's type then judges it."""
+    try:
+        parsed = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if isinstance(parsed, str) and text.lstrip()[:1] in ("'", '"'):
+        return parsed
+    takes_text = str in _members(field_type) or Path in _members(field_type)
+    return text if takes_text and not isinstance(parsed, list | dict | None) else parsed
+
+
+def _field_type(keys: list[str]) -> Any:
+    """The annotation of the config key `keys` (["train", "lr"]); None for a key the config lacks
+    (validation names it)."""
+    model: Any = OpdConfig
+    for key in keys:
+        sections = [m for m in _members(model) if isinstance(m, type) and issubclass(m, BaseModel)]
+        field = sections[0].model_fields.get(key) if sections else None
+        if field is None:
+            return None
+        model = field.annotation
+    return model
+
+
+def _members(annotation: Any) -> tuple[Any, ...]:
+    """The types a (possibly union) annotation admits: `str | None` -> (str, NoneType)."""
+    return typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
 
 
 def format_errors(exc: ValidationError, source: str) -> str:

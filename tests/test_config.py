@@ -77,6 +77,19 @@ def test_apply_overrides_refuses_descending_into_a_value():
         apply_overrides({"train": {"lr": 1}}, ["--train.lr.x", "2"])
 
 
+def test_a_value_for_a_text_key_is_the_text_as_typed(tmp_path):
+    config = write(tmp_path, "student: {path: s}\nteacher: {path: t}\n")
+    cases = {"runs/exp #2": "runs/exp #2", "2024": "2024", "a\nb": "a\nb", "[x": "[x", "@foo": "@foo", "'007'": "007"}
+    for typed, meant in cases.items():
+        assert load_config(config, ["--run_dir", typed, "--student.path", typed]).run_dir == meant
+    loaded = load_config(config, ["--services.sampler_urls", "[http://a:1, http://b:2]", "--services.grader_url",
+                                  "http://c:3", "--services.api_key_file", "null", "--train.steps", "7"])  # fmt: skip
+    assert (loaded.services.sampler_urls, loaded.services.api_key_file, loaded.train.steps) == (
+        ["http://a:1", "http://b:2"], None, 7)  # fmt: skip
+    with pytest.raises(ConfigError, match=r"train.lr: Input should be a valid number"):  # not a YAML traceback
+        load_config(config, ["--train.lr", "[x"])
+
+
 def test_every_field_is_documented():
     def walk(model: type) -> list[str]:
         undocumented = []
