@@ -56,6 +56,23 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+RUN_DIR_FOLDERS = ("checkpoints", "logs", "tb")
+RUN_DIR_FILES = ("metrics.jsonl", "config.yml")
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """What a run writes into run_dir can go there: a file where it keeps a folder (or the
+    reverse) would otherwise end the run at its first checkpoint, after the training."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"run_dir {run_dir} is a file, not a directory: name a directory for the run")
+    for name in RUN_DIR_FOLDERS:
+        if (run_dir / name).exists() and not (run_dir / name).is_dir():
+            raise ConfigError(f"{run_dir / name} is a file, where the run keeps its {name} folder: move it away")
+    for name in RUN_DIR_FILES:
+        if (run_dir / name).is_dir():
+            raise ConfigError(f"{run_dir / name} is a directory, where the run writes its {name}: move it away")
+
+
 class OnPolicyDistillationTrainer:
     def __init__(
         self,
@@ -74,8 +91,7 @@ class OnPolicyDistillationTrainer:
             sections["train"] = {**sections.get("train", {}), "use_accelerate": use_accelerate}
         self.config = cfg = build_config(config, student, teacher, sections)
         self.run_dir = Path(cfg.run_dir)
-        if self.run_dir.exists() and not self.run_dir.is_dir():
-            raise ConfigError(f"run_dir {self.run_dir} is a file, not a directory: name a directory for the run")
+        check_run_dir(self.run_dir)
         if resume_from is not None and cfg.train.use_accelerate and cfg.train.fsdp:
             # each process's optimizer holds the moments of its own shards; a checkpoint has the main one's
             raise ConfigError("resuming under train.fsdp is not supported yet: a checkpoint keeps the optimizer state "

@@ -200,10 +200,22 @@ def test_values_that_cannot_work_are_refused_by_the_command_line(argv, message, 
     assert stopped.value.code == 2 and message in capsys.readouterr().err
 
 
-def test_a_run_dir_that_is_a_file_is_refused_naming_it(tmp_path):
-    (tmp_path / "taken").write_text("")
-    config = load_config("examples/tiny/config.yml", ["--run_dir", str(tmp_path / "taken")])
-    with pytest.raises(ConfigError, match=r"run_dir .*taken is a file, not a directory"):
+@pytest.mark.parametrize(("entry", "message"), [
+    ("", r"run_dir .*taken is a file, not a directory"),
+    ("checkpoints", r"taken/checkpoints is a file, where the run keeps its checkpoints folder"),
+    ("metrics.jsonl/", r"taken/metrics.jsonl is a directory, where the run writes its metrics.jsonl"),
+])  # fmt: skip
+def test_a_run_dir_that_cannot_take_the_run_is_refused_at_start_naming_why(tmp_path, entry, message):
+    run_dir = tmp_path / "taken"
+    if not entry:
+        run_dir.write_text("")
+    elif entry.endswith("/"):
+        (run_dir / entry).mkdir(parents=True)
+    else:
+        run_dir.mkdir()
+        (run_dir / entry).write_text("")
+    config = load_config("examples/tiny/config.yml", ["--run_dir", str(run_dir)])
+    with pytest.raises(ConfigError, match=message):
         OnPolicyDistillationTrainer(config)
 
 
