@@ -207,8 +207,13 @@ def weight_push(url: str, student: Path, dtype: str) -> dict:
     asyncio.run(opd_push(1))  # warm-up: the first push also pays for first touches of the served model
     start = time.perf_counter()
     payload = save(tensors)
-    httpx.post(f"{url}/v1/weights", content=payload, params={"version": 2},
-               headers={"content-type": "application/octet-stream"}, timeout=600).raise_for_status()
+    httpx.post(
+        f"{url}/v1/weights",
+        content=payload,
+        params={"version": 2},
+        headers={"content-type": "application/octet-stream"},
+        timeout=600,
+    ).raise_for_status()
     library_s = time.perf_counter() - start
     stream_s = asyncio.run(opd_push(3))
     with tempfile.TemporaryDirectory() as tmp:

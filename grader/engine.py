@@ -92,6 +92,8 @@ class GraderEngine(Protocol):
 
     def info(self) -> InfoResponse: ...
 
+    def alive(self) -> bool: ...
+
     async def score(self, sequences: list[ToScore], top_k: int) -> ScoredBatch:
         """Teacher logprobs of each sequence's completion tokens (and candidates, and the top-k),
         flat in request order."""

@@ -341,18 +341,39 @@ class ServedEngine(Protocol):
 
     def info(self) -> InfoResponse: ...
 
+    def alive(self) -> bool:
+        """False once the engine can serve no more (a vLLM engine core that died)."""
+        ...
+
     async def close(self) -> None: ...
+
+
+ENGINE_CHECK_S = 2.0
+"""How often a server asks whether its engine still runs."""
 
 
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    watch = asyncio.create_task(_exit_when_engine_dies(app.state.engine))
     try:
         yield
     finally:
+        watch.cancel()
         await app.state.engine.close()
 
 
-async def health() -> dict[str, str]:
+async def _exit_when_engine_dies(engine: ServedEngine) -> None:
+    """An idle server whose engine died would answer /health forever and never be restarted:
+    notice it unasked, and exit as a request that met the dead engine does (`_on_engine_dead`)."""
+    while engine.alive():
+        await asyncio.sleep(ENGINE_CHECK_S)
+    logger.error("engine died; exiting so the process is restarted")
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+async def health(request: Request) -> dict[str, str]:
+    if not request.app.state.engine.alive():
+        raise EngineDeadError("the engine no longer runs")  # 503, then the server exits
     return {"status": "ok"}
 
 

@@ -42,6 +42,9 @@ class TorchGraderEngine:
     def info(self) -> InfoResponse:
         return self.card
 
+    def alive(self) -> bool:
+        return True  # (the model lives in this process: it goes when the server goes)
+
     async def score(self, sequences: list[ToScore], top_k: int) -> ScoredBatch:
         async with self._lock:
             return await torch_thread.run(score_sequences, self.model, sequences, top_k, pad_id=self.pad_id,

@@ -204,6 +204,9 @@ class VllmGraderEngine:
     def info(self) -> InfoResponse:
         return self.card
 
+    def alive(self) -> bool:
+        return not self.engine.errored  # (set by vLLM's own monitor of its engine core process)
+
     async def score(self, sequences: list[ToScore], top_k: int) -> ScoredBatch:
         return await self.scorer.score(sequences, top_k)
 

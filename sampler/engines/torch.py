@@ -88,6 +88,9 @@ class TorchSamplerEngine:
     def info(self) -> InfoResponse:
         return self.card.model_copy(update={"policy_version": self.policy_version})
 
+    def alive(self) -> bool:
+        return True  # (the model lives in this process: it goes when the server goes)
+
     def chat_to_ids(self, messages: list[dict[str, str]]) -> list[int]:
         return chat_prompt_ids(self.tokenizer, messages)
 

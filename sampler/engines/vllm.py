@@ -140,6 +140,9 @@ class VllmSamplerEngine:
     def info(self) -> InfoResponse:
         return self.card.model_copy(update={"policy_version": self.policy_version})
 
+    def alive(self) -> bool:
+        return not self.engine.errored  # (set by vLLM's own monitor of its engine core process)
+
     def chat_to_ids(self, messages: list[dict[str, str]]) -> list[int]:
         return chat_prompt_ids(self.tokenizer, messages)
 
