@@ -15,6 +15,7 @@ errors answer at once.
 import argparse
 import logging
 import math
+import signal
 import sys
 
 from opd.errors import OpdError
@@ -247,9 +248,11 @@ def run_sampler(args: argparse.Namespace) -> None:
 
     engine: SamplerEngine
     if _engine_name(args) == "vllm":
+        from opd.vllm_engine import engine_processes_stopped_on_failure
         from sampler.engines.vllm import VllmSamplerEngine
 
-        engine = VllmSamplerEngine(args.model, _vllm_options(args), args.max_lora_rank)
+        with engine_processes_stopped_on_failure():
+            engine = VllmSamplerEngine(args.model, _vllm_options(args), args.max_lora_rank)
     else:
         from opd.torch_thread import checked_device
         from sampler.engines.torch import TorchSamplerEngine
@@ -278,8 +281,10 @@ def run_grader(args: argparse.Namespace) -> None:
     engine: GraderEngine
     if _engine_name(args) == "vllm":
         from grader.engines.vllm import VllmGraderEngine
+        from opd.vllm_engine import engine_processes_stopped_on_failure
 
-        engine = VllmGraderEngine(args.model, _vllm_options(args), args.max_batch_tokens)
+        with engine_processes_stopped_on_failure():
+            engine = VllmGraderEngine(args.model, _vllm_options(args), args.max_batch_tokens)
     else:
         from grader.engines.torch import TorchGraderEngine
         from opd.torch_thread import checked_device
@@ -345,6 +350,7 @@ def main(argv: list[str] | None = None) -> None:
         if configs:  # `opd run --train.steps 5 c.yml` takes 5 for the config
             parser.error(f"the config file comes first: opd run {configs[0]} [--section.key value ...]")
     setup_logging()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         if args.command == "run":
             run_learner(args.config, rest, args.resume)
@@ -369,9 +375,24 @@ def main(argv: list[str] | None = None) -> None:
         # use), carry a message meant for the user; no traceback.
         print(f"opd: {type(exc).__name__}: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
-    except KeyboardInterrupt:
-        print("opd: interrupted; local servers stopped", file=sys.stderr)
-        raise SystemExit(130) from None
+    except KeyboardInterrupt as exc:
+        terminated = isinstance(exc, Terminated)
+        stopped = "; local servers stopped" if args.command == "run" else ""
+        print(f"opd: {'terminated' if terminated else 'interrupted'}{stopped}", file=sys.stderr)
+        raise SystemExit(128 + (signal.SIGTERM if terminated else signal.SIGINT)) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread as Ctrl-C raises KeyboardInterrupt, so that the same
+    clean-up runs: a run stops its local servers and closes its files, and a server still loading
+    its model shuts down the vLLM engine processes it has started. SIGTERM's default action, death
+    on the spot, left those running, with their memory (GPU memory on a GPU)."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated()
 
 
 if __name__ == "__main__":

@@ -13,9 +13,12 @@ passed explicitly because the CPU build otherwise casts float32 models to bfloat
 
 import importlib.util
 import os
+import signal
+import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from opd.errors import EngineDeadError, RequestError
@@ -104,6 +107,73 @@ def vllm_model_card(
     return model_card(model_path, engine="vllm", dtype=dtype, model_vocab_size=config.get_vocab_size(),
                       max_model_len=config.max_model_len - scores, max_logprobs=config.max_logprobs,
                       max_lora_rank=max_lora_rank)  # fmt: skip
+
+
+ENGINE_STOP_GRACE_S = 10.0
+"""How long an engine process interrupted in its start gets to exit on SIGTERM before SIGKILL."""
+
+
+@contextmanager
+def engine_processes_stopped_on_failure() -> Iterator[None]:
+    """Around building a vLLM engine in the main thread: if the build stops early, stop the engine
+    core and worker processes it started. vLLM shuts down only an engine it finished building;
+    these kept running with their memory (on a GPU, memory a restarted server then cannot get).
+
+    A SIGTERM or Ctrl-C meanwhile stops them and exits at once (status 143 or 130): raising from
+    the signal handler does not work here, as pyzmq's poll, in which the build waits for its
+    engine core, swallows the exception and the build goes on."""
+
+    def stop_and_exit(signum: int, frame: object) -> None:
+        print(f"opd: {signal.Signals(signum).name} while the engine started; stopping its processes", file=sys.stderr)
+        stop_engine_processes()
+        os._exit(128 + signum)
+
+    previous = {sig: signal.signal(sig, stop_and_exit) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    except BaseException:
+        stop_engine_processes()
+        raise
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def stop_engine_processes() -> None:
+    """Stop this process's children (SIGTERM, then SIGKILL after ENGINE_STOP_GRACE_S) and remove
+    the shared memory they had mapped, which a killed engine core leaves in /dev/shm (160 MiB on
+    CPU). Multiprocessing's resource tracker is left alone: it ignores SIGTERM and exits by itself
+    once the processes it serves have gone."""
+    import psutil
+
+    children = [p for p in psutil.Process().children(recursive=True) if "resource_tracker" not in _command(p)]
+    shared = {path for child in children for path in _shared_memory(child)}
+    for child in children:
+        with suppress(psutil.NoSuchProcess):
+            child.terminate()
+    _, alive = psutil.wait_procs(children, timeout=ENGINE_STOP_GRACE_S)
+    for child in alive:
+        with suppress(psutil.NoSuchProcess):
+            child.kill()
+    psutil.wait_procs(alive, timeout=ENGINE_STOP_GRACE_S)
+    for path in shared:
+        Path(path).unlink(missing_ok=True)
+
+
+def _command(process: Any) -> str:
+    try:
+        return " ".join([process.name(), *process.cmdline()])
+    except Exception:  # (gone meanwhile)
+        return ""
+
+
+def _shared_memory(process: Any) -> list[str]:
+    """The multiprocessing shared memory and semaphores under /dev/shm that `process` maps."""
+    try:
+        paths = [m.path for m in process.memory_maps(grouped=True)]
+    except Exception:  # (gone meanwhile)
+        return []
+    return [p for p in paths if p.startswith(("/dev/shm/psm_", "/dev/shm/sem.mp-"))]
 
 
 @contextmanager

@@ -6,6 +6,7 @@ CI sets OPD_REQUIRE_VLLM=1, so a missing vLLM fails there instead of skipping si
 
 import asyncio
 import os
+import time
 from pathlib import Path
 
 import httpx
@@ -185,6 +186,35 @@ def test_vllm_weight_push_with_untied_embeddings_equals_a_model_with_the_pushed_
         # to remove, and nobody's once it is dead. Removed here, so runs of the suite do not pile them up.
         for name in shared_memory_names() - shared_before:
             Path("/dev/shm", name).unlink(missing_ok=True)
+
+
+def test_a_vllm_server_stopped_while_its_engine_starts_leaves_no_process_or_shared_memory(student_dir, tmp_path):
+    # SIGTERM's default action left the engine core and its worker running, with their memory
+    shared_before = shared_memory_names()
+    server = LocalServer("sampler", ["--model", str(student_dir), *VLLM], tmp_path).start()
+    try:
+        assert server.proc is not None
+        opd = psutil.Process(server.proc.pid)
+        deadline = time.monotonic() + 300
+        while not any("EngineCore" in command_of(p) for p in opd.children(recursive=True)):
+            assert time.monotonic() < deadline and server.proc.poll() is None, "no engine core started"
+            time.sleep(0.2)
+        started = opd.children(recursive=True)
+        server.proc.terminate()
+        assert server.proc.wait(timeout=60) == 128 + 15
+        _, alive = psutil.wait_procs(started, timeout=15)
+        assert [command_of(p) for p in alive] == []
+        assert shared_memory_names() - shared_before == set()
+        assert "SIGTERM while the engine started; stopping its processes" in (tmp_path / "sampler.log").read_text()
+    finally:
+        server.stop()
+
+
+def command_of(process: psutil.Process) -> str:
+    try:
+        return " ".join([process.name(), *process.cmdline()])
+    except psutil.NoSuchProcess:
+        return ""
 
 
 def check_weight_pushes(url: str, model_dir: Path, log: Path, tmp_path: Path) -> None:
