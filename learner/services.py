@@ -147,7 +147,7 @@ def check_context(longest: tuple[int, int], sampler: InfoResponse, grader: InfoR
         if prompt + generated > info.max_model_len:
             fix = ("shorten the prompt (data.max_prompt_tokens refuses such lines at load)"
                    if prompt >= info.max_model_len else "lower sampling.max_tokens / eval.max_tokens")  # fmt: skip
-            raise ConfigError(f"the longest prompt ({prompt} tokens) plus up to {generated} sampled tokens passes the "
+            raise ConfigError(f"the longest prompt ({prompt} tokens) plus up to {generated} sampled tokens exceed the "
                               f"{role}'s ({info.model}, {info.engine}) context of {info.max_model_len} tokens: {fix} "
                               "or start the servers with a larger --max-model-len")  # fmt: skip
 

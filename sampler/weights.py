@@ -36,7 +36,8 @@ def hold_file(path: str) -> ProcFile:
             f"cannot look up that path on the sampler's filesystem: {exc.strerror}", param="path"
         ) from exc
     if not found:
-        what = "a directory, not a file" if Path(path).is_dir() else "no such file"
+        kind = "a directory" if Path(path).is_dir() else "a device, pipe or socket" if Path(path).exists() else None
+        what = f"{kind}, not a regular file," if kind else "no such file"
         raise RequestError(f"{what} on the sampler's filesystem: {path}", param="path")
     try:
         return ProcFile(os.open(path, os.O_RDONLY | os.O_CLOEXEC))

@@ -678,10 +678,11 @@ def test_weight_push_stream_then_path_then_refusal(student_dir, tmp_path):
             response = httpx.post(f"{url}/v1/weights", content=body, headers=SAFETENSORS, timeout=60)
             assert 400 <= response.status_code < 500, response.text
             assert response.json()["error"]["param"] == param
-        for path in [tmp_path / "missing.safetensors", tmp_path / ("\u1e70" * 200)]:  # 600 bytes: a name too long
+        for path, says in [(tmp_path / "missing.safetensors", "no such file"), (Path("/dev/zero"), "a device"),
+                           (tmp_path / ("\u1e70" * 200), "cannot look up")]:  # (600 bytes: too long)  # fmt: skip
             response = httpx.post(f"{url}/v1/weights", json={"path": str(path)})
             assert response.status_code == 400, response.text
-            assert response.json()["error"]["param"] == "path"
+            assert response.json()["error"]["param"] == "path" and says in response.json()["error"]["message"]
         assert httpx.get(f"{url}/v1/info").json()["policy_version"] == 4
         assert _greedy_all(url) == serving
 
