@@ -358,7 +358,7 @@ def override_value(text: str, field_type: Any) -> Any:
         return text
     if isinstance(parsed, str) and text.lstrip()[:1] in ("'", '"'):
         return parsed
-    takes_text = str in _members(field_type) or Path in _members(field_type)
+    takes_text = str in _members(field_type)
     return text if takes_text and not isinstance(parsed, list | dict | None) else parsed
 
 

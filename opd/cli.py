@@ -386,9 +386,9 @@ def main(argv: list[str] | None = None) -> None:
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised in the main thread as Ctrl-C raises KeyboardInterrupt, so that the same
-    clean-up runs: a run stops its local servers and closes its files, and a server still loading
-    its model shuts down the vLLM engine processes it has started. SIGTERM's default action, death
-    on the spot, left those running, with their memory (GPU memory on a GPU)."""
+    clean-up runs: a run stops its local servers and closes its files. SIGTERM's default action,
+    death on the spot, skipped that. (While a vLLM engine starts, its own handler stops it:
+    `opd.vllm_engine.engine_processes_stopped_on_failure`.)"""
 
 
 def _raise_terminated(signum: int, frame: object) -> None:

@@ -84,11 +84,20 @@ async def _on_request_error(_: Request, exc: Exception) -> JSONResponse:
     return error_json(str(exc), "invalid_request", exc.status, exc.param)
 
 
-async def _on_engine_dead(_: Request, exc: Exception) -> JSONResponse:
+async def _on_engine_dead(request: Request, exc: Exception) -> JSONResponse:
     logger.error("engine died (%s); exiting so the process is restarted", exc)
-    # Exit after this reply is sent; uvicorn's SIGTERM handler shuts the app down in order.
-    asyncio.get_running_loop().call_later(0.5, os.kill, os.getpid(), signal.SIGTERM)
+    _exit_to_be_restarted(request.app.state, delay_s=0.5)  # (after this reply is sent)
     return error_json(f"engine died: {exc}; the server is restarting", "engine_dead", 503)
+
+
+def _exit_to_be_restarted(state: Any, delay_s: float) -> None:
+    """SIGTERM this process, once: uvicorn's handler shuts the app down in order, the engine's
+    close included. A second SIGTERM (a request and the engine watch both finding the engine
+    dead) would make uvicorn exit at once, without it."""
+    if getattr(state, "exiting", False):
+        return
+    state.exiting = True
+    asyncio.get_running_loop().call_later(delay_s, os.kill, os.getpid(), signal.SIGTERM)
 
 
 async def _on_non_finite(_: Request, exc: Exception) -> JSONResponse:
@@ -248,8 +257,13 @@ async def parse_json(request: Request, model: type[ModelT]) -> ModelT:
 
 def is_json(content_type: str) -> bool:
     """application/json or application/<anything>+json, parameters (charset) aside."""
-    kind = content_type.split(";", 1)[0].strip().lower()
+    kind = media_type(content_type)
     return kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json"))
+
+
+def media_type(content_type: str) -> str:
+    """A content-type header's type, lower case, parameters (charset) aside."""
+    return content_type.split(";", 1)[0].strip().lower()
 
 
 COMPONENTS = "#/components/schemas/"
@@ -354,7 +368,7 @@ ENGINE_CHECK_S = 2.0
 
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
-    watch = asyncio.create_task(_exit_when_engine_dies(app.state.engine))
+    watch = asyncio.create_task(_exit_when_engine_dies(app.state))
     try:
         yield
     finally:
@@ -362,13 +376,13 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         await app.state.engine.close()
 
 
-async def _exit_when_engine_dies(engine: ServedEngine) -> None:
+async def _exit_when_engine_dies(state: Any) -> None:
     """An idle server whose engine died would answer /health forever and never be restarted:
     notice it unasked, and exit as a request that met the dead engine does (`_on_engine_dead`)."""
-    while engine.alive():
+    while state.engine.alive():
         await asyncio.sleep(ENGINE_CHECK_S)
     logger.error("engine died; exiting so the process is restarted")
-    os.kill(os.getpid(), signal.SIGTERM)
+    _exit_to_be_restarted(state, delay_s=0)
 
 
 async def health(request: Request) -> dict[str, str]:

@@ -28,6 +28,7 @@ from opd.serving import (
     is_json,
     json_body_schema,
     json_reply,
+    media_type,
     parse_json,
     with_engine_time,
 )
@@ -202,7 +203,7 @@ async def push_weights(
             return await _swap_in(request, decoded, held.path, source.version, source.path)
         finally:
             held.close()
-    if content_type.split(";", 1)[0].strip().lower() != "application/octet-stream":
+    if media_type(content_type) != "application/octet-stream":
         # A web page may post text, a form or a typeless blob to another origin without asking
         # first; octet-stream it may not. Without this check, any page open in a browser on the
         # sampler's machine could replace the student.

@@ -171,9 +171,7 @@ def test_vllm_weight_push_with_untied_embeddings_equals_a_model_with_the_pushed_
         # (this server's last use: its engine core dies, and no request comes to meet the dead engine)
         assert server.proc is not None
         engine_cores = [
-            p
-            for p in psutil.Process(server.proc.pid).children(recursive=True)
-            if "EngineCore" in " ".join([p.name(), *p.cmdline()])
+            p for p in psutil.Process(server.proc.pid).children(recursive=True) if "EngineCore" in command_of(p)
         ]
         assert engine_cores
         for process in engine_cores:
